@@ -1,0 +1,106 @@
+"""Load and save state_dicts in the layout of the authors' released checkpoints (SPEC.md s.2).
+
+The authors name the levels of a multi-level PyConv ``<conv>.conv2_{1..L}`` and keep a
+single-level one as a plain ``<conv>`` convolution; our :class:`PyConv` always holds
+``<conv>.levels.{i}``. Everything else (``conv1``, ``bn1``, ``layerN.B.*``, ``downsample.{1,2}``
+after the shortcut's MaxPool, ``fc``) already has the authors' (and torchvision's) names.
+Models with further renames (e.g. segmentation's ``layer0``) list them in an
+``official_prefixes`` attribute: pairs ``(our_prefix, their_prefix)``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from pyconv_core.layers.pyconv import PyConv
+
+__all__ = ["CheckpointMismatchError", "load_official_checkpoint", "to_official_state_dict", "official_key_map"]
+
+_SHOWN = 12
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not fit the model."""
+
+
+def official_key_map(model: nn.Module) -> dict[str, str]:
+    """Map each of the model's state_dict keys to the authors' key."""
+    prefixes: list[tuple[str, str]] = list(getattr(model, "official_prefixes", []))
+    for name, module in model.named_modules():
+        if isinstance(module, PyConv):
+            single = len(module.levels) == 1
+            for i in range(len(module.levels)):
+                theirs = f"{name}." if single else f"{name}.conv2_{i + 1}."
+                prefixes.append((f"{name}.levels.{i}.", theirs))
+    prefixes.sort(key=lambda p: len(p[0]), reverse=True)
+    mapping = {}
+    for key in model.state_dict():
+        official = key
+        for ours, theirs in prefixes:
+            if official.startswith(ours):
+                official = theirs + official[len(ours):]
+        mapping[key] = official
+    return mapping
+
+
+def to_official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict under the authors' key names (loadable by their code)."""
+    mapping = official_key_map(model)
+    return {mapping[k]: v for k, v in model.state_dict().items()}
+
+
+def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[dict, str]:
+    if isinstance(source, Mapping):
+        state, where = dict(source), "the given state_dict"
+    else:
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass the path of a .pth/.pt file "
+                                    f"saved by the authors' code or by this workbook")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointMismatchError(f"cannot read checkpoint {path!r} ({err}); re-download or re-save it "
+                                          f"with torch.save(model.state_dict(), path)") from err
+        where = path
+    for wrapper in ("state_dict", "model"):
+        if wrapper in state and isinstance(state[wrapper], Mapping):
+            state = dict(state[wrapper])
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state, where
+
+
+def load_official_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load an authors'-layout state_dict (path or dict; ``module.`` prefix and a
+    ``{"state_dict": ...}`` wrapper accepted) exactly into ``model``.
+
+    Raises :class:`CheckpointMismatchError` listing missing, unexpected and mis-shaped keys.
+    BN ``num_batches_tracked`` buffers absent from old checkpoints are not counted as missing.
+    """
+    state, where = _read_state_dict(source)
+    mapping = official_key_map(model)
+    own = model.state_dict()
+    by_official = {official: ours for ours, official in mapping.items()}
+    missing = [o for o, ours in by_official.items() if o not in state and not ours.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in by_official]
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[by_official[k]].shape)}"
+                 for k in state if k in by_official and state[k].shape != own[by_official[k]].shape]
+    if missing or unexpected or misshaped:
+        name = getattr(model, "model_args", {}).get("name", type(model).__name__)
+        parts = [f"checkpoint {where} does not match model {name}:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                more = f" ... and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+                parts.append(f"  {len(keys)} {title}: " + ", ".join(keys[:_SHOWN]) + more)
+        parts.append("  Check the architecture name and depth (and num_classes for the classifier); "
+                     "a checkpoint of a different model cannot be loaded.")
+        raise CheckpointMismatchError("\n".join(parts))
+    ours = {by_official[k]: v for k, v in state.items()}
+    for key, value in own.items():
+        ours.setdefault(key, value)
+    model.load_state_dict(ours, strict=True)
+    return model

@@ -1,0 +1,296 @@
+"""ResNet, PyConvResNet and PyConvHGResNet from one builder (Duta et al. 2020, Table 2; SPEC.md s.2).
+
+A family is data: per stage, the PyConv levels of its spatial convolution; plus the stem
+(with or without max pool) and the shortcut (strided 1x1 conv, or max pool then 1x1 conv).
+The baseline ResNet is the same network with single-level 3x3 "pyramids", a max-pool stem
+and strided 1x1 shortcuts, which is exactly torchvision's ResNet (same state_dict keys).
+``dim=3`` gives the video networks from the same blocks.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pyconv_core.layers import factory
+from pyconv_core.layers.factory import IntOrTuple
+from pyconv_core.layers.pyconv import PYCONV_PRESETS, LevelSet, PyConv
+from pyconv_core.registry import PaperFigures, register_model
+
+__all__ = ["ResNet", "Bottleneck", "BasicBlock", "FAMILIES", "DEPTHS"]
+
+PLAIN_3X3 = PYCONV_PRESETS["pyconv1"]
+PLAIN_1X1 = LevelSet(kernels=(1,), groups=(1,), parts=(1,))
+
+
+@dataclass(frozen=True)
+class Family:
+    """What distinguishes ResNet, PyConvResNet and PyConvHGResNet (SPEC.md section 2)."""
+
+    stage_levels: tuple[LevelSet, ...]
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    bottleneck_expansion: int = 4
+    stem_pool: bool = True
+    pool_shortcut: bool = False
+    basic_second: LevelSet = PLAIN_3X3
+
+    @property
+    def stage_strides(self) -> tuple[int, ...]:
+        """PyConv networks have no stem max pool, so every stage's first block downsamples."""
+        return (1, 2, 2, 2) if self.stem_pool else (2, 2, 2, 2)
+
+
+FAMILIES: dict[str, Family] = {
+    "resnet": Family(stage_levels=(PLAIN_3X3,) * 4),
+    "pyconvresnet": Family(
+        stage_levels=tuple(PYCONV_PRESETS[p] for p in ("pyconv4", "pyconv3", "pyconv2", "pyconv1")),
+        stem_pool=False, pool_shortcut=True, basic_second=PLAIN_1X1),
+    "pyconvhgresnet": Family(
+        stage_levels=(LevelSet((3, 5, 7, 9), (32, 32, 32, 32), (1, 1, 1, 1)),
+                      LevelSet((3, 5, 7), (32, 64, 64), (1, 1, 2)),
+                      LevelSet((3, 5), (32, 64), (1, 1)),
+                      LevelSet((3,), (32,), (1,))),
+        widths=(128, 256, 512, 1024), bottleneck_expansion=2, stem_pool=False, pool_shortcut=True),
+}
+
+# depth -> (block, blocks per stage)
+DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+
+
+class Bottleneck(nn.Module):
+    """1x1 (in->w), PyConv (w->w, stride), 1x1 (w->e*w), each with BN; residual add; ReLU."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, levels: LevelSet,
+                 stride: IntOrTuple, dilation: IntOrTuple, shortcut: nn.Module | None, dim: int,
+                 second: LevelSet | None = None) -> None:
+        super().__init__()
+        self.conv1 = factory.conv(dim, in_channels, width)
+        self.bn1 = factory.norm(dim, width)
+        self.conv2 = PyConv.from_levels(width, width, levels, stride=stride, dilation=dilation, dim=dim)
+        self.bn2 = factory.norm(dim, width)
+        self.conv3 = factory.conv(dim, width, out_channels)
+        self.bn3 = factory.norm(dim, out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = shortcut
+
+    def last_norm(self) -> nn.Module:
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class BasicBlock(nn.Module):
+    """PyConv (in->w, stride), then ``second`` (3x3 for ResNet, 1x1 for PyConvResNet), residual."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, levels: LevelSet,
+                 stride: IntOrTuple, dilation: IntOrTuple, shortcut: nn.Module | None, dim: int,
+                 second: LevelSet | None = None) -> None:
+        super().__init__()
+        self.conv1 = PyConv.from_levels(in_channels, width, levels, stride=stride, dilation=dilation, dim=dim)
+        self.bn1 = factory.norm(dim, width)
+        self.conv2 = PyConv.from_levels(width, out_channels, second or PLAIN_3X3, dilation=dilation, dim=dim)
+        self.bn2 = factory.norm(dim, out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = shortcut
+
+    def last_norm(self) -> nn.Module:
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+BLOCKS = {"basic": (BasicBlock, 1), "bottleneck": (Bottleneck, None)}
+
+
+class ResNet(nn.Module):
+    """One residual network class for every family, depth and dimensionality.
+
+    Args:
+        family: a :class:`Family` (or its name in ``FAMILIES``).
+        depth: 18, 34, 50, 101 or 152 (``DEPTHS``).
+        num_classes: classifier outputs; 0 keeps the pooled features only.
+        zero_init_residual: start each block's last BN at 0 (the block begins as identity).
+        dropout: dropout probability before the classifier.
+        dim: 2 for images, 3 for videos.
+        stem_kernel, stem_stride, stem_pool: the stem conv and its max pool (kernel, stride,
+            padding), overriding the family's (3D networks use e.g. (5, 7, 7) and (1, 2, 2)).
+        stage_strides, stage_levels: per-stage overrides of the family's tables.
+    """
+
+    def __init__(self, family: Family | str, depth: int, num_classes: int = 1000,
+                 zero_init_residual: bool = False, dropout: float = 0.0, dim: int = 2,
+                 in_channels: int = 3, stem_kernel: IntOrTuple = 7, stem_stride: IntOrTuple = 2,
+                 stem_pool: tuple[IntOrTuple, IntOrTuple, IntOrTuple] | None | str = "family",
+                 stage_strides: Sequence[IntOrTuple] | None = None,
+                 stage_levels: Sequence[LevelSet] | None = None) -> None:
+        super().__init__()
+        family = FAMILIES[family] if isinstance(family, str) else family
+        if depth not in DEPTHS:
+            raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
+        block_name, blocks = DEPTHS[depth]
+        block, expansion = BLOCKS[block_name]
+        expansion = expansion or family.bottleneck_expansion
+        if stem_pool == "family":
+            stem_pool = (3, 2, 1) if family.stem_pool else None
+        self.dim, self.family, self.pool_shortcut = dim, family, family.pool_shortcut
+
+        self.conv1 = factory.conv(dim, in_channels, 64, stem_kernel, stride=stem_stride)
+        self.bn1 = factory.norm(dim, 64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = factory.max_pool(dim, *stem_pool) if stem_pool else nn.Identity()
+
+        strides = stage_strides or family.stage_strides
+        levels = stage_levels or family.stage_levels
+        channels, self.feature_info = 64, []
+        for i, (n, width, stride, level_set) in enumerate(zip(blocks, family.widths, strides, levels)):
+            out = width * expansion
+            stage = []
+            for b in range(n):
+                block_stride = stride if b == 0 else 1
+                shortcut = self._shortcut(channels, out, block_stride)
+                stage.append(block(channels, width, out, level_set, block_stride, 1, shortcut, dim,
+                                   second=family.basic_second))
+                channels = out
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+            self.feature_info.append({"module": f"layer{i + 1}", "num_chs": out})
+        self.num_features = channels
+        self.avgpool = factory.global_avg_pool(dim)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
+        self._init_weights(zero_init_residual)
+
+    def _shortcut(self, in_channels: int, out_channels: int, stride: IntOrTuple) -> nn.Module | None:
+        strided = factory.ntuple(stride, self.dim) != (1,) * self.dim
+        if not strided and in_channels == out_channels:
+            return None
+        if not self.pool_shortcut:
+            return nn.Sequential(factory.conv(self.dim, in_channels, out_channels, 1, stride=stride),
+                                 factory.norm(self.dim, out_channels))
+        pool = factory.max_pool(self.dim, 3, stride, 1)
+        if in_channels == out_channels:
+            return pool
+        project = [factory.conv(self.dim, in_channels, out_channels), factory.norm(self.dim, out_channels)]
+        return nn.Sequential(*([pool] if strided else []), *project)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, factory.conv_types()):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, factory.norm_types()):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (Bottleneck, BasicBlock)):
+                    nn.init.zeros_(m.last_norm().weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _paper(params: float, source: str, **gflops: float) -> PaperFigures:
+    return PaperFigures(params=params, gflops={int(k[1:]): v for k, v in gflops.items()}, source=source)
+
+
+_AUTHORS = "SPEC.md s.2 (authors' code)"
+_TABLE2 = "paper Table 2 / SPEC.md s.2"
+
+
+@register_model()
+def resnet18(**kw) -> ResNet:
+    """ResNet-18 (He et al. 2016), torchvision's layout."""
+    return ResNet("resnet", 18, **kw)
+
+
+@register_model()
+def resnet34(**kw) -> ResNet:
+    """ResNet-34 (He et al. 2016), torchvision's layout."""
+    return ResNet("resnet", 34, **kw)
+
+
+@register_model()
+def resnet50(**kw) -> ResNet:
+    """ResNet-50, the paper's baseline (76.12% top-1)."""
+    return ResNet("resnet", 50, **kw)
+
+
+@register_model()
+def resnet101(**kw) -> ResNet:
+    """ResNet-101, the paper's baseline (78.00% top-1)."""
+    return ResNet("resnet", 101, **kw)
+
+
+@register_model()
+def resnet152(**kw) -> ResNet:
+    """ResNet-152, the paper's baseline (78.45% top-1)."""
+    return ResNet("resnet", 152, **kw)
+
+
+@register_model(paper=_paper(5_911_976, _AUTHORS, s224=0.88))
+def pyconvresnet18(**kw) -> ResNet:
+    """PyConvResNet-18: basic blocks of one PyConv and one 1x1 conv (authors' code)."""
+    return ResNet("pyconvresnet", 18, **kw)
+
+
+@register_model(paper=_paper(11_091_048, _AUTHORS, s224=1.75))
+def pyconvresnet34(**kw) -> ResNet:
+    """PyConvResNet-34: basic blocks of one PyConv and one 1x1 conv (authors' code)."""
+    return ResNet("pyconvresnet", 34, **kw)
+
+
+@register_model(paper=_paper(24_847_720, _TABLE2, s224=3.88, s320=7.91))
+def pyconvresnet50(**kw) -> ResNet:
+    """PyConvResNet-50 (paper Table 2): 77.88% top-1, standard recipe."""
+    return ResNet("pyconvresnet", 50, **kw)
+
+
+@register_model(paper=_paper(42.31e6, _TABLE2, s224=7.31, s320=14.92))
+def pyconvresnet101(**kw) -> ResNet:
+    """PyConvResNet-101 (paper Table 2): 79.01% top-1, standard recipe."""
+    return ResNet("pyconvresnet", 101, **kw)
+
+
+@register_model(paper=_paper(56_640_872, _AUTHORS))
+def pyconvresnet152(**kw) -> ResNet:
+    """PyConvResNet-152 (paper Table 2): 79.52% top-1, standard recipe."""
+    return ResNet("pyconvresnet", 152, **kw)
+
+
+@register_model(paper=_paper(25_234_728, _AUTHORS))
+def pyconvhgresnet50(**kw) -> ResNet:
+    """PyConvHGResNet-50 (high grouping, paper Table 2): 78.48% top-1."""
+    return ResNet("pyconvhgresnet", 50, **kw)
+
+
+@register_model(paper=_paper(44_627_240, _AUTHORS))
+def pyconvhgresnet101(**kw) -> ResNet:
+    """PyConvHGResNet-101 (high grouping, paper Table 2): 79.22% top-1."""
+    return ResNet("pyconvhgresnet", 101, **kw)
+
+
+@register_model(paper=_paper(60_657_960, _AUTHORS))
+def pyconvhgresnet152(**kw) -> ResNet:
+    """PyConvHGResNet-152 (high grouping, paper Table 2): 79.36% top-1."""
+    return ResNet("pyconvhgresnet", 152, **kw)

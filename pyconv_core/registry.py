@@ -1,0 +1,80 @@
+"""Model registry: ``build("pyconvresnet50", num_classes=10)`` and the paper's figures per model.
+
+Each registered builder records the figures the paper reports for it (params, GFLOPs at the
+paper's input sizes), so the registry doubles as the paper-fidelity test matrix.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+__all__ = ["PaperFigures", "register_model", "build", "list_models", "model_entry"]
+
+
+@dataclass(frozen=True)
+class PaperFigures:
+    """What the paper (or the authors' code, per SPEC.md) reports for a model.
+
+    ``gflops`` maps an input size (the side for images, or ``(frames, side)`` for video) to
+    multiply-accumulates in billions; ``params`` is the exact or rounded count.
+    """
+
+    params: float | None = None
+    gflops: dict = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]
+    task: str
+    input_shape: tuple[int, ...]
+    paper: PaperFigures
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(task: str = "classification", input_shape: tuple[int, ...] = (3, 224, 224),
+                   paper: PaperFigures | None = None) -> Callable:
+    """Decorator registering a builder under its function name.
+
+    ``input_shape`` is one sample's shape at the paper's default size (for profiling).
+    """
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if fn.__name__ in _REGISTRY:
+            raise ValueError(f"model {fn.__name__!r} is registered twice")
+        _REGISTRY[fn.__name__] = ModelEntry(fn.__name__, fn, task, input_shape, paper or PaperFigures())
+        return fn
+    return wrap
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name``; a clear error with close matches if unknown."""
+    _import_models()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build a registered model; the name and arguments are kept in ``model.model_args``."""
+    model = model_entry(name).builder(**kwargs)
+    model.model_args = {"name": name, **kwargs}
+    return model
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """Registered model names (of one task, if given), in registration order."""
+    _import_models()
+    return [n for n, e in _REGISTRY.items() if task is None or e.task == task]
+
+
+def _import_models() -> None:
+    import pyconv_core.models  # noqa: F401  (registers the builders)
