@@ -1,0 +1,1 @@
+"""Training engine shared by all four tasks: trainer, checkpoints, schedules, distribution, logging."""

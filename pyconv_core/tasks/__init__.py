@@ -1,0 +1,1 @@
+"""Per-task step and evaluation functions plugged into the one Trainer."""
