@@ -1,0 +1,77 @@
+"""Run records: config.json with provenance, metrics.jsonl rows, and reading them back."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["environment", "write_json", "append_jsonl", "write_jsonl", "read_metrics", "git_commit"]
+
+_PACKAGES = ("torch", "torchvision", "numpy", "pycocotools", "av", "papermill", "seaborn")
+
+
+def git_commit() -> str | None:
+    """The commit of the working tree (with ``+dirty`` if it has changes), or None outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Provenance recorded in every run: git commit, python, packages, device."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    dev = {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+           "cpu_threads": torch.get_num_threads()}
+    return {"git_commit": git_commit(), "python": sys.version.split()[0], "platform": platform.platform(),
+            "packages": versions, "device": dev, "argv": sys.argv, "hostname": platform.node(),
+            "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one metrics row (flushed at once, so a killed run keeps every finished epoch)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=float) + "\n")
+        f.flush()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Rewrite a metrics file whole (on resume: exactly the rows of the checkpoint's history)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:
+    """Rows of ``runs/<name>/metrics.jsonl`` (only those of ``kind``, e.g. "train" or "eval", if given)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: has the run {Path(run_dir).name!r} been trained?")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if kind is None or r.get("kind") == kind]

@@ -1,0 +1,271 @@
+"""The one training loop of all four tasks (classification, detection, video, segmentation).
+
+A task supplies ``train_step`` and ``evaluate`` (see ``tasks/base.py``); ``fit`` does the rest:
+device, AMP (bf16, or fp16 with a grad scaler), channels_last, torch.compile, DDP under
+torchrun (sharded sampler, optional SyncBatchNorm, metrics reduced, rank 0 writes), linear lr
+scaling, warmup + multistep/cosine/poly schedules, ``runs/<name>/`` records, atomic
+checkpoints every epoch plus ``best.pt``, exact resume, and a clean stop on NaN or a signal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from pyconv_core.engine import distributed as dist
+from pyconv_core.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from pyconv_core.engine.logging import append_jsonl, environment, write_json, write_jsonl
+from pyconv_core.engine.schedules import lr_multiplier, scaled_lr
+
+__all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "seed_everything", "NonFiniteLossError"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; recorded whole in ``config.json``."""
+
+    run_name: str
+    epochs: int
+    batch_size: int  # global batch (split over DDP processes)
+    lr: float  # for a batch of lr_reference_batch; scaled linearly to batch_size
+    lr_reference_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "multistep"  # multistep | cosine | poly | constant
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
+    poly_power: float = 0.9
+    warmup_epochs: float = 0.0
+    amp: str | None = None  # None | "bf16" | "fp16"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    seed: int = 0
+    resume: bool = False
+    num_workers: int = 0
+    eval_every: int = 1
+    runs_dir: str = "runs"
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # task parameters, recorded as given
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    history: list[dict]
+    model: nn.Module
+    best_metric: float | None
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; call it before building a model so that its init is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and returns."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: no handlers
+            pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _loader(dataset: Dataset, batch_size: int, cfg: TrainConfig, collate_fn, epoch: int, train: bool,
+            skip_batches: int = 0) -> DataLoader:
+    """Epoch-seeded sharded loader: in training, rank r of W takes every W-th index of one
+    permutation, so W processes see exactly the global batches of one process and an epoch's order
+    is reproducible; in evaluation every sample is seen exactly once (no padding duplicates)."""
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = range(dist.rank(), len(dataset), dist.world_size())
+    per_rank = max(1, batch_size // dist.world_size())
+    batches = list(BatchSampler(sampler, per_rank, drop_last=train))[skip_batches:]
+    return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def _autocast(device: torch.device, amp: str | None):
+    if amp not in (None, "bf16", "fp16"):
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=amp is not None)
+
+
+def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig) -> FitResult:
+    """Train ``model`` on ``train_set`` with ``task``'s step, evaluating on ``val_set``; see module doc."""
+    device = dist.init()
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    ckpt_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seed_everything(cfg.seed)
+
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last if getattr(model, "dim", 2) == 2 else torch.channels_last_3d)
+    if cfg.sync_bn and dist.is_distributed():
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, 0, train=True).batch_sampler)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training samples give no full batch of {cfg.batch_size}: "
+                         f"lower batch_size or add data")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(
+        cfg.schedule, cfg.epochs, steps_per_epoch, cfg.milestones, cfg.gamma, cfg.warmup_epochs, cfg.poly_power))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+    start_epoch, skip, history, best, partial = 0, 0, [], None, None
+    if cfg.resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, skip, history, best = state["epoch"], state["step_in_epoch"], state["history"], state["best"]
+        partial = state["partial_epoch"]
+        set_rng_state(state["rng"])
+    elif cfg.resume:
+        print(f"resume=True but {ckpt_path} does not exist: starting run {cfg.run_name!r} from scratch")
+    if dist.is_main():
+        write_json(run_dir / "config.json", {"train": dataclasses.asdict(cfg), "task": task.name,
+                                             "model_args": getattr(model, "model_args", None),
+                                             "resumed_at": [start_epoch, skip] if start_epoch or skip else None,
+                                             "lr_effective": base_lr, "environment": environment(device)})
+        write_jsonl(run_dir / "metrics.jsonl", history)
+
+    net = DistributedDataParallel(model) if dist.is_distributed() else model
+    step_fn = torch.compile(net) if cfg.compile else net
+    show = cfg.progress and dist.is_main() and not os.environ.get("CI") and os.environ.get("PYCONV_PROGRESS") != "0"
+
+    def checkpoint(epoch: int, step_in_epoch: int, path: Path = ckpt_path, partial: tuple | None = None) -> None:
+        if dist.is_main():
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                         "step_in_epoch": step_in_epoch, "partial_epoch": partial, "history": history,
+                         "best": best, "rng": rng_state(), "config": dataclasses.asdict(cfg),
+                         "model_args": getattr(model, "model_args", None)}, path)
+
+    with _StopRequest() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            if not skip:
+                seed_everything(cfg.seed * 1_000_003 + epoch)
+            loader = _loader(train_set, cfg.batch_size, cfg, task.collate_fn, epoch, train=True, skip_batches=skip)
+            net.train()
+            sums, count, seen, elapsed = partial or ({}, 0, 0, 0.0)
+            partial, tic = None, time.perf_counter() - elapsed
+            bar = tqdm(loader, desc=f"{cfg.run_name} epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
+            for step, batch in enumerate(bar, start=skip):
+                with _autocast(device, cfg.amp):
+                    losses = task.train_step(step_fn, batch, device)
+                loss = losses["loss"]
+                if not torch.isfinite(loss.detach()).all():
+                    raise NonFiniteLossError(
+                        f"run {cfg.run_name!r}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}. The last "
+                        f"good checkpoint {ckpt_path} (end of epoch {epoch}) is kept: lower lr (now "
+                        f"{scheduler.get_last_lr()[0]:.4g}), add warmup_epochs, or use amp='bf16' instead of 'fp16', "
+                        f"then rerun with resume=True.")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
+                count += 1
+                seen += _batch_len(batch)
+                if show:
+                    bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}",
+                                    img_s=f"{seen * dist.world_size() / (time.perf_counter() - tic):.0f}")
+                if stop.signal is not None:
+                    checkpoint(epoch, step + 1, partial=(sums, count, seen, time.perf_counter() - tic))
+                    print(f"signal {stop.signal}: saved {ckpt_path} at epoch {epoch + 1}, step {step + 1}; "
+                          f"rerun with resume=True to continue")
+                    return FitResult(run_dir, history, model, best)
+            skip = 0
+            row = {"kind": "train", "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
+                   "seconds": time.perf_counter() - tic, **_reduce_means(sums, count, device)}
+            row["samples_per_s"] = _reduce_sum(seen, device) / row["seconds"]
+            history.append(row)
+            if dist.is_main():
+                append_jsonl(run_dir / "metrics.jsonl", row)
+            improved = False
+            if val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                metrics = evaluate(net, task, val_set, cfg, device)
+                history.append({"kind": "eval", "epoch": epoch + 1, **metrics})
+                if dist.is_main():
+                    append_jsonl(run_dir / "metrics.jsonl", history[-1])
+                value = metrics.get(task.main_metric)
+                improved = value is not None and (best is None or value > best)
+                best = value if improved else best
+            checkpoint(epoch + 1, 0)
+            if improved:
+                checkpoint(epoch + 1, 0, best_path)
+    dist.barrier()
+    return FitResult(run_dir, history, model, best)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task, dataset: Dataset, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """The task's metrics on ``dataset`` (sharded over processes), in eval mode under the run's AMP."""
+    model.eval()
+    loader = _loader(dataset, cfg.batch_size, cfg, task.collate_fn, 0, train=False)
+    with _autocast(device, cfg.amp):
+        return task.evaluate(model, loader, device)
+
+
+def _batch_len(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return len(first)
+
+
+def _reduce_means(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
+    """Per-step means over all processes; ``num_*`` entries (e.g. skipped files) are totals."""
+    keys = sorted(sums)
+    packed = dist.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=device))
+    total = float(packed[-1])
+    return {k if k.startswith("num_") else f"train_{k}": float(v) if k.startswith("num_") else float(v) / total
+            for k, v in zip(keys, packed[:-1].tolist())}
+
+
+def _reduce_sum(value: float, device: torch.device) -> float:
+    return float(dist.all_reduce_sum(torch.tensor([value], dtype=torch.float64, device=device))[0])

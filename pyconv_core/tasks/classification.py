@@ -1,0 +1,169 @@
+"""Image classification: the step, top-1/top-5 evaluation, the paper's recipes, and one entry point.
+
+``run(Params(...))`` is what both the notebook and ``python -m pyconv_core.run classification``
+call, so a notebook run and a torchrun job with the same parameters are the same experiment.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pyconv_core.data.classification import FashionMNIST, collate_skipping_bad, imagenet_datasets
+from pyconv_core.engine import distributed as dist
+from pyconv_core.engine.trainer import FitResult, TrainConfig, fit, seed_everything
+from pyconv_core.registry import build
+
+__all__ = ["ClassificationTask", "Params", "RECIPES", "run", "datasets", "predict"]
+
+# SPEC.md s.3. Milestones are fractions of the run's epochs (30/60/80 of 90), so a short run keeps the shape.
+RECIPES: dict[str, dict] = {
+    "standard": dict(lr=0.1, lr_reference_batch=256, weight_decay=1e-4, schedule="multistep",
+                     milestone_fractions=(30 / 90, 60 / 90, 80 / 90), amp=None, cutmix_alpha=0.0, paper_epochs=90),
+    "augment": dict(lr=0.4, lr_reference_batch=1024, weight_decay=1e-4, schedule="cosine", milestone_fractions=(),
+                    amp="bf16", cutmix_alpha=1.0, paper_epochs=300),
+}
+
+
+class ClassificationTask:
+    """Cross-entropy (optionally with CutMix); evaluation in top-1/top-5 accuracy and error."""
+
+    name = "classification"
+    main_metric = "top1"
+    collate_fn = staticmethod(collate_skipping_bad)
+
+    def __init__(self, cutmix_alpha: float = 0.0) -> None:
+        self.cutmix_alpha = cutmix_alpha
+
+    def train_step(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
+        images, labels, skipped = batch
+        skipped_t = torch.tensor(float(skipped))
+        if len(labels) == 0:
+            zero = sum(p.sum() for p in model.parameters()) * 0.0
+            return {"loss": zero, "num_skipped": skipped_t}
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if self.cutmix_alpha > 0:
+            images, labels_b, lam = cutmix(images, labels, self.cutmix_alpha)
+            logits = model(images)
+            loss = lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, labels_b)
+        else:
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        return {"loss": loss, "num_skipped": skipped_t}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+        totals = torch.zeros(5, dtype=torch.float64, device=device)  # correct1, correct5, loss, n, skipped
+        for images, labels, skipped in loader:
+            totals[4] += skipped
+            if len(labels) == 0:
+                continue
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images).float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == labels[:, None]
+            totals[0] += hits[:, 0].sum()
+            totals[1] += hits.any(dim=1).sum()
+            totals[2] += F.cross_entropy(logits, labels, reduction="sum")
+            totals[3] += len(labels)
+        c1, c5, loss, n, skipped = dist.all_reduce_sum(totals).tolist()
+        n = max(n, 1.0)
+        return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "top1_err": 100 - 100 * c1 / n,
+                "top5_err": 100 - 100 * c5 / n, "val_loss": loss / n, "num_samples": n, "num_skipped": skipped}
+
+
+def cutmix(images: torch.Tensor, labels: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CutMix (Yun et al. 2019): paste a random box from a shuffled batch; lam = kept area fraction."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(images.shape[0], device=images.device)
+    h, w = images.shape[-2:]
+    cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+    cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    images = images.clone()
+    images[..., y0:y1, x0:x1] = images[perm][..., y0:y1, x0:x1]
+    return images, labels[perm], 1 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+@dataclass
+class Params:
+    """The classification experiment: the notebook's ``parameters`` cell and the launcher's flags."""
+
+    arch: str = "pyconvresnet"  # resnet | pyconvresnet | pyconvhgresnet (or a full registered name)
+    depth: int = 18  # 18, 34, 50, 101, 152
+    data_dir: str = ""  # ImageNet-layout folder; empty: embedded Fashion-MNIST
+    epochs: int = 2
+    batch_size: int = 64  # global batch over all processes
+    lr: float = 0.0  # 0: the recipe's lr (given per its reference batch, scaled linearly)
+    recipe: str = "standard"  # standard | augment (SPEC.md s.3)
+    amp: str = "none"  # none | bf16 | fp16; "recipe": the recipe's choice
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    gpus: int = 1  # processes; >1 starts torchrun
+    seed: int = 0
+    run_name: str = ""  # default: <model>-<recipe>-s<seed>
+    runs_dir: str = "runs"
+    crop: int = 0  # train crop; 0: 224 for ImageNet, image_size for Fashion-MNIST
+    test_crop: int = 0  # 0: same as crop; 320 for the paper's 320x320 test
+    image_size: int = 32  # Fashion-MNIST side (28x28 upsampled)
+    train_subset: int = 2000  # Fashion-MNIST training images (0: all 60,000)
+    val_subset: int = 1000  # Fashion-MNIST test images (0: all 10,000)
+    num_workers: int = 0
+    dropout: float = 0.0
+    zero_init_residual: bool = False
+    resume: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.arch if self.arch[-1].isdigit() else f"{self.arch}{self.depth}"
+
+
+def datasets(p: Params) -> tuple[Dataset, Dataset, tuple[str, ...]]:
+    """Train set, validation set and class names for the parameters."""
+    if p.data_dir:
+        train, val = imagenet_datasets(p.data_dir, p.crop or 224, p.test_crop or None)
+        return train, val, tuple(train.classes)
+    train = FashionMNIST("train", p.image_size, p.train_subset or None, augment=True)
+    val = FashionMNIST("test", p.image_size, p.val_subset or None)
+    return train, val, FashionMNIST.classes
+
+
+def train_config(p: Params) -> TrainConfig:
+    """The TrainConfig of an experiment: the recipe, overridden by explicit parameters."""
+    if p.recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {p.recipe!r}")
+    r = RECIPES[p.recipe]
+    amp = r["amp"] if p.amp == "recipe" else (None if p.amp in ("none", "", None) else p.amp)
+    return TrainConfig(
+        run_name=p.run_name or f"{p.model_name}-{p.recipe}-s{p.seed}", epochs=p.epochs, batch_size=p.batch_size,
+        lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"], weight_decay=r["weight_decay"],
+        schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]), amp=amp,
+        channels_last=p.channels_last, compile=p.compile, sync_bn=p.sync_bn, seed=p.seed, resume=p.resume,
+        num_workers=p.num_workers, runs_dir=p.runs_dir, extra=dataclasses.asdict(p))
+
+
+def run(p: Params) -> FitResult:
+    """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
+    train, val, classes = datasets(p)
+    seed_everything(p.seed)
+    model = build(p.model_name, num_classes=len(classes), dropout=p.dropout, zero_init_residual=p.zero_init_residual)
+    return fit(model, ClassificationTask(RECIPES[p.recipe]["cutmix_alpha"]), train, val, train_config(p))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true labels over ``dataset`` (for confusion matrices and error galleries)."""
+    model.eval()
+    preds, labels = [], []
+    for images, y, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping_bad):
+        if len(y):
+            preds.append(model(images).argmax(1))
+            labels.append(y)
+    return torch.cat(preds), torch.cat(labels)

@@ -1,0 +1,242 @@
+"""Object detection: the SSD step, COCO evaluation, S-Section 1's recipe, and one entry point.
+
+``run(Params(...))`` is what both the notebook and ``python -m pyconv_core.run detection`` call.
+Evaluation is pycocotools' COCOeval on the validation split: the 12 numbers of S-Table 1, in
+percent (-1 where a size range has no ground truth, as COCOeval reports it).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from pyconv_core.data.coco import CocoDetection, detection_collate
+from pyconv_core.data.demo_detection import DemoDetectionConfig, make_demo_coco
+from pyconv_core.engine import distributed as dist
+from pyconv_core.engine.trainer import FitResult, TrainConfig, fit
+from pyconv_core.models.ssd import SSD, load_backbone_checkpoint, match, multibox_loss, postprocess
+from pyconv_core.registry import build
+
+__all__ = ["DetectionTask", "Params", "RECIPES", "COCO_METRICS", "PAPER_METRICS", "run", "datasets",
+           "train_config", "build_model", "predict", "paper_table", "untrained_metrics"]
+
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+# S-Table 1 (COCO val2017, 300x300), in the order of COCO_METRICS.
+PAPER_METRICS: dict[str, tuple[float, ...]] = {
+    "ssd50": (26.20, 43.97, 26.96, 8.12, 28.22, 42.64, 24.50, 35.41, 37.07, 12.61, 40.76, 57.25),
+    "pyconvssd50": (29.16, 47.26, 30.24, 9.31, 31.21, 47.79, 26.14, 37.81, 39.61, 13.79, 43.87, 60.98),
+    "ssd101": (29.58, 47.69, 30.80, 9.38, 31.96, 47.64, 26.47, 38.00, 39.64, 14.09, 43.54, 61.03),
+    "pyconvssd101": (31.27, 50.00, 32.67, 10.65, 33.76, 51.75, 27.33, 39.33, 41.07, 15.48, 45.53, 63.44),
+}
+
+# S-Section 1: SGD 0.9, wd 5e-4, lr 0.02 for batch 256 (scaled linearly), linear warmup over epoch 1,
+# lr x0.1 before epochs 86 and 108 of 130 (fractions of the run, so a short run keeps the shape).
+# "demo": the CPU demo from scratch on the embedded set (no ImageNet backbone): a higher lr.
+RECIPES: dict[str, dict] = {
+    "paper": dict(lr=0.02, lr_reference_batch=256, weight_decay=5e-4, schedule="multistep",
+                  milestone_fractions=(85 / 130, 107 / 130), warmup_epochs=1.0, amp=None, paper_epochs=130),
+    "demo": dict(lr=0.32, lr_reference_batch=256, weight_decay=5e-4, schedule="cosine", milestone_fractions=(),
+                 warmup_epochs=1.0, amp=None, paper_epochs=130),
+}
+
+
+def _unwrap(model: nn.Module) -> SSD:
+    """The SSD inside DDP and/or torch.compile wrappers (for its default boxes)."""
+    while not isinstance(model, SSD):
+        model = getattr(model, "_orig_mod", None) or getattr(model, "module")
+    return model
+
+
+def _coco_dataset(loader: DataLoader) -> CocoDetection:
+    dataset = loader.dataset
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if not isinstance(dataset, CocoDetection):
+        raise TypeError(f"COCO evaluation needs a CocoDetection validation set (or a Subset of one), got "
+                        f"{type(dataset).__name__}")
+    return dataset
+
+
+class DetectionTask:
+    """SSD's MultiBox loss for training; detections scored by COCOeval for evaluation."""
+
+    name = "detection"
+    main_metric = "AP"
+    collate_fn = staticmethod(detection_collate)
+
+    def __init__(self, score_threshold: float = 0.05, nms_iou: float = 0.5, top_k: int = 200,
+                 neg_ratio: int = 3) -> None:
+        self.score_threshold, self.nms_iou, self.top_k, self.neg_ratio = score_threshold, nms_iou, top_k, neg_ratio
+
+    def train_step(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        priors = _unwrap(model).priors
+        matched = [match(t["boxes"].to(device), t["labels"].to(device), priors) for t in targets]
+        boxes, labels = (torch.stack(m) for m in zip(*matched))
+        loc, logits = model(images.to(device, non_blocking=True))
+        losses = multibox_loss(loc, logits, boxes, labels, priors, self.neg_ratio)
+        losses["num_positives"] = (labels > 0).sum().float()
+        return losses
+
+    def detect(self, model: nn.Module, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Post-processed detections (normalized xyxy boxes, scores, labels) for a batch."""
+        loc, logits = model(images)
+        return postprocess(loc, logits, _unwrap(model).priors, self.score_threshold, self.nms_iou, self.top_k)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+        dataset = _coco_dataset(loader)
+        results: dict[int, list[dict]] = {}
+        for images, targets in loader:
+            for target, det in zip(targets, self.detect(model, images.to(device))):
+                height, width = target["orig_size"]
+                boxes = det["boxes"].cpu().double() * torch.tensor([width, height, width, height])
+                results[target["image_id"]] = [
+                    {"image_id": target["image_id"], "category_id": dataset.label_to_cat[int(label)],
+                     "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)}
+                    for (x0, y0, x1, y1), score, label in zip(boxes.tolist(), det["scores"], det["labels"])]
+        if dist.is_distributed():
+            gathered = [None] * dist.world_size()
+            torch.distributed.all_gather_object(gathered, results)
+            results = {k: v for part in gathered for k, v in part.items()}
+        return coco_metrics(dataset, results)
+
+
+def coco_metrics(dataset: CocoDetection, results: dict[int, list[dict]]) -> dict[str, float]:
+    """COCOeval's 12 numbers (percent) over the images in ``results`` (image id -> its detections)."""
+    detections = [d for dets in results.values() for d in dets]
+    metrics = {"num_images": float(len(results)), "num_detections": float(len(detections))}
+    if not detections:
+        return {**{k: 0.0 for k in COCO_METRICS}, **metrics}
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(dataset.coco, dataset.coco.loadRes(detections), "bbox")
+        evaluator.params.imgIds = sorted(results)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = [100 * float(v) if v >= 0 else -1.0 for v in evaluator.stats]
+    return {**dict(zip(COCO_METRICS, stats)), **metrics}
+
+
+def paper_table(metrics: dict[str, float], model_name: str) -> pd.DataFrame:
+    """Our 12 COCO numbers beside S-Table 1's row for the same architecture (when it has one)."""
+    paper = PAPER_METRICS.get(model_name)
+    table = pd.DataFrame({"ours": [metrics.get(k, np.nan) for k in COCO_METRICS]}, index=list(COCO_METRICS))
+    table[f"paper ({model_name})" if paper else "paper"] = paper if paper else np.nan
+    return table.round(2)
+
+
+@dataclass
+class Params:
+    """The detection experiment: the notebook's ``parameters`` cell and the launcher's flags."""
+
+    arch: str = "pyconvssd"  # ssd | pyconvssd (or a full registered name such as pyconvssd50)
+    depth: int = 18  # backbone depth: 50 or 101 (paper), 18 (CPU demo)
+    data_dir: str = ""  # COCO-layout folder; empty: the embedded demo set (generated under data/)
+    image_size: int = 128  # model input side; 300 is SSD300 (paper)
+    epochs: int = 6
+    batch_size: int = 16  # global batch over all processes
+    lr: float = 0.0  # 0: the recipe's lr (given per its reference batch, scaled linearly)
+    recipe: str = "demo"  # paper | demo
+    amp: str = "none"  # none | bf16 | fp16; "recipe": the recipe's choice
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    gpus: int = 1  # processes; >1 starts torchrun
+    seed: int = 0
+    run_name: str = ""  # default: <model>-<recipe>-s<seed>
+    runs_dir: str = "runs"
+    backbone_checkpoint: str = ""  # ImageNet checkpoint of the backbone (official or workbook layout)
+    demo_dir: str = "data/demo_coco"  # where the demo set is generated (reused if already there)
+    demo_train: int = 256  # demo training images
+    demo_val: int = 64  # demo validation images
+    demo_image_size: int = 128  # side of the demo images
+    score_threshold: float = 0.05  # detections below are dropped before NMS
+    nms_iou: float = 0.5
+    top_k: int = 200  # detections kept per image
+    num_workers: int = 0
+    resume: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.arch if self.arch[-1].isdigit() else f"{self.arch}{self.depth}"
+
+
+def datasets(p: Params) -> tuple[CocoDetection, CocoDetection]:
+    """Train and validation sets: COCO (train2017/val2017) or the generated demo set."""
+    root = p.data_dir or make_demo_coco(p.demo_dir, DemoDetectionConfig(
+        num_train=p.demo_train, num_val=p.demo_val, image_size=p.demo_image_size, seed=p.seed))
+    train = CocoDetection(root, "train2017", train=True, size=p.image_size, skip_empty=True)
+    val = CocoDetection(root, "val2017", train=False, size=p.image_size)
+    return train, val
+
+
+def train_config(p: Params) -> TrainConfig:
+    """The TrainConfig of an experiment: the recipe, overridden by explicit parameters."""
+    if p.recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {p.recipe!r}")
+    r = RECIPES[p.recipe]
+    amp = r["amp"] if p.amp == "recipe" else (None if p.amp in ("none", "", None) else p.amp)
+    return TrainConfig(
+        run_name=p.run_name or f"{p.model_name}-{p.recipe}-s{p.seed}", epochs=p.epochs, batch_size=p.batch_size,
+        lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"], weight_decay=r["weight_decay"],
+        schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
+        warmup_epochs=min(r["warmup_epochs"], p.epochs), amp=amp, channels_last=p.channels_last,
+        compile=p.compile, sync_bn=p.sync_bn, seed=p.seed, resume=p.resume, num_workers=p.num_workers,
+        runs_dir=p.runs_dir, extra=dataclasses.asdict(p))
+
+
+def build_model(p: Params, num_classes: int) -> SSD:
+    """The registered SSD for the parameters, with its backbone's ImageNet weights if given."""
+    model = build(p.model_name, num_classes=num_classes, image_size=p.image_size)
+    if p.backbone_checkpoint:
+        load_backbone_checkpoint(model, p.backbone_checkpoint)
+    return model
+
+
+def run(p: Params) -> FitResult:
+    """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
+    train, val = datasets(p)
+    model = build_model(p, len(train.class_names))
+    task = DetectionTask(p.score_threshold, p.nms_iou, p.top_k)
+    return fit(model, task, train, val, train_config(p))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: CocoDetection, indices: list[int], score_threshold: float = 0.3,
+            task: DetectionTask | None = None) -> list[dict]:
+    """Detections above ``score_threshold`` and ground truth, in the original image's pixels, for
+    drawing: one dict per index with ``image`` (uint8 HWC), ``pred`` and ``truth`` (boxes, labels[, scores])."""
+    task = task or DetectionTask()
+    model.eval()
+    out = []
+    for i in indices:
+        image, target = dataset[i]
+        height, width = target["orig_size"]
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        det = task.detect(model, image[None])[0]
+        keep = det["scores"] >= score_threshold
+        raw = dataset.read_image(i)
+        _, _, truth_boxes, truth_labels = dataset.items[i]
+        out.append({"image": raw.permute(1, 2, 0).numpy(),
+                    "pred": {"boxes": det["boxes"][keep] * scale, "labels": det["labels"][keep],
+                             "scores": det["scores"][keep]},
+                    "truth": {"boxes": truth_boxes, "labels": truth_labels}})
+    return out
+
+
+def untrained_metrics(p: Params, val: Dataset, num_classes: int) -> dict[str, float]:
+    """COCO metrics of the freshly initialized model (same seed): the floor a run must rise above."""
+    torch.manual_seed(p.seed)
+    model = build_model(p, num_classes).eval()
+    loader = DataLoader(val, batch_size=p.batch_size, collate_fn=detection_collate)
+    return DetectionTask(p.score_threshold, p.nms_iou, p.top_k).evaluate(model, loader, torch.device("cpu"))

@@ -1,0 +1,315 @@
+"""Semantic segmentation: the step (main + 0.4 x auxiliary cross-entropy), sliding-window
+evaluation in mIoU and pixel accuracy, the recipes, one entry point, and the figures of notebook 04.
+
+Metrics come from one confusion matrix summed over batches and processes (``all_reduce_sum``),
+so a sharded evaluation equals a single-process one. mIoU averages the IoU of the classes that
+occur in the ground truth or the prediction (on ADE20K val: all 150); pixel accuracy counts
+every non-ignored pixel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pyconv_core.data.ade20k import ADE20K, IGNORE_INDEX, TrainTransform, colorize, denormalize
+from pyconv_core.data.demo_segmentation import make_demo_ade20k
+from pyconv_core.engine import distributed as dist
+from pyconv_core.engine.trainer import FitResult, TrainConfig, fit
+from pyconv_core.registry import build
+
+__all__ = ["SegmentationTask", "Params", "RECIPES", "run", "datasets", "train_config", "collate",
+           "confusion_matrix", "scores", "class_iou_table", "predict", "predict_dataset",
+           "show_predictions", "plot_curves", "head_to_head"]
+
+# SPEC.md s.6 (the authors' config): poly 0.9 from lr 0.01 at batch 16, 100 epochs, SyncBN, aux 0.4;
+# crop 473 after scale 0.5-2.0 and rotation +-10; test on a 512 long side with 473 sliding crops.
+# "demo" is the same recipe sized for the embedded set on a CPU (from scratch, so a higher lr).
+RECIPES: dict[str, dict] = {
+    "ade20k": dict(lr=0.01, lr_reference_batch=16, momentum=0.9, weight_decay=1e-4, schedule="poly", poly_power=0.9,
+                   sync_bn=True, paper_epochs=100, batch_size=16, aux_weight=0.4, crop=473, test_crop=473, base_size=512,
+                   scale=(0.5, 2.0), rotate=(-10.0, 10.0)),
+    "demo": dict(lr=0.02, lr_reference_batch=16, momentum=0.9, weight_decay=1e-4, schedule="poly", poly_power=0.9,
+                 sync_bn=True, paper_epochs=100, batch_size=16, aux_weight=0.4, crop=65, test_crop=97, base_size=0,
+                 scale=(0.75, 1.5), rotate=(-10.0, 10.0)),
+}
+MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Lists of images and masks: training crops share a size, full validation images do not."""
+    images, masks = zip(*batch)
+    return list(images), list(masks)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``[C, C]`` int64 counts of (true class, predicted class) over the non-ignored pixels."""
+    keep = target != ignore_index
+    target, pred = target[keep].long(), pred[keep].long()
+    if len(target) and (int(target.max()) >= num_classes or int(target.min()) < 0):
+        raise ValueError(f"mask holds class {int(target.max())} outside 0..{num_classes - 1} (and not the "
+                         f"ignore index {ignore_index}): num_classes does not match the data")
+    return torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def scores(confusion: torch.Tensor) -> dict:
+    """mIoU, pixel accuracy and mean class accuracy (in %), plus per-class ``iou`` and ``acc``
+    tensors (NaN for classes absent from both ground truth and prediction)."""
+    conf = confusion.double()
+    hits, truth, predicted = conf.diag(), conf.sum(1), conf.sum(0)
+    union = truth + predicted - hits
+    iou = torch.where(union > 0, hits / union.clamp(min=1), torch.nan)
+    acc = torch.where(truth > 0, hits / truth.clamp(min=1), torch.nan)
+    return {"miou": 100 * float(iou.nanmean()) if (union > 0).any() else 0.0,
+            "pixel_acc": 100 * float(hits.sum() / conf.sum().clamp(min=1)),
+            "mean_acc": 100 * float(acc.nanmean()) if (truth > 0).any() else 0.0,
+            "iou": iou, "acc": acc}
+
+
+def class_iou_table(confusion: torch.Tensor, class_names: Sequence[str]) -> list[dict]:
+    """One row per class: name, IoU and accuracy in % (None when the class never occurs), pixels."""
+    s = scores(confusion)
+    pixels = confusion.sum(1).tolist()
+    return [{"class": name, "iou": None if math.isnan(i) else 100 * i, "acc": None if math.isnan(a) else 100 * a,
+             "pixels": n} for name, i, a, n in zip(class_names, s["iou"].tolist(), s["acc"].tolist(), pixels)]
+
+
+def _sliding_window(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int, flip: bool,
+                    stride_rate: float, max_batch: int) -> torch.Tensor:
+    """Softmax ``[C, H, W]`` averaged over overlapping ``crop`` windows (the image padded with the
+    mean to at least ``crop``), each with its mirror image if ``flip``."""
+    h, w = image.shape[-2:]
+    pad_h, pad_w = max(crop - h, 0), max(crop - w, 0)
+    image = F.pad(image, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    H, W = image.shape[-2:]
+    stride = math.ceil(crop * stride_rate)
+    tops = [min(i * stride, H - crop) for i in range(math.ceil(max(H - crop, 0) / stride) + 1)]
+    lefts = [min(j * stride, W - crop) for j in range(math.ceil(max(W - crop, 0) / stride) + 1)]
+    windows = [(t, l) for t in tops for l in lefts]
+    probs = image.new_zeros(num_classes, H, W, dtype=torch.float32)
+    count = image.new_zeros(1, H, W, dtype=torch.float32)
+    for start in range(0, len(windows), max_batch):
+        chunk = windows[start:start + max_batch]
+        crops = torch.stack([image[:, t:t + crop, l:l + crop] for t, l in chunk])
+        out = model(torch.cat([crops, crops.flip(-1)]) if flip else crops).float().softmax(1)
+        if flip:
+            out = (out[:len(chunk)] + out[len(chunk):].flip(-1)) / 2
+        for (t, l), p in zip(chunk, out):
+            probs[:, t:t + crop, l:l + crop] += p
+            count[:, t:t + crop, l:l + crop] += 1
+    probs /= count
+    return probs[:, pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int = 473, base_size: int = 512,
+            scales: Sequence[float] = (1.0,), flip: bool = False, stride_rate: float = 2 / 3,
+            max_batch: int = 8) -> torch.Tensor:
+    """Class probabilities ``[C, H, W]`` of one normalized image ``[3, H, W]`` (PSPNet's test).
+
+    At each scale the long side is resized to ``scale * base_size`` (``base_size`` 0: the image's
+    own long side), predicted with sliding ``crop`` windows (stride ``crop * stride_rate``),
+    resized back; the scales are averaged. Multi-scale + flip: ``scales=MULTI_SCALES, flip=True``.
+    """
+    h, w = image.shape[-2:]
+    total = image.new_zeros(num_classes, h, w, dtype=torch.float32)
+    for scale in scales:
+        long_side = round(scale * (base_size or max(h, w)))
+        size = (long_side, round(long_side * w / h)) if h > w else (round(long_side * h / w), long_side)
+        scaled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        probs = _sliding_window(model, scaled, num_classes, crop, flip, stride_rate, max_batch)
+        total += F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    return total / len(scales)
+
+
+class SegmentationTask:
+    """Pixel-wise cross-entropy (ignore 255) of the logits plus ``aux_weight`` x that of the
+    auxiliary head; evaluation by :func:`predict` into a confusion matrix."""
+
+    name = "segmentation"
+    main_metric = "miou"
+    collate_fn = staticmethod(collate)
+
+    def __init__(self, num_classes: int, aux_weight: float = 0.4, crop: int = 473, base_size: int = 512,
+                 scales: Sequence[float] = (1.0,), flip: bool = False, ignore_index: int = IGNORE_INDEX) -> None:
+        self.num_classes, self.aux_weight, self.ignore_index = num_classes, aux_weight, ignore_index
+        self.crop, self.base_size, self.scales, self.flip = crop, base_size, tuple(scales), flip
+
+    def train_step(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
+        images, masks = (torch.stack(b).to(device, non_blocking=True) for b in batch)
+        out = model(images)
+        logits, aux = (out["out"], out["aux"]) if isinstance(out, dict) else (out, None)
+        main_loss = F.cross_entropy(logits, masks, ignore_index=self.ignore_index)
+        if aux is None:
+            return {"loss": main_loss, "main_loss": main_loss.detach()}
+        aux_loss = F.cross_entropy(aux, masks, ignore_index=self.ignore_index)
+        return {"loss": main_loss + self.aux_weight * aux_loss, "main_loss": main_loss.detach(),
+                "aux_loss": aux_loss.detach()}
+
+    @torch.no_grad()
+    def confusion(self, model: nn.Module, loader: DataLoader, device: torch.device) -> torch.Tensor:
+        """The confusion matrix over ``loader``, summed over all processes."""
+        total = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=device)
+        for images, masks in loader:
+            for image, mask in zip(images, masks):
+                probs = predict(model, image.to(device), self.num_classes, self.crop, self.base_size, self.scales,
+                                self.flip)
+                total += confusion_matrix(probs.argmax(0), mask.to(device), self.num_classes, self.ignore_index)
+        return dist.all_reduce_sum(total)
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+        s = scores(self.confusion(model, loader, device))
+        return {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"]}
+
+
+@dataclass
+class Params:
+    """The segmentation experiment: the notebook's ``parameters`` cell and the launcher's flags."""
+
+    head: str = "pyconvsegnet"  # pyconvsegnet | pspnet | deeplabv3 | fcn (the heads of S-Table 6)
+    depth: int = 18  # backbone layers: 18 (CPU demo) or 50, 101, 152 (the paper)
+    backbone: str = "pyconvresnet"  # resnet | pyconvresnet
+    output_stride: int = 8  # 8 or 16
+    data_dir: str = ""  # ADEChallengeData2016 folder; empty: the embedded demo set
+    recipe: str = "demo"  # ade20k | demo (RECIPES)
+    epochs: int = 4
+    batch_size: int = 0  # global batch; 0: the recipe's (16)
+    lr: float = 0.0  # 0: the recipe's lr (per its reference batch, scaled linearly)
+    amp: str = "none"  # none | bf16 | fp16
+    sync_bn: bool = True  # SyncBatchNorm under torchrun
+    gpus: int = 1  # processes; >1 starts torchrun
+    seed: int = 0
+    run_name: str = ""  # default: <model>-os<stride>-<recipe>-s<seed>
+    runs_dir: str = "runs"
+    crop: int = 0  # training crop; 0: the recipe's (473 / 65)
+    test_crop: int = 0  # sliding-window crop; 0: the recipe's (473 / 97, one window per demo image)
+    base_size: int = -1  # test long side before scaling; -1: the recipe's (512 / 0 = keep)
+    multi_scale: bool = False  # test at scales 0.5..1.75 with flip, else single scale
+    train_subset: int = 0  # training images (0: all)
+    val_subset: int = 0  # validation images (0: all)
+    backbone_weights: str = ""  # ImageNet checkpoint of the backbone (authors' or torchvision layout)
+    num_workers: int = 0
+    resume: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.head}{'_' if self.head[-1].isdigit() else ''}{self.depth}"
+
+
+def datasets(p: Params) -> tuple[Dataset, Dataset, tuple[str, ...]]:
+    """Train set (augmented crops), validation set (full images) and class names."""
+    r = _recipe(p)
+    root = p.data_dir or make_demo_ade20k()
+    transform = TrainTransform(p.crop or r["crop"], r["scale"], r["rotate"])
+    train = ADE20K(root, "training", transform, limit=p.train_subset or None)
+    val = ADE20K(root, "validation", limit=p.val_subset or None)
+    return train, val, train.classes
+
+
+def _recipe(p: Params) -> dict:
+    if p.recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {p.recipe!r}")
+    return RECIPES[p.recipe]
+
+
+def train_config(p: Params) -> TrainConfig:
+    """The TrainConfig of an experiment: the recipe, overridden by explicit parameters."""
+    r = _recipe(p)
+    return TrainConfig(
+        run_name=p.run_name or f"{p.model_name}-os{p.output_stride}-{p.recipe}-s{p.seed}", epochs=p.epochs,
+        batch_size=p.batch_size or r["batch_size"], lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"],
+        momentum=r["momentum"], weight_decay=r["weight_decay"], schedule=r["schedule"], poly_power=r["poly_power"],
+        amp=None if p.amp in ("none", "", None) else p.amp, sync_bn=p.sync_bn, seed=p.seed, resume=p.resume,
+        num_workers=p.num_workers, runs_dir=p.runs_dir, extra=dataclasses.asdict(p))
+
+
+def task_for(p: Params, num_classes: int) -> SegmentationTask:
+    """The task with the recipe's loss weight and test protocol."""
+    r = _recipe(p)
+    base_size = r["base_size"] if p.base_size < 0 else p.base_size
+    scales, flip = (MULTI_SCALES, True) if p.multi_scale else ((1.0,), False)
+    return SegmentationTask(num_classes, r["aux_weight"], p.test_crop or r["test_crop"], base_size, scales, flip)
+
+
+def run(p: Params) -> FitResult:
+    """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
+    train, val, classes = datasets(p)
+    model = build(p.model_name, num_classes=len(classes), output_stride=p.output_stride, backbone=p.backbone,
+                  **({"backbone_weights": p.backbone_weights} if p.backbone_weights else {}))
+    return fit(model, task_for(p, len(classes)), train, val, train_config(p))
+
+
+@torch.no_grad()
+def predict_dataset(model: nn.Module, dataset: Dataset, task: SegmentationTask,
+                    indices: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Predicted masks ``[H, W]`` of ``dataset[i]`` for each index (all if None), with the task's protocol."""
+    model.eval()
+    indices = range(len(dataset)) if indices is None else indices
+    return [predict(model, dataset[i][0], task.num_classes, task.crop, task.base_size, task.scales,
+                    task.flip).argmax(0) for i in indices]
+
+
+def show_predictions(dataset: Dataset, predictions: dict[str, Sequence[torch.Tensor]] | None = None,
+                     indices: Sequence[int] = (0, 1, 2), palette: np.ndarray | None = None):
+    """Rows of image | ground truth | prediction per model (ADE20K palette); returns the figure."""
+    import matplotlib.pyplot as plt
+
+    from pyconv_core.data.ade20k import ADE20K_PALETTE
+
+    palette = ADE20K_PALETTE if palette is None else palette
+    predictions = predictions or {}
+    cols = 2 + len(predictions)
+    fig, axes = plt.subplots(len(indices), cols, figsize=(2.4 * cols, 2.4 * len(indices)), squeeze=False)
+    for row, i in enumerate(indices):
+        image, mask = dataset[i]
+        panels = [("image", denormalize(image)), ("ground truth", colorize(mask, palette))]
+        panels += [(name, colorize(preds[row], palette)) for name, preds in predictions.items()]
+        for ax, (title, picture) in zip(axes[row], panels):
+            ax.imshow(picture)
+            ax.set_title(title if row == 0 else "", fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(histories: dict[str, list[dict]]):
+    """Training loss and validation mIoU per epoch, one line per run; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, history in histories.items():
+        train = [r for r in history if r["kind"] == "train"]
+        evals = [r for r in history if r["kind"] == "eval"]
+        left.plot([r["epoch"] for r in train], [r["train_loss"] for r in train], marker="o", label=name)
+        right.plot([r["epoch"] for r in evals], [r["miou"] for r in evals], marker="o", label=name)
+    left.set(xlabel="epoch", ylabel="training loss (main + 0.4 aux)")
+    right.set(xlabel="epoch", ylabel="validation mIoU (%)")
+    left.legend()
+    fig.tight_layout()
+    return fig
+
+
+def head_to_head(results: dict[str, dict], output_stride: int = 8) -> list[dict]:
+    """Rows of this run's metrics per head beside S-Table 6 (ResNet-50, ADE20K) at ``output_stride``.
+
+    ``results`` maps a head name ("pyconvsegnet", ...) to its ``evaluate`` metrics and ``params``.
+    """
+    from pyconv_core.models.segmentation import S_TABLE6
+
+    heads = {"pyconvsegnet": "pyconvph", "pspnet": "ppm", "deeplabv3": "aspp", "fcn": "plain"}
+    rows = []
+    for name, metrics in results.items():
+        paper = S_TABLE6[heads[name]][output_stride]
+        rows.append({"head": name, "mIoU": metrics["miou"], "pixel acc": metrics["pixel_acc"],
+                     "params (M)": metrics["params"] / 1e6, "paper mIoU": paper.miou,
+                     "paper pixel acc": paper.pixel_acc, "paper params (M)": paper.params,
+                     "paper GFLOPs": paper.gflops})
+    return rows

@@ -1,0 +1,28 @@
+"""Shared fixtures: small data sets in the real formats, generated from real Fashion-MNIST items."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pyconv_core.data.fashion_mnist import load_fashion_mnist
+
+os.environ.setdefault("PYCONV_PROGRESS", "0")
+
+
+@pytest.fixture(scope="session")
+def imagenet_dir(tmp_path_factory):
+    """An ImageNet-layout folder (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) of 3 classes, plus one
+    corrupt JPEG in each split."""
+    root = tmp_path_factory.mktemp("imagenet")
+    images, labels = load_fashion_mnist("test")
+    wnids = {0: "n00000000", 1: "n00000001", 7: "n00000007"}
+    for split, (start, per_class) in {"train": (0, 12), "val": (5000, 4)}.items():
+        for label, wnid in wnids.items():
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            idx = np.flatnonzero(labels[start:] == label)[:per_class] + start
+            for i in idx:
+                Image.fromarray(images[i]).convert("RGB").save(folder / f"{wnid}_{i}.JPEG", quality=95)
+        (root / split / "n00000001" / "n00000001_corrupt.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root

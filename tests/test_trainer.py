@@ -1,0 +1,137 @@
+"""The shared Trainer on the classification task: learning, resume, DDP, bad input, NaN."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyconv_core.engine.logging import read_metrics
+from pyconv_core.engine.trainer import NonFiniteLossError
+from pyconv_core.run import load_run_model
+from pyconv_core.tasks.classification import ClassificationTask, Params, run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(arch="resnet", depth=18, image_size=16, train_subset=384, val_subset=200, batch_size=32)
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYCONV_PROGRESS": "0"}
+
+
+def test_loss_falls_and_accuracy_beats_chance(tmp_path):
+    result = run(Params(arch="resnet", depth=18, image_size=32, train_subset=1024, val_subset=500, epochs=2,
+                        batch_size=32, lr=0.4, runs_dir=str(tmp_path), run_name="learn"))
+    train = read_metrics(result.run_dir, "train")
+    evals = read_metrics(result.run_dir, "eval")
+    assert train[1]["train_loss"] < train[0]["train_loss"]
+    assert evals[-1]["top1"] > 30.0, evals  # chance is 10% on 10 classes
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert config["train"]["seed"] == 0 and "git_commit" in config["environment"]
+    assert config["environment"]["packages"]["torch"].startswith("2.14")
+    assert (result.run_dir / "best.pt").is_file() and (result.run_dir / "last.pt").is_file()
+    model = load_run_model(result.run_dir)
+    assert model.fc.out_features == 10
+
+
+def _launcher(tmp_path, run_name, epochs):
+    args = [sys.executable, "-m", "pyconv_core.run", "classification", "--runs-dir", str(tmp_path),
+            "--run-name", run_name, "--epochs", str(epochs)]
+    for key, value in TINY.items():
+        args += ["--" + key.replace("_", "-"), str(value)]
+    return args
+
+
+def _final_state(run_dir):
+    return torch.load(Path(run_dir) / "last.pt", weights_only=False)
+
+
+def _wait_for(path: Path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, how):
+    epochs = 3
+    subprocess.run(_launcher(tmp_path, "straight", epochs), env=_env(), check=True, capture_output=True)
+    proc = subprocess.Popen(_launcher(tmp_path, "killed", epochs), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if how == "sigkill":
+        _wait_for(tmp_path / "killed" / "last.pt", proc)
+        proc.kill()
+    else:
+        _wait_for(tmp_path / "killed" / "config.json", proc)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    interrupted = _final_state(tmp_path / "killed")
+    assert (interrupted["epoch"], interrupted["step_in_epoch"]) != (epochs, 0), "the run finished before the kill"
+    if how == "sigterm":
+        assert proc.returncode == 0 and "rerun with resume=True" in out, err
+    subprocess.run(_launcher(tmp_path, "killed", epochs) + ["--resume", "true"], env=_env(), check=True,
+                   capture_output=True)
+    straight, resumed = _final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    rows = read_metrics(tmp_path / "killed", "train")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    script = str(ROOT / "tests" / "scripts" / "ddp_fit.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "one"), str(tmp_path / "one.pt")], env=_env(),
+                   check=True, capture_output=True)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          script, str(tmp_path / "two"), str(tmp_path / "two.pt")], env={**_env(), "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for key, value in one["state"].items():
+        torch.testing.assert_close(two["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    eval_one = [r for r in one["history"] if r["kind"] == "eval"][-1]
+    eval_two = [r for r in two["history"] if r["kind"] == "eval"][-1]
+    assert eval_two["num_samples"] == eval_one["num_samples"] == 100
+    assert eval_two["top1"] == pytest.approx(eval_one["top1"])
+    assert not (tmp_path / "two" / "ddp" / "metrics.jsonl").read_text().count('"epoch": 1, "lr"') > 1
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, imagenet_dir, caplog):
+    result = run(Params(arch="resnet", depth=18, data_dir=str(imagenet_dir), crop=32, epochs=1, batch_size=8,
+                        runs_dir=str(tmp_path), run_name="corrupt"))
+    train, evals = read_metrics(result.run_dir, "train")[0], read_metrics(result.run_dir, "eval")[0]
+    assert evals["num_skipped"] == 1 and evals["num_samples"] == 12
+    assert train["num_skipped"] <= 1
+    assert "n00000001_corrupt.JPEG" in caplog.text
+
+
+def test_wrong_data_dir_says_what_was_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"lacks train and val/: expected the ImageNet layout"):
+        run(Params(data_dir=str(tmp_path / "nowhere"), runs_dir=str(tmp_path)))
+
+
+class _NaNAfterOneEpoch(ClassificationTask):
+    steps = 0
+
+    def train_step(self, model, batch, device):
+        out = super().train_step(model, batch, device)
+        self.steps += 1
+        return {**out, "loss": out["loss"] * float("nan")} if self.steps > 12 else out
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    from pyconv_core.engine.trainer import fit
+    from pyconv_core.tasks.classification import datasets, train_config
+    from pyconv_core.registry import build
+    p = Params(**TINY, epochs=3, runs_dir=str(tmp_path), run_name="nan")
+    train, val, _ = datasets(p)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2.*last.pt \(end of epoch 1\) is kept"):
+        fit(build("resnet18", num_classes=10), _NaNAfterOneEpoch(), train, val, train_config(p))
+    assert _final_state(tmp_path / "nan")["epoch"] == 1
