@@ -58,10 +58,20 @@ def _wait_for(path: Path, proc, timeout=300):
         time.sleep(0.2)
 
 
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted reference run of the resume tests."""
+    root = tmp_path_factory.mktemp("straight")
+    subprocess.run(_launcher(root, "straight", EPOCHS), env=_env(), check=True, capture_output=True)
+    return _final_state(root / "straight")
+
+
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
-def test_killed_run_resumes_to_the_same_weights(tmp_path, how):
-    epochs = 3
-    subprocess.run(_launcher(tmp_path, "straight", epochs), env=_env(), check=True, capture_output=True)
+def test_killed_run_resumes_to_the_same_weights(tmp_path, how, straight_run):
+    epochs = EPOCHS
     proc = subprocess.Popen(_launcher(tmp_path, "killed", epochs), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     if how == "sigkill":
@@ -78,7 +88,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, how):
         assert proc.returncode == 0 and "rerun with resume=True" in out, err
     subprocess.run(_launcher(tmp_path, "killed", epochs) + ["--resume", "true"], env=_env(), check=True,
                    capture_output=True)
-    straight, resumed = _final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")
+    straight, resumed = straight_run, _final_state(tmp_path / "killed")
     for key, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     rows = read_metrics(tmp_path / "killed", "train")
