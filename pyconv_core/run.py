@@ -21,11 +21,13 @@ from torch import nn
 
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.checkpoint import load_checkpoint
+from pyconv_core.engine.logging import workbook_path
 from pyconv_core.registry import build
 
 __all__ = ["TASKS", "launch", "parse_params", "params_to_argv", "load_run_model"]
 
-TASKS = {"classification": "pyconv_core.tasks.classification"}
+TASKS = {"classification": "pyconv_core.tasks.classification", "detection": "pyconv_core.tasks.detection",
+         "video": "pyconv_core.tasks.video", "segmentation": "pyconv_core.tasks.segmentation"}
 
 
 def _task_module(task: str):
@@ -71,7 +73,7 @@ def launch(task: str, params: Any) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={params.gpus}", "-m",
            "pyconv_core.run", task, *params_to_argv(params)]
     subprocess.run(cmd, check=True)
-    return Path(params.runs_dir) / module.train_config(params).run_name
+    return workbook_path(params.runs_dir) / module.train_config(params).run_name
 
 
 def load_run_model(run_dir: str | Path, which: str = "best") -> nn.Module:

@@ -12,9 +12,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["environment", "write_json", "append_jsonl", "write_jsonl", "read_metrics", "git_commit"]
+__all__ = ["workbook_path", "environment", "write_json", "append_jsonl", "write_jsonl", "read_metrics", "git_commit"]
 
 _PACKAGES = ("torch", "torchvision", "numpy", "pycocotools", "av", "papermill", "seaborn")
+
+
+def workbook_path(path: str | os.PathLike) -> Path:
+    """Resolve a relative path (``runs``, ``data/...``) against the workbook's root: the nearest
+    folder at or above the working directory holding ``runs/README.md``. Notebooks run with their
+    own folder as working directory (nbval, JupyterLab), and their runs still land in ``runs/``."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    cwd = Path.cwd()
+    for folder in (cwd, *cwd.parents):
+        if (folder / "runs" / "README.md").is_file():
+            return folder / path
+    return cwd / path
 
 
 def git_commit() -> str | None:

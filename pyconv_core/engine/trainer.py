@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from pyconv_core.engine.logging import append_jsonl, environment, write_json, write_jsonl
+from pyconv_core.engine.logging import append_jsonl, environment, workbook_path, write_json, write_jsonl
 from pyconv_core.engine.schedules import lr_multiplier, scaled_lr
 
 __all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "seed_everything", "NonFiniteLossError"]
@@ -56,7 +56,7 @@ class TrainConfig:
     resume: bool = False
     num_workers: int = 0
     eval_every: int = 1
-    runs_dir: str = "runs"
+    runs_dir: str = "runs"  # relative paths are taken from the workbook root (engine.logging.workbook_path)
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # task parameters, recorded as given
 
@@ -131,7 +131,7 @@ def _autocast(device: torch.device, amp: str | None):
 def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig) -> FitResult:
     """Train ``model`` on ``train_set`` with ``task``'s step, evaluating on ``val_set``; see module doc."""
     device = dist.init()
-    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    run_dir = workbook_path(cfg.runs_dir) / cfg.run_name
     ckpt_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
