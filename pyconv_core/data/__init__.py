@@ -1,0 +1,1 @@
+"""Data sets in their real formats, transforms, and the embedded demo sets."""

@@ -1,0 +1,128 @@
+"""Classification data: the ImageNet folder layout, its transforms, and Fashion-MNIST as default.
+
+ImageNet: ``<data_dir>/train/<wnid>/*.JPEG`` and ``<data_dir>/val/<wnid>/*.JPEG``. A corrupt or
+unreadable image never stops an epoch: it is logged by path, skipped, and counted
+(``num_skipped`` in the run's metrics).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, default_collate
+from torchvision import transforms as T
+
+from pyconv_core.data.fashion_mnist import CLASSES as FASHION_CLASSES, load_fashion_mnist
+
+__all__ = ["ImageFolder", "FashionMNIST", "imagenet_datasets", "train_transform", "eval_transform",
+           "collate_skipping_bad", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+log = logging.getLogger(__name__)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
+
+
+def train_transform(crop: int = 224) -> Callable:
+    """RandomResizedCrop + horizontal flip (the standard ImageNet recipe)."""
+    return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(crop: int = 224) -> Callable:
+    """Resize to crop/0.875 (256 for 224, 366 for 320) then center crop."""
+    return T.Compose([T.Resize(round(crop / 0.875)), T.CenterCrop(crop), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class ImageFolder(Dataset):
+    """``root/<class>/<image>`` with classes sorted by folder name; bad files yield ``None``."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist; expected the ImageNet layout "
+                                    f"<data_dir>/train/<wnid>/*.JPEG and <data_dir>/val/<wnid>/*.JPEG")
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        self.samples = [(p, i) for i, c in enumerate(self.classes) for p in sorted((self.root / c).iterdir())
+                        if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.samples:
+            raise FileNotFoundError(f"no images found under {self.root}: expected one folder per class holding "
+                                    f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), e.g. "
+                                    f"{self.root}/n01440764/n01440764_10026.JPEG")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            log.warning("skipping unreadable image %s (%s)", path, err)
+            return None
+        return (self.transform(image) if self.transform else image), label
+
+
+def collate_skipping_bad(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Batch the readable samples; the third element counts the skipped ones."""
+    good = [s for s in samples if s is not None]
+    skipped = len(samples) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, labels = default_collate(good)
+    return images, labels, skipped
+
+
+def imagenet_datasets(data_dir: str | os.PathLike, crop: int = 224, test_crop: int | None = None) -> tuple[ImageFolder, ImageFolder]:
+    """Train and val sets of an ImageNet-layout folder, with the standard transforms."""
+    data_dir = Path(data_dir)
+    missing = [s for s in ("train", "val") if not (data_dir / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"data_dir {data_dir} lacks {' and '.join(missing)}/: expected the ImageNet layout "
+                                f"{data_dir}/train/<wnid>/*.JPEG and {data_dir}/val/<wnid>/*.JPEG (val sorted into "
+                                f"class folders); leave data_dir empty to use the embedded Fashion-MNIST")
+    return (ImageFolder(data_dir / "train", train_transform(crop)),
+            ImageFolder(data_dir / "val", eval_transform(test_crop or crop)))
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST as 3-channel tensors of side ``size`` (the embedded default data).
+
+    ``subset`` takes the first n images of a split (balanced enough: the files are shuffled);
+    ``augment`` adds a padded random crop and a flip.
+    """
+
+    classes = FASHION_CLASSES
+
+    def __init__(self, split: str = "train", size: int = 32, subset: int | None = None, augment: bool = False) -> None:
+        images, labels = load_fashion_mnist(split)
+        if subset:
+            images, labels = images[:subset], labels[:subset]
+        x = torch.from_numpy(np.array(images)).float().div_(255).unsqueeze(1)
+        if size != x.shape[-1]:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        self.images = ((x - 0.2860) / 0.3530).to(torch.float32)
+        self.labels = torch.from_numpy(labels)
+        self.augment, self.pad = augment, size // 8
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        x = self.images[index]
+        if self.augment:
+            size = x.shape[-1]
+            x = F.pad(x, (self.pad,) * 4, value=float(x.min()))
+            i, j = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+            x = x[:, i:i + size, j:j + size]
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return x.expand(3, -1, -1), int(self.labels[index])
