@@ -33,14 +33,15 @@ def ntuple(value: IntOrTuple, dim: int) -> tuple[int, ...]:
 
 
 def conv(dim: int, in_channels: int, out_channels: int, kernel: IntOrTuple = 1, stride: IntOrTuple = 1,
-         dilation: IntOrTuple = 1, groups: int = 1, padding: IntOrTuple | None = None) -> nn.Module:
-    """Bias-free convolution; padding defaults to ``dilation * (kernel // 2)`` (size-preserving)."""
+         dilation: IntOrTuple = 1, groups: int = 1, padding: IntOrTuple | None = None,
+         bias: bool = False) -> nn.Module:
+    """Convolution, bias-free unless asked; padding defaults to ``dilation * (kernel // 2)`` (size-preserving)."""
     _check_dim(dim)
     kernel, dilation = ntuple(kernel, dim), ntuple(dilation, dim)
     if padding is None:
         padding = tuple(d * (k // 2) for k, d in zip(kernel, dilation))
     return _CONV[dim](in_channels, out_channels, kernel, stride=stride, padding=padding,
-                      dilation=dilation, groups=groups, bias=False)
+                      dilation=dilation, groups=groups, bias=bias)
 
 
 def norm(dim: int, channels: int) -> nn.Module:

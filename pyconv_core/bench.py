@@ -1,0 +1,317 @@
+"""Training and inference speed of registered (or torchvision) models, as ratios to a baseline.
+
+``python -m pyconv_core.bench --models pyconvresnet50 resnet50 --batch 8 --size 224``
+
+Reproduces S-Table 5's running-time comparison (latency in s/batch, throughput in img/s) in
+one process: every (model, mode) pair is warmed up, then the timed repeats visit the pairs in
+turn (round robin), so a load change on a shared machine hits every model alike; each repeat
+times whole steps between device synchronisations and the median repeat is reported. A
+training step is the authors' (iduta/pyconv ``main.py``): forward, cross-entropy, zero_grad,
+backward, SGD step with momentum and weight decay. Ratios are throughput over the baseline's
+(default torchvision's resnet50; >1 is faster) at the same batch, size, dtype and layout.
+The process CPU time per step is recorded too, with its own ratio: on a shared CPU, where
+other processes take turns on the cores, it is steadier than the wall clock (use --threads 1).
+Video models (registered ``input_shape`` with frames) take clips of ``--frames`` x size x size.
+The results go to the terminal as a table and to ``runs/bench/<name>.json`` with the machine,
+the versions, the settings and the command line. Options that change how a model computes
+(an execution plan, a fused kernel) enter as a :data:`SetupHook` given to ``run_bench`` / ``main``,
+applied to every model after the move to the device and before ``torch.compile``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from pyconv_core.profile import count_params
+from pyconv_core.registry import build, model_entry
+
+__all__ = ["BenchSettings", "Candidate", "SetupHook", "is_video", "make_candidate", "run_bench", "add_ratios",
+           "default_baseline", "format_table", "machine_info", "main"]
+
+TORCHVISION_PREFIX = "tv:"
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BenchSettings:
+    """What every model is measured at (recorded in the JSON)."""
+
+    batch: int = 8
+    size: int = 224
+    frames: int = 16
+    modes: tuple[str, ...] = ("train", "infer")
+    device: str = "cpu"
+    amp: str | None = None
+    channels_last: bool = False
+    compile: str | None = None
+    repeats: int = 5
+    warmup: int = 2
+    iters: int = 0
+    num_classes: int | None = None
+
+
+@dataclass
+class Candidate:
+    """One model to time: its spec (registered name or ``tv:<name>``), module and one sample's shape."""
+
+    spec: str
+    model: nn.Module
+    sample_shape: tuple[int, ...]
+    params: int
+
+
+# A per-model setup step run after the move to the device and before compiling, e.g. choosing
+# an execution plan; it returns the model to time (the same module, or one wrapping it).
+SetupHook = Callable[[nn.Module, BenchSettings], nn.Module]
+
+
+def _torchvision_name(spec: str) -> str | None:
+    return spec[len(TORCHVISION_PREFIX):] if spec.startswith(TORCHVISION_PREFIX) else None
+
+
+def is_video(spec: str) -> bool:
+    """Whether ``spec`` takes clips (channels, frames, height, width) rather than images."""
+    name = _torchvision_name(spec)
+    if name is None:
+        return len(model_entry(spec).input_shape) == 4
+    return name in torchvision.models.list_models(module=torchvision.models.video)
+
+
+def make_candidate(spec: str, settings: BenchSettings) -> Candidate:
+    """Build ``spec`` (a registered name, or ``tv:<name>`` for torchvision) with its input shape."""
+    name = _torchvision_name(spec)
+    classes = {} if settings.num_classes is None else {"num_classes": settings.num_classes}
+    if name is None:
+        model, channels = build(spec, **classes), model_entry(spec).input_shape[0]
+    elif name in torchvision.models.list_models():
+        model, channels = torchvision.models.get_model(name, weights=None, **classes), 3
+    else:
+        raise ValueError(f"unknown torchvision model {name!r} in {spec!r}; "
+                         f"see torchvision.models.list_models() for the names")
+    side = (settings.size, settings.size)
+    shape = (channels, settings.frames, *side) if is_video(spec) else (channels, *side)
+    return Candidate(spec, model, shape, count_params(model))
+
+
+def _memory_format(shape: Sequence[int]) -> torch.memory_format:
+    return torch.channels_last_3d if len(shape) == 4 else torch.channels_last
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Runner:
+    """One (model, mode) pair with its input, optimizer and step function."""
+
+    def __init__(self, candidate: Candidate, model: nn.Module, mode: str, settings: BenchSettings,
+                 device: torch.device) -> None:
+        self.candidate, self.model, self.mode, self.device = candidate, model, mode, device
+        self.amp = _AMP_DTYPES.get(settings.amp)
+        x = torch.randn(settings.batch, *candidate.sample_shape, device=device)
+        self.x = x.contiguous(memory_format=_memory_format(candidate.sample_shape)) if settings.channels_last else x
+        # any valid class index will do (every classifier has at least 2); timing does not depend on it
+        self.y = torch.randint(0, settings.num_classes or 2, (settings.batch,), device=device)
+        self.steps, self.latencies, self.cpu_times = settings.iters, [], []
+        if mode == "train":
+            self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+            self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
+
+    def _forward(self) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            out = self.model(self.x)
+        if not (isinstance(out, torch.Tensor) and out.dim() == 2):
+            raise ValueError(f"{self.candidate.spec}: the bench times classifiers, whose output is [batch, classes]; "
+                             f"got {type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}")
+        return out
+
+    def step(self) -> None:
+        if self.mode == "infer":
+            self.model.eval()
+            with torch.inference_mode():
+                self._forward()
+            return
+        self.model.train()
+        loss = F.cross_entropy(self._forward().float(), self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def time(self, steps: int) -> tuple[float, float]:
+        """Wall and process CPU seconds per step over ``steps`` steps, between device synchronisations."""
+        _sync(self.device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            self.step()
+        _sync(self.device)
+        return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
+
+
+def _prepare(candidate: Candidate, settings: BenchSettings, device: torch.device,
+             setup: Sequence[SetupHook]) -> nn.Module:
+    model = candidate.model.to(device)
+    if settings.channels_last:
+        model = model.to(memory_format=_memory_format(candidate.sample_shape))
+    for hook in setup:
+        model = hook(model, settings)
+    if settings.compile:
+        model = torch.compile(model, mode=None if settings.compile == "default" else settings.compile)
+    return model
+
+
+def run_bench(specs: Sequence[str], settings: BenchSettings, setup: Sequence[SetupHook] = (),
+              log: Callable[[str], None] = print) -> list[dict]:
+    """Time every spec in every mode; one result row per (spec, mode), in the order given."""
+    device = torch.device(settings.device)
+    if settings.amp is not None and settings.amp not in _AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(_AMP_DTYPES)} or None, got {settings.amp!r}")
+    if any(m not in ("train", "infer") for m in settings.modes):
+        raise ValueError(f"modes must be 'train' and/or 'infer', got {settings.modes}")
+    torch.backends.cudnn.benchmark = True  # as in the authors' timing runs (iduta/pyconv main.py)
+    runners = []
+    for spec in dict.fromkeys(specs):
+        candidate = make_candidate(spec, settings)
+        model = _prepare(candidate, settings, device, setup)
+        runners += [_Runner(candidate, model, mode, settings, device) for mode in settings.modes]
+    for runner in runners:
+        log(f"warm-up {runner.candidate.spec} {runner.mode}")
+        for _ in range(max(settings.warmup - 1, 0)):
+            runner.step()
+        last, _ = runner.time(1)
+        runner.steps = runner.steps or max(1, round(0.25 / last))
+    for repeat in range(settings.repeats):
+        for runner in runners:
+            wall, cpu = runner.time(runner.steps)
+            runner.latencies.append(wall)
+            runner.cpu_times.append(cpu)
+        log(f"repeat {repeat + 1}/{settings.repeats} done")
+    rows = []
+    for runner in runners:
+        times = runner.latencies
+        latency = statistics.median(times)
+        rows.append({"model": runner.candidate.spec, "mode": runner.mode, "batch": settings.batch,
+                     "input_shape": [settings.batch, *runner.candidate.sample_shape],
+                     "params": runner.candidate.params, "steps_per_repeat": runner.steps,
+                     "latency_s": latency, "throughput": settings.batch / latency,
+                     "latencies_s": times, "spread": (max(times) - min(times)) / latency,
+                     "cpu_s": statistics.median(runner.cpu_times), "cpu_times_s": runner.cpu_times})
+    return rows
+
+
+def add_ratios(rows: list[dict], baseline: str) -> list[dict]:
+    """Set ``ratio`` = throughput / the baseline's in the same mode, and ``cpu_ratio`` = the same from
+    process CPU time (steadier than wall time on a shared CPU); None where there is no baseline
+    row, or where the baseline takes images and the model clips (or the reverse)."""
+    base = {r["mode"]: r for r in rows if r["model"] == baseline}
+    for r in rows:
+        reference = base.get(r["mode"])
+        comparable = reference is not None and len(reference["input_shape"]) == len(r["input_shape"])
+        r["ratio"] = r["throughput"] / reference["throughput"] if comparable else None
+        r["cpu_ratio"] = reference["cpu_s"] / r["cpu_s"] if comparable and r["cpu_s"] > 0 else None
+    return rows
+
+
+def default_baseline(specs: Sequence[str]) -> str:
+    """torchvision's resnet50, or its r3d_18 when every model is a video model."""
+    return "tv:r3d_18" if all(is_video(s) for s in specs) else "tv:resnet50"
+
+
+def machine_info(device: str) -> dict:
+    """The machine and software the figures were measured on."""
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
+    if torch.device(device).type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def format_table(rows: list[dict], baseline: str) -> str:
+    """The result rows as a fixed-width text table (ratios: wall-clock, then process CPU time)."""
+    def ratio(v):
+        return "-" if v is None else f"{v:.3f}"
+    title = f"vs {baseline}"
+    width = max(len(title) + 2, 16)
+    header = (f"{'model':<22}{'mode':>6}{'input':>20}{'params(M)':>10}{'s/batch':>10}{'img/s':>9}"
+              f"{'spread':>8}{title:>{width}}{'(cpu time)':>11}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['model']:<22}{r['mode']:>6}{'x'.join(map(str, r['input_shape'])):>20}"
+                     f"{r['params'] / 1e6:>10.2f}{r['latency_s']:>10.4f}{r['throughput']:>9.2f}"
+                     f"{r['spread']:>8.1%}{ratio(r['ratio']):>{width}}{ratio(r['cpu_ratio']):>11}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command-line options (see ``python -m pyconv_core.bench --help``)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True, help="registered names or tv:<torchvision name>")
+    parser.add_argument("--baseline", help="spec the ratios refer to (default tv:resnet50; tv:r3d_18 for video)")
+    parser.add_argument("--batch", type=int, default=8, help="images or clips per step")
+    parser.add_argument("--size", type=int, default=224, help="input side in pixels (299 for the Inception nets)")
+    parser.add_argument("--frames", type=int, default=16, help="clip length for video models")
+    parser.add_argument("--mode", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", choices=sorted(_AMP_DTYPES), help="autocast dtype (fp16 adds a GradScaler)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC / NDHWC memory format")
+    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                        help="torch.compile the models (optionally a mode such as max-autotune)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per (model, mode); median reported")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before the repeats (the last sizes --iters 0)")
+    parser.add_argument("--iters", type=int, default=0, help="steps per repeat (0: enough for ~0.25 s each)")
+    parser.add_argument("--num-classes", type=int, help="classifier outputs (default: each model's own)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--name", help="JSON file name under --out-dir (default: a timestamp)")
+    parser.add_argument("--out-dir", default="runs/bench", help="folder of the JSON results")
+    args = parser.parse_args(argv)
+    for flag in ("batch", "size", "frames", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None, setup: Sequence[SetupHook] = ()) -> dict:
+    """Run the bench from command-line arguments; returns (and writes) the JSON record."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = BenchSettings(batch=args.batch, size=args.size, frames=args.frames, modes=tuple(args.mode),
+                             device=args.device, amp=args.amp, channels_last=args.channels_last,
+                             compile=args.compile, repeats=args.repeats, warmup=args.warmup, iters=args.iters,
+                             num_classes=args.num_classes)
+    baseline = args.baseline or default_baseline(args.models)
+    started = datetime.now()
+    rows = add_ratios(run_bench([*args.models, baseline], settings, setup), baseline)
+    record = {"name": args.name or started.strftime("%Y%m%d-%H%M%S"), "started": started.isoformat(timespec="seconds"),
+              "command": shlex.join(["python", "-m", "pyconv_core.bench", *argv]), "machine": machine_info(args.device),
+              "settings": asdict(settings), "baseline": baseline, "results": rows}
+    path = Path(args.out_dir) / f"{record['name']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    print(format_table(rows, baseline))
+    print(f"\n{settings.device}, batch {settings.batch}, amp {settings.amp}, channels_last {settings.channels_last}, "
+          f"compile {settings.compile}; medians of {settings.repeats} repeats -> {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

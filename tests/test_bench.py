@@ -1,0 +1,96 @@
+"""The speed bench: a tiny real CPU run, its JSON record, the ratios, video clips and setup hooks."""
+import json
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from pyconv_core import build
+from pyconv_core.bench import (BenchSettings, add_ratios, default_baseline, main, make_candidate, run_bench)
+from pyconv_core.profile import count_params
+
+TINY = BenchSettings(batch=1, size=32, frames=4, modes=("infer",), repeats=1, warmup=1, iters=1)
+
+
+@pytest.fixture
+def one_thread():
+    """The bench's --threads sets torch's global thread count; put it back afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cpu_run_writes_the_json_record(tmp_path, capsys, one_thread):
+    argv = ["--models", "pyconvresnet18", "resnet18", "--baseline", "resnet18", "--batch", "2", "--size", "32",
+            "--repeats", "3", "--warmup", "1", "--iters", "1", "--device", "cpu", "--threads", "1", "--num-classes", "10",
+            "--name", "tiny", "--out-dir", str(tmp_path)]
+    main(argv)
+    record = json.loads((tmp_path / "tiny.json").read_text())
+    assert record["command"] == "python -m pyconv_core.bench " + " ".join(argv)
+    assert record["machine"]["torch"] == torch.__version__ and record["machine"]["torch_threads"] == 1
+    assert record["settings"]["batch"] == 2 and record["settings"]["modes"] == ["train", "infer"]
+    assert record["baseline"] == "resnet18"
+    rows = record["results"]
+    assert [(r["model"], r["mode"]) for r in rows] == [("pyconvresnet18", "train"), ("pyconvresnet18", "infer"),
+                                                       ("resnet18", "train"), ("resnet18", "infer")]
+    base = {r["mode"]: r for r in rows if r["model"] == "resnet18"}
+    for r in rows:
+        assert r["input_shape"] == [2, 3, 32, 32] and len(r["latencies_s"]) == 3
+        assert r["latency_s"] == statistics.median(r["latencies_s"]) > 0
+        assert r["throughput"] == pytest.approx(2 / r["latency_s"])
+        assert r["ratio"] == pytest.approx(r["throughput"] / base[r["mode"]]["throughput"])
+        assert len(r["cpu_times_s"]) == 3 and r["cpu_s"] == statistics.median(r["cpu_times_s"]) > 0
+        assert r["cpu_ratio"] == pytest.approx(base[r["mode"]]["cpu_s"] / r["cpu_s"])
+    assert base["train"]["ratio"] == base["infer"]["ratio"] == 1.0
+    assert rows[0]["params"] == count_params(build("pyconvresnet18", num_classes=10))
+    table = capsys.readouterr().out
+    assert "vs resnet18" in table and "pyconvresnet18" in table and str(tmp_path / "tiny.json") in table
+
+
+def test_ratios_pair_modes_and_skip_other_input_kinds():
+    image, clip = [8, 3, 224, 224], [8, 3, 16, 224, 224]
+    rows = [{"model": "a", "mode": "train", "throughput": 30.0, "cpu_s": 0.5, "input_shape": image},
+            {"model": "a", "mode": "infer", "throughput": 90.0, "cpu_s": 0.2, "input_shape": image},
+            {"model": "base", "mode": "train", "throughput": 20.0, "cpu_s": 1.0, "input_shape": image},
+            {"model": "base", "mode": "infer", "throughput": 100.0, "cpu_s": 0.1, "input_shape": image},
+            {"model": "clip", "mode": "train", "throughput": 2.0, "cpu_s": 3.0, "input_shape": clip}]
+    rows = add_ratios(rows, "base")
+    assert [r["ratio"] for r in rows] == [1.5, 0.9, 1.0, 1.0, None]
+    assert [r["cpu_ratio"] for r in rows] == [2.0, 0.5, 1.0, 1.0, None]
+
+
+def test_video_clips_and_setup_hooks():
+    seen = []
+
+    def hook(model: nn.Module, settings: BenchSettings) -> nn.Module:
+        seen.append((type(model).__name__, settings.frames))
+        return model
+
+    rows = run_bench(["tv:r3d_18"], TINY, setup=[hook], log=lambda _: None)
+    assert rows[0]["input_shape"] == [1, 3, 4, 32, 32] and rows[0]["throughput"] > 0
+    assert seen == [("VideoResNet", 4)]
+    assert default_baseline(["tv:r3d_18"]) == "tv:r3d_18"
+    assert default_baseline(["resnet18", "tv:r3d_18"]) == "tv:resnet50"
+
+
+def test_non_classifier_output_is_refused():
+    class Dense(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return {"out": self.model(x)}
+
+    with pytest.raises(ValueError, match=r"resnet18: the bench times classifiers.*got dict"):
+        run_bench(["resnet18"], TINY, setup=[lambda m, s: Dense(m)], log=lambda _: None)
+
+
+def test_unknown_models_are_named():
+    with pytest.raises(ValueError, match=r"unknown torchvision model 'resnet5O'.*list_models"):
+        make_candidate("tv:resnet5O", TINY)
+    with pytest.raises(ValueError, match="unknown model 'resnet5O'"):
+        make_candidate("resnet5O", TINY)
+    with pytest.raises(SystemExit):
+        main(["--models", "resnet18", "--batch", "0"])
