@@ -116,3 +116,87 @@ def show_misclassified(dataset, predicted: torch.Tensor, truth: torch.Tensor, cl
         ax.set_title(f"true {classes[truth[i]]}\npred {classes[predicted[i]]}", fontsize=8)
     fig.suptitle("Misclassified validation images")
     return fig
+
+
+def _draw_boxes(ax: plt.Axes, image: np.ndarray, boxes: torch.Tensor, labels: torch.Tensor,
+                class_names: Sequence[str], scores: torch.Tensor | None = None, title: str = "") -> None:
+    """One image with its boxes (pixel xyxy), each labelled with its class (and score)."""
+    ax.imshow(image)
+    palette = sns.color_palette("tab10", len(class_names))
+    for k, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist())):
+        x0, y0, x1, y1 = box
+        colour = palette[label % len(palette)]
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.5))
+        text = class_names[label] + ("" if scores is None else f" {float(scores[k]):.2f}")
+        ax.text(x0, y0, text, fontsize=7, color="white", va="bottom", bbox={"facecolor": colour, "pad": 1, "lw": 0})
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def show_detections(samples: Sequence[Mapping], class_names: Sequence[str], pairs_per_row: int = 3) -> plt.Figure:
+    """Ground truth beside predictions for each sample (``image`` HWC uint8, ``truth`` and ``pred``
+    with pixel ``boxes`` and ``labels``, ``pred`` also ``scores``)."""
+    rows = (len(samples) + pairs_per_row - 1) // pairs_per_row or 1
+    fig, axes = plt.subplots(rows, 2 * pairs_per_row, figsize=(4.4 * pairs_per_row, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, sample in enumerate(samples):
+        left, right = axes.flat[2 * k], axes.flat[2 * k + 1]
+        _draw_boxes(left, sample["image"], sample["truth"]["boxes"], sample["truth"]["labels"], class_names,
+                    title="ground truth")
+        _draw_boxes(right, sample["image"], sample["pred"]["boxes"], sample["pred"]["labels"], class_names,
+                    sample["pred"]["scores"], title="predicted")
+    fig.tight_layout()
+    return fig
+
+
+def browse_detections(predict_one, count: int, class_names: Sequence[str], threshold: float = 0.3) -> None:
+    """An ipywidgets browser: slide over images and score thresholds; ``predict_one(index, threshold)``
+    returns one sample for :func:`show_detections`."""
+    from ipywidgets import FloatSlider, IntSlider, interact
+
+    def view(index: int, score_threshold: float) -> None:
+        show_detections([predict_one(index, score_threshold)], class_names, pairs_per_row=1)
+        plt.show()
+
+    interact(view, index=IntSlider(value=0, min=0, max=count - 1, description="image"),
+             score_threshold=FloatSlider(value=threshold, min=0.05, max=0.95, step=0.05, description="score"))
+
+
+__all__ += ["show_detections", "browse_detections"]
+
+
+def show_segmentation(samples: Sequence[Mapping], palette: np.ndarray) -> plt.Figure:
+    """One row per sample: image | ground truth | each model's prediction, masks coloured with
+    ``palette`` (training ids; ignored pixels black). A sample has ``image`` (HWC uint8), ``truth``
+    and ``preds`` (model name -> mask), as ``tasks.segmentation.segmentation_sample`` makes them."""
+    from pyconv_core.data.ade20k import colorize
+
+    cols = 2 + max(len(s["preds"]) for s in samples)
+    fig, axes = plt.subplots(len(samples), cols, figsize=(2.3 * cols, 2.3 * len(samples)), squeeze=False)
+    for row, sample in zip(axes, samples):
+        panels = [("image", sample["image"]), ("ground truth", colorize(sample["truth"], palette))]
+        panels += [(name, colorize(mask, palette)) for name, mask in sample["preds"].items()]
+        for ax in row:
+            ax.axis("off")
+        for ax, (title, picture) in zip(row, panels):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def browse_segmentation(sample_one, count: int, models: Sequence[str], palette: np.ndarray) -> None:
+    """An ipywidgets browser over validation images and models; ``sample_one(index, model)``
+    returns one sample for :func:`show_segmentation`."""
+    from ipywidgets import Dropdown, IntSlider, interact
+
+    def view(index: int, model: str) -> None:
+        show_segmentation([sample_one(index, model)], palette)
+        plt.show()
+
+    interact(view, index=IntSlider(value=0, min=0, max=count - 1, description="image"),
+             model=Dropdown(options=list(models), description="head"))
+
+
+__all__ += ["show_segmentation", "browse_segmentation"]

@@ -1,3 +1,6 @@
 """Architectures; importing this package registers every builder."""
 from pyconv_core.models import resnet  # noqa: F401
 from pyconv_core.models import inception  # noqa: F401
+from pyconv_core.models import ssd  # noqa: F401
+from pyconv_core.models import segmentation  # noqa: F401
+from pyconv_core.models import video  # noqa: F401

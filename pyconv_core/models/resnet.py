@@ -117,6 +117,23 @@ class BasicBlock(nn.Module):
 BLOCKS = {"basic": (BasicBlock, 1), "bottleneck": (Bottleneck, None)}
 
 
+def dilate_stages(strides: Sequence[int], reduction: int, output_stride: int) -> tuple[list[int], list[int]]:
+    """Per-stage strides and dilations that stop downsampling at ``output_stride``.
+
+    ``reduction`` is the stem's downsampling. A stage that would pass ``output_stride`` gets
+    stride 1 and multiplies the dilation instead, for all its blocks (PSPNet / DeepLab, as in
+    the authors' segmentation code): OS8 dilates stage 3 by 2 and stage 4 by 4, OS16 stage 4 by 2.
+    """
+    new_strides, dilations, dilation = [], [], 1
+    for stride in strides:
+        if reduction * stride > output_stride:
+            stride, dilation = 1, dilation * stride
+        reduction *= stride
+        new_strides.append(stride)
+        dilations.append(dilation)
+    return new_strides, dilations
+
+
 class ResNet(nn.Module):
     """One residual network class for every family, depth and dimensionality.
 
@@ -130,6 +147,9 @@ class ResNet(nn.Module):
         stem_kernel, stem_stride, stem_pool: the stem conv and its max pool (kernel, stride,
             padding), overriding the family's (3D networks use e.g. (5, 7, 7) and (1, 2, 2)).
         stage_strides, stage_levels: per-stage overrides of the family's tables.
+        stage_blocks: blocks per stage, overriding the depth's (e.g. a shallow CPU demo network).
+        output_stride: 32, or 16 / 8 for dense prediction (2D): stages that would downsample
+            past it trade their stride for dilation (:func:`dilate_stages`; SPEC.md s.6).
     """
 
     def __init__(self, family: Family | str, depth: int, num_classes: int = 1000,
@@ -137,12 +157,14 @@ class ResNet(nn.Module):
                  in_channels: int = 3, stem_kernel: IntOrTuple = 7, stem_stride: IntOrTuple = 2,
                  stem_pool: tuple[IntOrTuple, IntOrTuple, IntOrTuple] | None | str = "family",
                  stage_strides: Sequence[IntOrTuple] | None = None,
-                 stage_levels: Sequence[LevelSet] | None = None) -> None:
+                 stage_levels: Sequence[LevelSet] | None = None, output_stride: int = 32,
+                 stage_blocks: Sequence[int] | None = None) -> None:
         super().__init__()
         family = FAMILIES[family] if isinstance(family, str) else family
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
         block_name, blocks = DEPTHS[depth]
+        blocks = tuple(stage_blocks) if stage_blocks else blocks
         block, expansion = BLOCKS[block_name]
         expansion = expansion or family.bottleneck_expansion
         if stem_pool == "family":
@@ -156,14 +178,22 @@ class ResNet(nn.Module):
 
         strides = stage_strides or family.stage_strides
         levels = stage_levels or family.stage_levels
+        dilations = [1] * len(strides)
+        if output_stride != 32:
+            if output_stride not in (8, 16) or dim != 2:
+                raise ValueError(f"output_stride must be 32, or 8 or 16 for 2D networks; got {output_stride} "
+                                 f"with dim={dim}")
+            stem_reduction = stem_stride * (stem_pool[1] if stem_pool else 1)
+            strides, dilations = dilate_stages(strides, stem_reduction, output_stride)
         channels, self.feature_info = 64, []
-        for i, (n, width, stride, level_set) in enumerate(zip(blocks, family.widths, strides, levels)):
+        for i, (n, width, stride, dilation, level_set) in enumerate(
+                zip(blocks, family.widths, strides, dilations, levels)):
             out = width * expansion
             stage = []
             for b in range(n):
                 block_stride = stride if b == 0 else 1
-                shortcut = self._shortcut(channels, out, block_stride)
-                stage.append(block(channels, width, out, level_set, block_stride, 1, shortcut, dim,
+                shortcut = self._shortcut(channels, out, block_stride, dilated=b == 0 and dilation > 1)
+                stage.append(block(channels, width, out, level_set, block_stride, dilation, shortcut, dim,
                                    second=family.basic_second))
                 channels = out
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
@@ -174,9 +204,11 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
         self._init_weights(zero_init_residual)
 
-    def _shortcut(self, in_channels: int, out_channels: int, stride: IntOrTuple) -> nn.Module | None:
+    def _shortcut(self, in_channels: int, out_channels: int, stride: IntOrTuple,
+                  dilated: bool = False) -> nn.Module | None:
+        """The first block's shortcut; in a dilated stage the MaxPool stays, with stride 1 (authors' code)."""
         strided = factory.ntuple(stride, self.dim) != (1,) * self.dim
-        if not strided and in_channels == out_channels:
+        if not strided and not dilated and in_channels == out_channels:
             return None
         if not self.pool_shortcut:
             return nn.Sequential(factory.conv(self.dim, in_channels, out_channels, 1, stride=stride),
@@ -185,7 +217,7 @@ class ResNet(nn.Module):
         if in_channels == out_channels:
             return pool
         project = [factory.conv(self.dim, in_channels, out_channels), factory.norm(self.dim, out_channels)]
-        return nn.Sequential(*([pool] if strided else []), *project)
+        return nn.Sequential(*([pool] if strided or dilated else []), *project)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():

@@ -21,12 +21,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from pyconv_core.data.coco import CocoDetection, detection_collate
 from pyconv_core.data.demo_detection import DemoDetectionConfig, make_demo_coco
 from pyconv_core.engine import distributed as dist
+from pyconv_core.engine.logging import workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, fit
 from pyconv_core.models.ssd import SSD, load_backbone_checkpoint, match, multibox_loss, postprocess
 from pyconv_core.registry import build
 
 __all__ = ["DetectionTask", "Params", "RECIPES", "COCO_METRICS", "PAPER_METRICS", "run", "datasets",
-           "train_config", "build_model", "predict", "paper_table", "untrained_metrics"]
+           "train_config", "build_model", "predict", "paper_table", "untrained_metrics", "browse"]
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -39,13 +40,15 @@ PAPER_METRICS: dict[str, tuple[float, ...]] = {
 }
 
 # S-Section 1: SGD 0.9, wd 5e-4, lr 0.02 for batch 256 (scaled linearly), linear warmup over epoch 1,
-# lr x0.1 before epochs 86 and 108 of 130 (fractions of the run, so a short run keeps the shape).
-# "demo": the CPU demo from scratch on the embedded set (no ImageNet backbone): a higher lr.
+# lr x0.1 before epochs 86 and 108 of 130 (fractions of the run, so a short run keeps the shape);
+# SSD's random crop, colour jitter and flip, no zoom-out ("max_expand" 1; SSD's own is 4).
+# "demo": the CPU demo, from scratch on the embedded set in a few epochs: short warmup, cosine decay.
 RECIPES: dict[str, dict] = {
     "paper": dict(lr=0.02, lr_reference_batch=256, weight_decay=5e-4, schedule="multistep",
-                  milestone_fractions=(85 / 130, 107 / 130), warmup_epochs=1.0, amp=None, paper_epochs=130),
+                  milestone_fractions=(85 / 130, 107 / 130), warmup_epochs=1.0, amp=None, max_expand=1.0,
+                  paper_epochs=130),
     "demo": dict(lr=0.32, lr_reference_batch=256, weight_decay=5e-4, schedule="cosine", milestone_fractions=(),
-                 warmup_epochs=1.0, amp=None, paper_epochs=130),
+                 warmup_epochs=0.5, amp=None, max_expand=1.0, paper_epochs=130),
 }
 
 
@@ -94,6 +97,8 @@ class DetectionTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+        """COCOeval over the loader's images; under DDP every process gathers all detections first
+        (keyed by image id, so the sampler's padding duplicates count once)."""
         dataset = _coco_dataset(loader)
         results: dict[int, list[dict]] = {}
         for images, targets in loader:
@@ -127,12 +132,12 @@ def coco_metrics(dataset: CocoDetection, results: dict[int, list[dict]]) -> dict
     return {**dict(zip(COCO_METRICS, stats)), **metrics}
 
 
-def paper_table(metrics: dict[str, float], model_name: str) -> pd.DataFrame:
-    """Our 12 COCO numbers beside S-Table 1's row for the same architecture (when it has one)."""
-    paper = PAPER_METRICS.get(model_name)
-    table = pd.DataFrame({"ours": [metrics.get(k, np.nan) for k in COCO_METRICS]}, index=list(COCO_METRICS))
-    table[f"paper ({model_name})" if paper else "paper"] = paper if paper else np.nan
-    return table.round(2)
+def paper_table(metrics: dict[str, float], model_name: str, untrained: dict[str, float] | None = None) -> pd.DataFrame:
+    """Our 12 COCO numbers beside S-Table 1's row for ``model_name`` (and the untrained model's, if given)."""
+    columns = {} if untrained is None else {"untrained": [untrained.get(k, np.nan) for k in COCO_METRICS]}
+    columns["ours"] = [metrics.get(k, np.nan) for k in COCO_METRICS]
+    columns[f"paper {model_name}"] = PAPER_METRICS.get(model_name, [np.nan] * len(COCO_METRICS))
+    return pd.DataFrame(columns, index=list(COCO_METRICS)).round(2)
 
 
 @dataclass
@@ -142,9 +147,11 @@ class Params:
     arch: str = "pyconvssd"  # ssd | pyconvssd (or a full registered name such as pyconvssd50)
     depth: int = 18  # backbone depth: 50 or 101 (paper), 18 (CPU demo)
     data_dir: str = ""  # COCO-layout folder; empty: the embedded demo set (generated under data/)
-    image_size: int = 128  # model input side; 300 is SSD300 (paper)
+    image_size: int = 64  # model input side; 300 is SSD300 (paper)
+    augment: bool = False  # SSD's augmentation (colour jitter, min-IoU crop, flip, zoom-out); paper: on
+    max_expand: float = 0.0  # SSD's zoom-out augmentation up to this factor (1: off; 0: the recipe's)
     epochs: int = 6
-    batch_size: int = 16  # global batch over all processes
+    batch_size: int = 8  # global batch over all processes
     lr: float = 0.0  # 0: the recipe's lr (given per its reference batch, scaled linearly)
     recipe: str = "demo"  # paper | demo
     amp: str = "none"  # none | bf16 | fp16; "recipe": the recipe's choice
@@ -156,35 +163,47 @@ class Params:
     run_name: str = ""  # default: <model>-<recipe>-s<seed>
     runs_dir: str = "runs"
     backbone_checkpoint: str = ""  # ImageNet checkpoint of the backbone (official or workbook layout)
-    demo_dir: str = "data/demo_coco"  # where the demo set is generated (reused if already there)
+    demo_dir: str = "data/demo_coco"  # demo set folder (reused if already there); relative to the workbook root
     demo_train: int = 256  # demo training images
     demo_val: int = 64  # demo validation images
-    demo_image_size: int = 128  # side of the demo images
+    demo_image_size: int = 64  # side of the demo images
     score_threshold: float = 0.05  # detections below are dropped before NMS
     nms_iou: float = 0.5
     top_k: int = 200  # detections kept per image
+    eval_every: int = 2  # evaluate every this many epochs (and after the last)
     num_workers: int = 0
+    progress: bool = True  # progress bars (off under papermill / CI)
     resume: bool = False
 
     @property
     def model_name(self) -> str:
         return self.arch if self.arch[-1].isdigit() else f"{self.arch}{self.depth}"
 
+    @property
+    def paper_model(self) -> str:
+        """The S-Table 1 row to compare with: the same head at depth 101, else 50."""
+        return f"{self.model_name.rstrip('0123456789')}{101 if self.model_name.endswith('101') else 50}"
+
 
 def datasets(p: Params) -> tuple[CocoDetection, CocoDetection]:
     """Train and validation sets: COCO (train2017/val2017) or the generated demo set."""
-    root = p.data_dir or make_demo_coco(p.demo_dir, DemoDetectionConfig(
-        num_train=p.demo_train, num_val=p.demo_val, image_size=p.demo_image_size, seed=p.seed))
-    train = CocoDetection(root, "train2017", train=True, size=p.image_size, skip_empty=True)
+    root = p.data_dir or make_demo_coco(workbook_path(p.demo_dir), DemoDetectionConfig(
+        num_train=p.demo_train, num_val=p.demo_val, image_size=p.demo_image_size))
+    expand = p.max_expand or _recipe(p)["max_expand"]
+    train = CocoDetection(root, "train2017", train=p.augment, size=p.image_size, skip_empty=True, max_expand=expand)
     val = CocoDetection(root, "val2017", train=False, size=p.image_size)
     return train, val
 
 
-def train_config(p: Params) -> TrainConfig:
-    """The TrainConfig of an experiment: the recipe, overridden by explicit parameters."""
+def _recipe(p: Params) -> dict:
     if p.recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {p.recipe!r}")
-    r = RECIPES[p.recipe]
+    return RECIPES[p.recipe]
+
+
+def train_config(p: Params) -> TrainConfig:
+    """The TrainConfig of an experiment: the recipe, overridden by explicit parameters."""
+    r = _recipe(p)
     amp = r["amp"] if p.amp == "recipe" else (None if p.amp in ("none", "", None) else p.amp)
     return TrainConfig(
         run_name=p.run_name or f"{p.model_name}-{p.recipe}-s{p.seed}", epochs=p.epochs, batch_size=p.batch_size,
@@ -192,7 +211,7 @@ def train_config(p: Params) -> TrainConfig:
         schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
         warmup_epochs=min(r["warmup_epochs"], p.epochs), amp=amp, channels_last=p.channels_last,
         compile=p.compile, sync_bn=p.sync_bn, seed=p.seed, resume=p.resume, num_workers=p.num_workers,
-        runs_dir=p.runs_dir, extra=dataclasses.asdict(p))
+        eval_every=p.eval_every, runs_dir=p.runs_dir, progress=p.progress, extra=dataclasses.asdict(p))
 
 
 def build_model(p: Params, num_classes: int) -> SSD:
@@ -240,3 +259,11 @@ def untrained_metrics(p: Params, val: Dataset, num_classes: int) -> dict[str, fl
     model = build_model(p, num_classes).eval()
     loader = DataLoader(val, batch_size=p.batch_size, collate_fn=detection_collate)
     return DetectionTask(p.score_threshold, p.nms_iou, p.top_k).evaluate(model, loader, torch.device("cpu"))
+
+
+def browse(model: nn.Module, dataset: CocoDetection, threshold: float = 0.3) -> None:
+    """ipywidgets browser over the images of ``dataset`` and score thresholds (predictions vs truth)."""
+    from pyconv_core.plots import browse_detections
+
+    browse_detections(lambda index, t: predict(model, dataset, [index], t)[0], len(dataset), dataset.class_names,
+                      threshold)

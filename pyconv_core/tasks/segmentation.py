@@ -1,5 +1,5 @@
 """Semantic segmentation: the step (main + 0.4 x auxiliary cross-entropy), sliding-window
-evaluation in mIoU and pixel accuracy, the recipes, one entry point, and the figures of notebook 04.
+evaluation in mIoU and pixel accuracy, the recipes, one entry point, and what notebook 04 shows.
 
 Metrics come from one confusion matrix summed over batches and processes (``all_reduce_sum``),
 so a sharded evaluation equals a single-process one. mIoU averages the IoU of the classes that
@@ -12,33 +12,33 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pyconv_core.data.ade20k import ADE20K, IGNORE_INDEX, TrainTransform, colorize, denormalize
+from pyconv_core.data.ade20k import ADE20K, IGNORE_INDEX, TrainTransform, denormalize
 from pyconv_core.data.demo_segmentation import make_demo_ade20k
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.trainer import FitResult, TrainConfig, fit
 from pyconv_core.registry import build
 
-__all__ = ["SegmentationTask", "Params", "RECIPES", "run", "datasets", "train_config", "collate",
-           "confusion_matrix", "scores", "class_iou_table", "predict", "predict_dataset",
-           "show_predictions", "plot_curves", "head_to_head"]
+__all__ = ["SegmentationTask", "Params", "RECIPES", "MULTI_SCALES", "run", "datasets", "train_config", "task_for",
+           "build_model", "collate", "confusion_matrix", "scores", "class_iou_table", "predict",
+           "evaluate_dataset", "segmentation_sample", "head_to_head"]
 
 # SPEC.md s.6 (the authors' config): poly 0.9 from lr 0.01 at batch 16, 100 epochs, SyncBN, aux 0.4;
 # crop 473 after scale 0.5-2.0 and rotation +-10; test on a 512 long side with 473 sliding crops.
 # "demo" is the same recipe sized for the embedded set on a CPU (from scratch, so a higher lr).
 RECIPES: dict[str, dict] = {
-    "ade20k": dict(lr=0.01, lr_reference_batch=16, momentum=0.9, weight_decay=1e-4, schedule="poly", poly_power=0.9,
-                   sync_bn=True, paper_epochs=100, batch_size=16, aux_weight=0.4, crop=473, test_crop=473, base_size=512,
-                   scale=(0.5, 2.0), rotate=(-10.0, 10.0)),
-    "demo": dict(lr=0.02, lr_reference_batch=16, momentum=0.9, weight_decay=1e-4, schedule="poly", poly_power=0.9,
-                 sync_bn=True, paper_epochs=100, batch_size=16, aux_weight=0.4, crop=65, test_crop=97, base_size=0,
-                 scale=(0.75, 1.5), rotate=(-10.0, 10.0)),
+    "ade20k": dict(lr=0.01, lr_reference_batch=16, momentum=0.9, weight_decay=1e-4, schedule="poly",
+                   poly_power=0.9, paper_epochs=100, batch_size=16, aux_weight=0.4, crop=473, test_crop=473,
+                   base_size=512, scale=(0.5, 2.0), rotate=(-10.0, 10.0)),
+    "demo": dict(lr=0.05, lr_reference_batch=16, momentum=0.9, weight_decay=1e-4, schedule="poly",
+                 poly_power=0.9, paper_epochs=100, batch_size=8, aux_weight=0.4, crop=49, test_crop=73,
+                 base_size=0, scale=(0.75, 1.5), rotate=(-10.0, 10.0)),
 }
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -166,6 +166,7 @@ class SegmentationTask:
         return dist.all_reduce_sum(total)
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+        """mIoU, pixel accuracy and mean class accuracy (%) over ``loader`` and all processes."""
         s = scores(self.confusion(model, loader, device))
         return {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"]}
 
@@ -180,18 +181,18 @@ class Params:
     output_stride: int = 8  # 8 or 16
     data_dir: str = ""  # ADEChallengeData2016 folder; empty: the embedded demo set
     recipe: str = "demo"  # ade20k | demo (RECIPES)
-    epochs: int = 4
-    batch_size: int = 0  # global batch; 0: the recipe's (16)
-    lr: float = 0.0  # 0: the recipe's lr (per its reference batch, scaled linearly)
+    epochs: int = 3  # passes over the training images (paper: 100)
+    batch_size: int = 0  # global batch; 0: the recipe's (ade20k 16, demo 8)
+    lr: float = 0.0  # 0: the recipe's lr (per its reference batch of 16, scaled linearly)
     amp: str = "none"  # none | bf16 | fp16
-    sync_bn: bool = True  # SyncBatchNorm under torchrun
+    sync_bn: bool = True  # SyncBatchNorm under torchrun on GPUs (PyTorch's is GPU-only)
     gpus: int = 1  # processes; >1 starts torchrun
     seed: int = 0
     run_name: str = ""  # default: <model>-os<stride>-<recipe>-s<seed>
     runs_dir: str = "runs"
-    crop: int = 0  # training crop; 0: the recipe's (473 / 65)
-    test_crop: int = 0  # sliding-window crop; 0: the recipe's (473 / 97, one window per demo image)
-    base_size: int = -1  # test long side before scaling; -1: the recipe's (512 / 0 = keep)
+    crop: int = 0  # training crop; 0: the recipe's (473 / 49)
+    test_crop: int = 0  # sliding-window crop; 0: the recipe's (473 / 73: one window per demo image)
+    base_size: int = -1  # test long side before scaling; -1: the recipe's (512 / 0 = keep the size)
     multi_scale: bool = False  # test at scales 0.5..1.75 with flip, else single scale
     train_subset: int = 0  # training images (0: all)
     val_subset: int = 0  # validation images (0: all)
@@ -204,7 +205,13 @@ class Params:
         return f"{self.head}{'_' if self.head[-1].isdigit() else ''}{self.depth}"
 
 
-def datasets(p: Params) -> tuple[Dataset, Dataset, tuple[str, ...]]:
+def _recipe(p: Params) -> dict:
+    if p.recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {p.recipe!r}")
+    return RECIPES[p.recipe]
+
+
+def datasets(p: Params) -> tuple[ADE20K, ADE20K, tuple[str, ...]]:
     """Train set (augmented crops), validation set (full images) and class names."""
     r = _recipe(p)
     root = p.data_dir or make_demo_ade20k()
@@ -214,12 +221,6 @@ def datasets(p: Params) -> tuple[Dataset, Dataset, tuple[str, ...]]:
     return train, val, train.classes
 
 
-def _recipe(p: Params) -> dict:
-    if p.recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {p.recipe!r}")
-    return RECIPES[p.recipe]
-
-
 def train_config(p: Params) -> TrainConfig:
     """The TrainConfig of an experiment: the recipe, overridden by explicit parameters."""
     r = _recipe(p)
@@ -227,7 +228,8 @@ def train_config(p: Params) -> TrainConfig:
         run_name=p.run_name or f"{p.model_name}-os{p.output_stride}-{p.recipe}-s{p.seed}", epochs=p.epochs,
         batch_size=p.batch_size or r["batch_size"], lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"],
         momentum=r["momentum"], weight_decay=r["weight_decay"], schedule=r["schedule"], poly_power=r["poly_power"],
-        amp=None if p.amp in ("none", "", None) else p.amp, sync_bn=p.sync_bn, seed=p.seed, resume=p.resume,
+        amp=None if p.amp in ("none", "", None) else p.amp, sync_bn=p.sync_bn and torch.cuda.is_available(),
+        seed=p.seed, resume=p.resume,
         num_workers=p.num_workers, runs_dir=p.runs_dir, extra=dataclasses.asdict(p))
 
 
@@ -239,77 +241,53 @@ def task_for(p: Params, num_classes: int) -> SegmentationTask:
     return SegmentationTask(num_classes, r["aux_weight"], p.test_crop or r["test_crop"], base_size, scales, flip)
 
 
+def build_model(p: Params, num_classes: int) -> nn.Module:
+    """The registered model of ``p`` (``model_args`` recorded, so checkpoints rebuild it)."""
+    weights = {"backbone_weights": p.backbone_weights} if p.backbone_weights else {}
+    return build(p.model_name, num_classes=num_classes, output_stride=p.output_stride, backbone=p.backbone, **weights)
+
+
 def run(p: Params) -> FitResult:
     """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
     train, val, classes = datasets(p)
-    model = build(p.model_name, num_classes=len(classes), output_stride=p.output_stride, backbone=p.backbone,
-                  **({"backbone_weights": p.backbone_weights} if p.backbone_weights else {}))
-    return fit(model, task_for(p, len(classes)), train, val, train_config(p))
+    return fit(build_model(p, len(classes)), task_for(p, len(classes)), train, val, train_config(p))
+
+
+def evaluate_dataset(model: nn.Module, dataset: Dataset, task: SegmentationTask,
+                     device: torch.device | str = "cpu") -> tuple[dict[str, float], torch.Tensor]:
+    """Metrics and confusion matrix of ``model`` on ``dataset`` (e.g. an untrained model, or a
+    finished run's best checkpoint) with the task's test protocol."""
+    model.to(device).eval()
+    confusion = task.confusion(model, DataLoader(dataset, batch_size=8, collate_fn=collate), torch.device(device))
+    s = scores(confusion)
+    return {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"]}, confusion
 
 
 @torch.no_grad()
-def predict_dataset(model: nn.Module, dataset: Dataset, task: SegmentationTask,
-                    indices: Sequence[int] | None = None) -> list[torch.Tensor]:
-    """Predicted masks ``[H, W]`` of ``dataset[i]`` for each index (all if None), with the task's protocol."""
-    model.eval()
-    indices = range(len(dataset)) if indices is None else indices
-    return [predict(model, dataset[i][0], task.num_classes, task.crop, task.base_size, task.scales,
-                    task.flip).argmax(0) for i in indices]
+def segmentation_sample(dataset: ADE20K, index: int, models: dict[str, nn.Module], task: SegmentationTask) -> dict:
+    """One validation image for :func:`pyconv_core.plots.show_segmentation`: the image (HWC uint8),
+    its ground truth and each model's prediction (training-id masks)."""
+    image, mask = dataset[index]
+    preds = {}
+    for name, model in models.items():
+        model.eval()
+        preds[name] = predict(model, image, task.num_classes, task.crop, task.base_size, task.scales,
+                              task.flip).argmax(0)
+    return {"image": denormalize(image), "truth": mask, "preds": preds}
 
 
-def show_predictions(dataset: Dataset, predictions: dict[str, Sequence[torch.Tensor]] | None = None,
-                     indices: Sequence[int] = (0, 1, 2), palette: np.ndarray | None = None):
-    """Rows of image | ground truth | prediction per model (ADE20K palette); returns the figure."""
-    import matplotlib.pyplot as plt
+def head_to_head(run_dirs: dict[str, str | Path], output_stride: int = 8) -> list[dict]:
+    """Per head: the best validation mIoU / pixel accuracy of its run, beside S-Table 6 (ADE20K,
+    ResNet-50) at ``output_stride``, with our params / GFLOPs of the 50-layer model at 473x473."""
+    from pyconv_core.engine.logging import read_metrics
+    from pyconv_core.models.segmentation import MODEL_HEADS, S_TABLE6, profile_output_strides
 
-    from pyconv_core.data.ade20k import ADE20K_PALETTE
-
-    palette = ADE20K_PALETTE if palette is None else palette
-    predictions = predictions or {}
-    cols = 2 + len(predictions)
-    fig, axes = plt.subplots(len(indices), cols, figsize=(2.4 * cols, 2.4 * len(indices)), squeeze=False)
-    for row, i in enumerate(indices):
-        image, mask = dataset[i]
-        panels = [("image", denormalize(image)), ("ground truth", colorize(mask, palette))]
-        panels += [(name, colorize(preds[row], palette)) for name, preds in predictions.items()]
-        for ax, (title, picture) in zip(axes[row], panels):
-            ax.imshow(picture)
-            ax.set_title(title if row == 0 else "", fontsize=9)
-            ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def plot_curves(histories: dict[str, list[dict]]):
-    """Training loss and validation mIoU per epoch, one line per run; returns the figure."""
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name, history in histories.items():
-        train = [r for r in history if r["kind"] == "train"]
-        evals = [r for r in history if r["kind"] == "eval"]
-        left.plot([r["epoch"] for r in train], [r["train_loss"] for r in train], marker="o", label=name)
-        right.plot([r["epoch"] for r in evals], [r["miou"] for r in evals], marker="o", label=name)
-    left.set(xlabel="epoch", ylabel="training loss (main + 0.4 aux)")
-    right.set(xlabel="epoch", ylabel="validation mIoU (%)")
-    left.legend()
-    fig.tight_layout()
-    return fig
-
-
-def head_to_head(results: dict[str, dict], output_stride: int = 8) -> list[dict]:
-    """Rows of this run's metrics per head beside S-Table 6 (ResNet-50, ADE20K) at ``output_stride``.
-
-    ``results`` maps a head name ("pyconvsegnet", ...) to its ``evaluate`` metrics and ``params``.
-    """
-    from pyconv_core.models.segmentation import S_TABLE6
-
-    heads = {"pyconvsegnet": "pyconvph", "pspnet": "ppm", "deeplabv3": "aspp", "fcn": "plain"}
     rows = []
-    for name, metrics in results.items():
-        paper = S_TABLE6[heads[name]][output_stride]
-        rows.append({"head": name, "mIoU": metrics["miou"], "pixel acc": metrics["pixel_acc"],
-                     "params (M)": metrics["params"] / 1e6, "paper mIoU": paper.miou,
-                     "paper pixel acc": paper.pixel_acc, "paper params (M)": paper.params,
-                     "paper GFLOPs": paper.gflops})
+    for head, run_dir in run_dirs.items():
+        best = max(read_metrics(run_dir, "eval"), key=lambda r: r["miou"])
+        paper = S_TABLE6[MODEL_HEADS[head]][output_stride]
+        cost = profile_output_strides([Params(head=head, depth=50).model_name], [output_stride])[0]
+        rows.append({"head": head, "mIoU": best["miou"], "pixel acc": best["pixel_acc"], "paper mIoU": paper.miou,
+                     "paper pixel acc": paper.pixel_acc, "params-50 (M)": cost["params"] / 1e6,
+                     "paper params (M)": paper.params, "GFLOPs-50": cost["gflops"], "paper GFLOPs": paper.gflops})
     return rows

@@ -1,0 +1,265 @@
+"""Video classification: the step, multi-view video-level evaluation, S-Section 2's recipe, one entry point.
+
+``run(Params(...))`` is what both notebook 03 and ``python -m pyconv_core.run video`` call.
+With ``data_dir`` it trains on Kinetics-400 with the paper's network and sampling (S-Section 2);
+without, on the embedded moving-Fashion-MNIST set (``data/demo_video.py``) with a shallow network
+of the same family (``stage_blocks`` 1,1,1,1) and small clips, so that a CPU run takes minutes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from pyconv_core.data.demo_video import DemoVideoConfig, make_demo_kinetics
+from pyconv_core.data.kinetics import (KINETICS_MEAN, KINETICS_STD, ClipSampling, KineticsDataset, VideoBatch,
+                                       collate_clips)
+from pyconv_core.engine import distributed as dist
+from pyconv_core.engine.trainer import FitResult, TrainConfig, evaluate, fit, seed_everything
+from pyconv_core.models.official import load_official_checkpoint
+from pyconv_core.models.video import inflate_2d
+from pyconv_core.profile import count_flops, count_params, profile_rows
+from pyconv_core.registry import build
+
+__all__ = ["VideoTask", "Params", "RECIPES", "PAPER_ERRORS", "run", "datasets", "sampling", "train_config",
+           "build_model", "multiview_test", "predict_videos", "show_clips", "normalize", "paper_profile", "model_cost"]
+
+# S-Section 2: from scratch, SGD 0.9, wd 1e-4, lr 0.1 for 64 clips, x0.1 at 30/60/80 of 90 epochs.
+# Milestones are fractions of the run's epochs, so a short run keeps the shape.
+RECIPES: dict[str, dict] = {
+    "kinetics": dict(lr=0.1, lr_reference_batch=64, momentum=0.9, weight_decay=1e-4, schedule="multistep",
+                     milestone_fractions=(30 / 90, 60 / 90, 80 / 90), batch_size=64, paper_epochs=90),
+}
+# S-Table 3: Kinetics-400 top-1 / top-5 error (%), 10 clips x 3 crops.
+PAPER_ERRORS = {"resnet3d50": (37.01, 15.41), "pyconvresnet3d50": (34.56, 13.34)}
+
+
+def normalize(clips: torch.Tensor) -> torch.Tensor:
+    """uint8 clips ``[N, 3, T, H, W]`` to float, standardized with the Kinetics mean and std."""
+    mean = torch.tensor(KINETICS_MEAN, device=clips.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(KINETICS_STD, device=clips.device).view(1, 3, 1, 1, 1)
+    return (clips.float() / 255 - mean) / std
+
+
+class VideoTask:
+    """Cross-entropy on clips; evaluation averages the softmax over each video's clips and crops.
+
+    ``eval_chunk`` bounds the clips per forward pass in evaluation (a test video has up to 30).
+    """
+
+    name = "video"
+    main_metric = "top1"
+    collate_fn = staticmethod(collate_clips)
+
+    def __init__(self, eval_chunk: int = 30) -> None:
+        self.eval_chunk = eval_chunk
+
+    def train_step(self, model: nn.Module, batch: VideoBatch, device: torch.device) -> dict[str, torch.Tensor]:
+        skipped = torch.tensor(float(batch.num_skipped))
+        if len(batch.labels) == 0:
+            zero = sum(p.sum() for p in model.parameters()) * 0.0
+            return {"loss": zero, "num_skipped": skipped}
+        labels = batch.labels.repeat_interleave(batch.views).to(device, non_blocking=True)
+        logits = model(normalize(batch.clips.to(device, non_blocking=True)))
+        loss = F.cross_entropy(logits, labels)
+        error = 100 * (logits.detach().argmax(1) != labels).float().mean()
+        return {"loss": loss, "top1_err": error, "num_skipped": skipped}
+
+    def scores(self, model: nn.Module, batch: VideoBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip logits ``[N, C]`` and per-video softmax averages ``[B, C]`` of a batch."""
+        logits = torch.cat([model(normalize(chunk.to(device, non_blocking=True))).float()
+                            for chunk in batch.clips.split(self.eval_chunk)])
+        views = batch.views.to(device)
+        video = torch.arange(len(views), device=device).repeat_interleave(views)
+        summed = torch.zeros(len(views), logits.shape[1], device=device).index_add_(0, video, logits.softmax(1))
+        return logits, summed / views[:, None]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+        # video top-1 hits, top-5 hits, clip top-1 hits, clip loss sum, videos, clips, skipped
+        totals = torch.zeros(7, dtype=torch.float64, device=device)
+        for batch in loader:
+            totals[6] += batch.num_skipped
+            if len(batch.labels) == 0:
+                continue
+            logits, probs = self.scores(model, batch, device)
+            labels = batch.labels.to(device)
+            clip_labels = labels.repeat_interleave(batch.views.to(device))
+            hits = probs.topk(min(5, probs.shape[1]), dim=1).indices == labels[:, None]
+            totals[0] += hits[:, 0].sum()
+            totals[1] += hits.any(dim=1).sum()
+            totals[2] += (logits.argmax(1) == clip_labels).sum()
+            totals[3] += F.cross_entropy(logits, clip_labels, reduction="sum")
+            totals[4] += len(labels)
+            totals[5] += len(clip_labels)
+        c1, c5, clip1, loss, videos, clips, skipped = dist.all_reduce_sum(totals).tolist()
+        videos, clips = max(videos, 1.0), max(clips, 1.0)
+        return {"top1": 100 * c1 / videos, "top5": 100 * c5 / videos, "top1_err": 100 - 100 * c1 / videos,
+                "top5_err": 100 - 100 * c5 / videos, "clip_top1_err": 100 - 100 * clip1 / clips,
+                "val_loss": loss / clips, "num_videos": videos, "num_clips": clips, "num_skipped": skipped}
+
+
+@dataclass
+class Params:
+    """The video experiment: the notebook's ``parameters`` cell and the launcher's flags.
+
+    Zero / empty values mean "the paper's with ``data_dir``, the CPU demo's without".
+    """
+
+    arch: str = "pyconvresnet3d50"  # pyconvresnet3d50 | resnet3d50
+    data_dir: str = ""  # Kinetics layout (annotations/<split>.csv + <split>/...); empty: the embedded demo set
+    epochs: int = 90
+    batch_size: int = 0  # global clips per step; 0: 64 (paper) / 16 (demo)
+    lr: float = 0.0  # 0: the recipe's 0.1 per 64 clips, scaled linearly
+    amp: str = "none"  # none | bf16 | fp16
+    channels_last: bool = True  # NDHWC memory format: much faster grouped 3D convs
+    compile: bool = False
+    sync_bn: bool = False
+    gpus: int = 1  # processes; >1 starts torchrun
+    seed: int = 0
+    run_name: str = ""  # default: <model>-kinetics|demo-s<seed>
+    runs_dir: str = "runs"
+    stage_blocks: str = ""  # blocks per stage, e.g. "1,1,1,1"; empty: 3,4,6,3 (paper) / 1,1,1,1 (demo)
+    frames: int = 0  # frames per clip; 0: 16 (paper) / 8 (demo)
+    stride: int = 0  # take every stride-th frame; 0: 4 (paper) / 2 (demo)
+    crop: int = 0  # clip side; 0: 224 (paper) / 32 (demo); short sides scale as 256-320 to 224
+    test_clips: int = 0  # at most this many uniform clips per test video; 0: 10 (paper) / 3 (demo)
+    test_crops: int = 3  # spatial crops per test clip
+    test_batch_size: int = 4  # videos per step in the multi-view test
+    test_videos: int = 0  # test on this many videos (evenly spread); 0: all
+    dropout: float = 0.5
+    checkpoint_2d: str = ""  # optional 2D ImageNet checkpoint (official layout) to inflate
+    demo_dir: str = "data/demo_kinetics"  # where the demo set is generated (reused if already there)
+    demo_train_per_class: int = 32  # demo training videos per motion class
+    demo_val_per_class: int = 8  # demo validation videos per motion class
+    num_workers: int = 0
+    resume: bool = False
+
+    @property
+    def demo(self) -> bool:
+        return not self.data_dir
+
+    @property
+    def blocks(self) -> tuple[int, ...] | None:
+        """Blocks per stage (None: the depth's own, 3,4,6,3)."""
+        text = self.stage_blocks or ("1,1,1,1" if self.demo else "")
+        return tuple(int(b) for b in text.split(",")) if text else None
+
+
+def sampling(p: Params) -> ClipSampling:
+    """Clip sampling of the experiment; short sides keep the paper's ratios to the crop (256-320 : 224).
+    The demo set is never flipped: a mirror turns moving right into moving left, clockwise into anticlockwise."""
+    crop = p.crop or (32 if p.demo else 224)
+    return ClipSampling(frames=p.frames or (8 if p.demo else 16), stride=p.stride or (2 if p.demo else 4),
+                        train_short_side=(round(crop * 256 / 224), round(crop * 320 / 224)),
+                        test_short_side=round(crop * 256 / 224), crop=crop,
+                        test_clips=p.test_clips or (3 if p.demo else 10), test_crops=p.test_crops,
+                        flip=not p.demo)
+
+
+def _root(p: Params) -> str:
+    if p.data_dir:
+        return p.data_dir
+    return str(make_demo_kinetics(p.demo_dir, DemoVideoConfig(train_per_class=p.demo_train_per_class,
+                                                               val_per_class=p.demo_val_per_class)))
+
+
+def datasets(p: Params) -> tuple[KineticsDataset, KineticsDataset, list[str]]:
+    """Training clips and validation clips (center clip and crop: the paper's training-time curves)."""
+    root, s = _root(p), sampling(p)
+    train = KineticsDataset(root, "train", sampling=s)
+    return train, KineticsDataset(root, "val", sampling=s, classes=train.classes), train.classes
+
+
+def test_set(p: Params, classes: Sequence[str]) -> Dataset:
+    """The multi-view test: validation videos, up to ``test_clips`` x ``test_crops`` views each."""
+    full = KineticsDataset(_root(p), "val", mode="test", sampling=sampling(p), classes=classes)
+    if not p.test_videos or p.test_videos >= len(full):
+        return full
+    return Subset(full, np.linspace(0, len(full) - 1, p.test_videos).round().astype(int).tolist())
+
+
+def train_config(p: Params) -> TrainConfig:
+    """The TrainConfig of an experiment: S-Section 2's recipe, overridden by explicit parameters."""
+    r = RECIPES["kinetics"]
+    return TrainConfig(
+        run_name=p.run_name or f"{p.arch}-{'demo' if p.demo else 'kinetics'}-s{p.seed}", epochs=p.epochs,
+        batch_size=p.batch_size or (16 if p.demo else r["batch_size"]), lr=p.lr or r["lr"],
+        lr_reference_batch=r["lr_reference_batch"], momentum=r["momentum"], weight_decay=r["weight_decay"],
+        schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
+        amp=None if p.amp in ("none", "") else p.amp, channels_last=p.channels_last, compile=p.compile,
+        sync_bn=p.sync_bn, seed=p.seed, resume=p.resume, num_workers=p.num_workers, runs_dir=p.runs_dir,
+        extra=dataclasses.asdict(p))
+
+
+def build_model(p: Params, num_classes: int) -> nn.Module:
+    """The registered network (optionally shallower), inflated from a 2D checkpoint if one is given."""
+    kwargs = dict(num_classes=num_classes, dropout=p.dropout)
+    if p.blocks:
+        kwargs["stage_blocks"] = p.blocks
+    model = build(p.arch, **kwargs)
+    if p.checkpoint_2d:
+        twin = build(p.arch.replace("3d", ""), **({"stage_blocks": p.blocks} if p.blocks else {}))
+        inflate_2d(model, load_official_checkpoint(twin, p.checkpoint_2d))
+    return model
+
+
+def paper_profile(names: Sequence[str] = ("resnet3d50", "pyconvresnet3d50")) -> list[dict]:
+    """Params and GFLOPs of 16x224x224 clips beside S-Table 3 (profile rows), counted on the meta
+    device: the same counter on shapes only, so it takes a second instead of minutes on a CPU."""
+    with torch.device("meta"):
+        return profile_rows(names)
+
+
+def model_cost(p: Params, num_classes: int) -> dict[str, float]:
+    """Params (M) and GFLOPs of the experiment's network on one clip of its own size."""
+    s = sampling(p)
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(p, checkpoint_2d=""), num_classes)
+        flops = count_flops(model, (3, s.frames, s.crop, s.crop))["flops"]
+    return {"params_m": count_params(model) / 1e6, "gflops": flops / 1e9}
+
+
+def run(p: Params) -> FitResult:
+    """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
+    train, val, classes = datasets(p)
+    seed_everything(p.seed)
+    return fit(build_model(p, len(classes)), VideoTask(), train, val, train_config(p))
+
+
+def multiview_test(model: nn.Module, p: Params, classes: Sequence[str]) -> dict[str, float]:
+    """Video-level top-1/top-5 over up to ``test_clips`` x ``test_crops`` views per validation video,
+    softmax averaged (S-Section 2); run with the experiment's device, AMP and DDP sharding."""
+    device, s = dist.init(), sampling(p)
+    cfg = dataclasses.replace(train_config(p), batch_size=p.test_batch_size)
+    return evaluate(model.to(device), VideoTask(eval_chunk=s.test_clips * s.test_crops), test_set(p, classes),
+                    cfg, device)
+
+
+@torch.no_grad()
+def predict_videos(model: nn.Module, dataset: Dataset, indices: Sequence[int]) -> torch.Tensor:
+    """Per-video softmax averages ``[len(indices), C]`` (over the dataset's views) on the CPU."""
+    model.eval().cpu()
+    return VideoTask().scores(model, collate_clips([dataset[i] for i in indices]), torch.device("cpu"))[1]
+
+
+def show_clips(dataset: Dataset, indices: Sequence[int], classes: Sequence[str],
+               predictions: Mapping[str, torch.Tensor] | None = None) -> plt.Figure:
+    """One frame strip per video (its first view), titled with the truth and each model's top guess."""
+    fig, axes = plt.subplots(len(indices), 1, figsize=(12, 1.6 * len(indices)), squeeze=False)
+    for row, (ax, i) in enumerate(zip(axes[:, 0], indices)):
+        clips, label = dataset[i]
+        ax.imshow(torch.cat(list(clips[0].permute(1, 2, 3, 0)), dim=1).numpy())
+        guesses = [f"{name}: {classes[int(probs[row].argmax())]} ({float(probs[row].max()):.0%})"
+                   for name, probs in (predictions or {}).items()]
+        ax.set_title(" | ".join([f"true: {classes[label]}", *guesses]), fontsize=9, loc="left")
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
