@@ -170,7 +170,7 @@ class Params:
     score_threshold: float = 0.05  # detections below are dropped before NMS
     nms_iou: float = 0.5
     top_k: int = 200  # detections kept per image
-    eval_every: int = 2  # evaluate every this many epochs (and after the last)
+    eval_every: int = 3  # evaluate every this many epochs (and after the last)
     num_workers: int = 0
     progress: bool = True  # progress bars (off under papermill / CI)
     resume: bool = False
