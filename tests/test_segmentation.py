@@ -10,7 +10,8 @@ from PIL import Image
 from torch import nn
 
 from pyconv_core import build, list_models
-from pyconv_core.data.ade20k import ADE20K, IGNORE_INDEX, TrainTransform, colorize, denormalize, read_class_names
+from pyconv_core.data.ade20k import (ADE20K, ADE20K_CLASSES, ADE20K_PALETTE, IGNORE_INDEX, TrainTransform, colorize,
+                                     denormalize, palette_for, read_class_names)
 from pyconv_core.data.demo_segmentation import DEMO_CLASSES, make_demo_ade20k
 from pyconv_core.engine.trainer import TrainConfig, fit
 from pyconv_core.models.resnet import ResNet
@@ -167,6 +168,10 @@ def test_train_transform_moves_image_and_mask_together():
 def test_colorize_uses_the_palette_and_blacks_out_ignored_pixels():
     rgb = colorize(torch.tensor([[0, 1], [IGNORE_INDEX, 0]]))
     assert rgb.shape == (2, 2, 3) and rgb[0, 0].tolist() == [120, 120, 120] and rgb[1, 0].tolist() == [0, 0, 0]
+    assert np.array_equal(palette_for(ADE20K_CLASSES), ADE20K_PALETTE)
+    demo = palette_for(DEMO_CLASSES)
+    assert demo[DEMO_CLASSES.index("sky")].tolist() == ADE20K_PALETTE[ADE20K_CLASSES.index("sky")].tolist()
+    assert len({tuple(c) for c in demo.tolist()}) == len(DEMO_CLASSES)
 
 
 # ---- demo set ----------------------------------------------------------------------------------
