@@ -88,9 +88,11 @@ def read_class_names(root: str | os.PathLike) -> tuple[str, ...]:
     info = Path(root) / "objectInfo150.txt"
     if not info.is_file():
         return ADE20K_CLASSES
-    rows = [line.rstrip("\n").split("\t") for line in info.read_text().splitlines()[1:] if line.strip()]
-    if any(len(row) < 5 for row in rows):
-        raise ValueError(f"{info} is not in the ADE20K format (tab-separated Idx, Ratio, Train, Val, Name)")
+    rows = [line.split("\t") if "\t" in line else line.split(None, 4)
+            for line in info.read_text().splitlines()[1:] if line.strip()]
+    if any(len(row) < 5 or not row[0].strip().isdigit() for row in rows):
+        raise ValueError(f"{info} is not in the ADE20K format (columns Idx, Ratio, Train, Val, Name): fix or "
+                         f"remove it (without it the 150 ADE20K names are used)")
     return tuple(row[4].split(",")[0].strip() for row in sorted(rows, key=lambda r: int(r[0])))
 
 
