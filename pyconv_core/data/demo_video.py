@@ -45,9 +45,9 @@ class DemoVideoConfig:
     size: int = 64  # side of the square frames, px
     item_scale: tuple[float, float] = (0.5, 1.0)  # item side / (0.45 * size), for every class
     speed: tuple[float, float] = (1.2, 1.8)  # translation, px per frame at size 64
-    spin: tuple[float, float] = (12.0, 20.0)  # rotation, degrees per frame
+    spin: tuple[float, float] = (6.0, 10.0)  # rotation, degrees per frame (below 45 per sampled frame at stride 4)
     zoom: float = 1.8  # size ratio between the last and the first frame of a zoom
-    hop_period: tuple[int, int] = (6, 10)  # frames per bounce
+    hop_period: tuple[int, int] = (10, 16)  # frames per bounce (several samples per hop at stride 4)
     seed: int = 0
 
     def __post_init__(self) -> None:

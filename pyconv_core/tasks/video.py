@@ -22,6 +22,7 @@ from pyconv_core.data.demo_video import DemoVideoConfig, make_demo_kinetics
 from pyconv_core.data.kinetics import (KINETICS_MEAN, KINETICS_STD, ClipSampling, KineticsDataset, VideoBatch,
                                        collate_clips)
 from pyconv_core.engine import distributed as dist
+from pyconv_core.engine.logging import workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, evaluate, fit, seed_everything
 from pyconv_core.models.official import load_official_checkpoint
 from pyconv_core.models.video import inflate_2d
@@ -117,9 +118,9 @@ class Params:
     data_dir: str = ""  # Kinetics layout (annotations/<split>.csv + <split>/...); empty: the embedded demo set
     epochs: int = 90
     batch_size: int = 0  # global clips per step; 0: 64 (paper) / 16 (demo)
-    lr: float = 0.0  # 0: the recipe's 0.1 per 64 clips, scaled linearly
+    lr: float = 0.0  # per 64 clips, scaled linearly; 0: 0.1 (paper) / 0.02 (demo: a short run on 9 classes needs a gentler start)
     amp: str = "none"  # none | bf16 | fp16
-    channels_last: bool = True  # NDHWC memory format: much faster grouped 3D convs
+    channels_last: bool = False  # NDHWC memory format (GPU; on CPU its 3D batch norm is far slower)
     compile: bool = False
     sync_bn: bool = False
     gpus: int = 1  # processes; >1 starts torchrun
@@ -127,19 +128,20 @@ class Params:
     run_name: str = ""  # default: <model>-kinetics|demo-s<seed>
     runs_dir: str = "runs"
     stage_blocks: str = ""  # blocks per stage, e.g. "1,1,1,1"; empty: 3,4,6,3 (paper) / 1,1,1,1 (demo)
-    frames: int = 0  # frames per clip; 0: 16 (paper) / 8 (demo)
-    stride: int = 0  # take every stride-th frame; 0: 4 (paper) / 2 (demo)
+    frames: int = 0  # frames per clip; 0: 16 (paper) / 4 (demo)
+    stride: int = 4  # take every stride-th frame (paper: 4)
     crop: int = 0  # clip side; 0: 224 (paper) / 32 (demo); short sides scale as 256-320 to 224
-    test_clips: int = 0  # at most this many uniform clips per test video; 0: 10 (paper) / 3 (demo)
+    test_clips: int = 0  # at most this many uniform clips per test video; 0: 10 (paper) / 2 (demo)
     test_crops: int = 3  # spatial crops per test clip
     test_batch_size: int = 4  # videos per step in the multi-view test
     test_videos: int = 0  # test on this many videos (evenly spread); 0: all
     dropout: float = 0.5
     checkpoint_2d: str = ""  # optional 2D ImageNet checkpoint (official layout) to inflate
-    demo_dir: str = "data/demo_kinetics"  # where the demo set is generated (reused if already there)
+    demo_dir: str = "data/demo_kinetics"  # demo set folder (reused if already there); relative to the workbook root
     demo_train_per_class: int = 32  # demo training videos per motion class
     demo_val_per_class: int = 8  # demo validation videos per motion class
     num_workers: int = 0
+    progress: bool = True  # progress bars (off under papermill / CI)
     resume: bool = False
 
     @property
@@ -157,18 +159,18 @@ def sampling(p: Params) -> ClipSampling:
     """Clip sampling of the experiment; short sides keep the paper's ratios to the crop (256-320 : 224).
     The demo set is never flipped: a mirror turns moving right into moving left, clockwise into anticlockwise."""
     crop = p.crop or (32 if p.demo else 224)
-    return ClipSampling(frames=p.frames or (8 if p.demo else 16), stride=p.stride or (2 if p.demo else 4),
+    return ClipSampling(frames=p.frames or (4 if p.demo else 16), stride=p.stride,
                         train_short_side=(round(crop * 256 / 224), round(crop * 320 / 224)),
                         test_short_side=round(crop * 256 / 224), crop=crop,
-                        test_clips=p.test_clips or (3 if p.demo else 10), test_crops=p.test_crops,
+                        test_clips=p.test_clips or (2 if p.demo else 10), test_crops=p.test_crops,
                         flip=not p.demo)
 
 
 def _root(p: Params) -> str:
     if p.data_dir:
         return p.data_dir
-    return str(make_demo_kinetics(p.demo_dir, DemoVideoConfig(train_per_class=p.demo_train_per_class,
-                                                               val_per_class=p.demo_val_per_class)))
+    demo = DemoVideoConfig(train_per_class=p.demo_train_per_class, val_per_class=p.demo_val_per_class)
+    return str(make_demo_kinetics(workbook_path(p.demo_dir), demo))
 
 
 def datasets(p: Params) -> tuple[KineticsDataset, KineticsDataset, list[str]]:
@@ -191,12 +193,12 @@ def train_config(p: Params) -> TrainConfig:
     r = RECIPES["kinetics"]
     return TrainConfig(
         run_name=p.run_name or f"{p.arch}-{'demo' if p.demo else 'kinetics'}-s{p.seed}", epochs=p.epochs,
-        batch_size=p.batch_size or (16 if p.demo else r["batch_size"]), lr=p.lr or r["lr"],
+        batch_size=p.batch_size or (16 if p.demo else r["batch_size"]), lr=p.lr or (0.02 if p.demo else r["lr"]),
         lr_reference_batch=r["lr_reference_batch"], momentum=r["momentum"], weight_decay=r["weight_decay"],
         schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
         amp=None if p.amp in ("none", "") else p.amp, channels_last=p.channels_last, compile=p.compile,
         sync_bn=p.sync_bn, seed=p.seed, resume=p.resume, num_workers=p.num_workers, runs_dir=p.runs_dir,
-        extra=dataclasses.asdict(p))
+        progress=p.progress, extra=dataclasses.asdict(p))
 
 
 def build_model(p: Params, num_classes: int) -> nn.Module:
