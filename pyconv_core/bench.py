@@ -20,6 +20,8 @@ applied to every model after the move to the device and before ``torch.compile``
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import platform
@@ -37,11 +39,14 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from pyconv_core.layers import factory
+from pyconv_core.layers.plans import candidate_plans, format_plan, mac_ratio, naive_plan, time_plan
+from pyconv_core.layers.pyconv import PyConv, set_pyconv_plan
 from pyconv_core.profile import count_params
 from pyconv_core.registry import build, model_entry
 
 __all__ = ["BenchSettings", "Candidate", "SetupHook", "is_video", "make_candidate", "run_bench", "add_ratios",
-           "default_baseline", "format_table", "machine_info", "main"]
+           "default_baseline", "format_table", "layer_bench", "format_layer_table", "machine_info", "main"]
 
 TORCHVISION_PREFIX = "tv:"
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,7 +72,8 @@ class BenchSettings:
 
 @dataclass
 class Candidate:
-    """One model to time: its spec (registered name or ``tv:<name>``), module and one sample's shape."""
+    """One model to time: its spec (registered name or ``tv:<name>``, ``@plan`` for a PyConv
+    execution plan), module and one sample's shape."""
 
     spec: str
     model: nn.Module
@@ -86,14 +92,25 @@ def _torchvision_name(spec: str) -> str | None:
 
 def is_video(spec: str) -> bool:
     """Whether ``spec`` takes clips (channels, frames, height, width) rather than images."""
+    spec = spec.partition("@")[0]
     name = _torchvision_name(spec)
     if name is None:
         return len(model_entry(spec).input_shape) == 4
     return name in torchvision.models.list_models(module=torchvision.models.video)
 
 
+def _has_pyconv(spec: str) -> bool:
+    """Whether registered model ``spec`` contains PyConv layers (built on the meta device: no memory)."""
+    if _torchvision_name(spec) is not None:
+        return False
+    with torch.device("meta"):
+        return any(isinstance(m, PyConv) for m in build(spec).modules())
+
+
 def make_candidate(spec: str, settings: BenchSettings) -> Candidate:
-    """Build ``spec`` (a registered name, or ``tv:<name>`` for torchvision) with its input shape."""
+    """Build ``spec`` (a registered name, or ``tv:<name>`` for torchvision) with its input shape;
+    ``name@plan`` sets the PyConv execution plan (``naive``, ``auto`` or a partition like ``0|123``)."""
+    spec, _, plan = spec.partition("@")
     name = _torchvision_name(spec)
     classes = {} if settings.num_classes is None else {"num_classes": settings.num_classes}
     if name is None:
@@ -103,8 +120,11 @@ def make_candidate(spec: str, settings: BenchSettings) -> Candidate:
     else:
         raise ValueError(f"unknown torchvision model {name!r} in {spec!r}; "
                          f"see torchvision.models.list_models() for the names")
+    if plan:
+        set_pyconv_plan(model, plan)
+        spec = f"{spec}@{plan}"
     side = (settings.size, settings.size)
-    shape = (channels, settings.frames, *side) if is_video(spec) else (channels, *side)
+    shape = (channels, settings.frames, *side) if is_video(spec.partition("@")[0]) else (channels, *side)
     return Candidate(spec, model, shape, count_params(model))
 
 
@@ -172,8 +192,21 @@ def _prepare(candidate: Candidate, settings: BenchSettings, device: torch.device
     for hook in setup:
         model = hook(model, settings)
     if settings.compile:
+        if any(isinstance(m, PyConv) and m.plan == "auto" for m in model.modules()):
+            _tune_eagerly(model, candidate, settings, device)
         model = torch.compile(model, mode=None if settings.compile == "default" else settings.compile)
     return model
+
+
+def _tune_eagerly(model: nn.Module, candidate: Candidate, settings: BenchSettings, device: torch.device) -> None:
+    """Let ``auto`` PyConv plans measure themselves in eager mode (compiled code reuses the choices)."""
+    runner = _Runner(candidate, model, "infer", settings, device)
+    for mode in settings.modes:
+        runner.mode = mode
+        if mode == "train":
+            runner.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+            runner.scaler = torch.amp.GradScaler(device.type, enabled=False)
+        runner.step()
 
 
 def run_bench(specs: Sequence[str], settings: BenchSettings, setup: Sequence[SetupHook] = (),
@@ -211,8 +244,21 @@ def run_bench(specs: Sequence[str], settings: BenchSettings, setup: Sequence[Set
                      "params": runner.candidate.params, "steps_per_repeat": runner.steps,
                      "latency_s": latency, "throughput": settings.batch / latency,
                      "latencies_s": times, "spread": (max(times) - min(times)) / latency,
-                     "cpu_s": statistics.median(runner.cpu_times), "cpu_times_s": runner.cpu_times})
+                     "cpu_s": statistics.median(runner.cpu_times), "cpu_times_s": runner.cpu_times,
+                     "pyconv_plans": _plan_counts(runner.candidate.model, runner.mode)})
     return rows
+
+
+def _plan_counts(model: nn.Module, mode: str) -> dict[str, int]:
+    """How many PyConv layers ran each plan in ``mode`` (auto's choices, or the fixed plan)."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, PyConv) and len(m.levels) > 1:
+            tag = "train" if mode == "train" else "eval"
+            chosen = [p for key, p in m.choices.items() if key.endswith(tag)] if m.plan == "auto" else [m.plan]
+            for plan in chosen:
+                counts[plan] = counts.get(plan, 0) + 1
+    return counts
 
 
 def add_ratios(rows: list[dict], baseline: str) -> list[dict]:
@@ -226,6 +272,73 @@ def add_ratios(rows: list[dict], baseline: str) -> list[dict]:
         r["ratio"] = r["throughput"] / reference["throughput"] if comparable else None
         r["cpu_ratio"] = reference["cpu_s"] / r["cpu_s"] if comparable and r["cpu_s"] > 0 else None
     return rows
+
+
+def layer_bench(spec: str, settings: BenchSettings, log: Callable[[str], None] = print) -> list[dict]:
+    """Per-layer times of every candidate plan of every distinct PyConv layer of ``spec`` (inputs as the
+    network feeds them at ``settings``), beside a plain 3x3 (3x3x3) convolution of the same shape.
+    ``train_ms``: forward + backward to input and weights; ``infer_ms``: forward without autograd."""
+    device = torch.device(settings.device)
+    candidate = make_candidate(spec, settings)
+    model = _prepare(candidate, dataclasses.replace(settings, compile=None), device, ())
+    inputs: dict[tuple, tuple[str, torch.Tensor, int]] = {}
+
+    def record(module: nn.Module, args: tuple, name: str) -> None:
+        x = args[0]
+        key = (module.extra_repr(), tuple(x.shape))
+        first = inputs.get(key)
+        inputs[key] = (first[0], first[1], first[2] + 1) if first else (name, x.detach().clone(), 1)
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: record(mod, args, name))
+               for name, m in model.named_modules() if isinstance(m, PyConv) and len(m.levels) > 1]
+    with torch.no_grad():
+        _Runner(candidate, model, "infer", settings, device)._forward()
+    for h in handles:
+        h.remove()
+    amp = _AMP_DTYPES.get(settings.amp)
+    rows = []
+    for (desc, shape), (name, x, count) in inputs.items():
+        layer = dict(model.named_modules())[name]
+        convs = [copy.deepcopy(c) for c in layer.levels]
+        first = convs[0]
+        plain = factory.conv(layer.dim, first.in_channels, layer_out := sum(c.out_channels for c in convs), 3,
+                             stride=first.stride, dilation=first.dilation).to(device)
+        timed = [("plain conv", [plain], naive_plan(1), 0.0)]
+        timed += [(format_plan(p), convs, p, mac_ratio(convs, p)) for p in candidate_plans(convs)]
+        log(f"layers: {spec} {name} {list(shape)}: {len(timed)} plans")
+        times = {}
+        for label, levels, plan, macs in timed:
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                with torch.enable_grad():
+                    train = time_plan(x.requires_grad_(True), levels, plan, True, settings.repeats)
+                with torch.inference_mode():
+                    infer = time_plan(x.detach(), levels, plan, False, settings.repeats)
+            times[label] = (train, infer, macs)
+        plain_train, plain_infer, _ = times["plain conv"]
+        for label, (train, infer, macs) in times.items():
+            rows.append({"model": spec, "layer": name, "count": count, "levels": desc, "input_shape": list(shape),
+                         "out_channels": layer_out, "plan": label, "mac_ratio": macs or None,
+                         "train_ms": 1e3 * train, "infer_ms": 1e3 * infer,
+                         "train_vs_plain": plain_train / train, "infer_vs_plain": plain_infer / infer})
+    return rows
+
+
+def format_layer_table(rows: list[dict]) -> str:
+    """:func:`layer_bench` rows as text, fastest training plan per layer marked with ``*``."""
+    best = {}
+    for r in rows:
+        if r["plan"] != "plain conv":
+            key = (r["model"], r["layer"])
+            best[key] = min(best.get(key, r), r, key=lambda v: v["train_ms"])
+    header = (f"{'layer':<34}{'n':>3}{'input':>18}{'plan':>12}{'MACs':>6}{'train ms':>10}{'infer ms':>10}"
+              f"{'train/plain':>12}{'infer/plain':>12}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        mark = "*" if best.get((r["model"], r["layer"])) is r else " "
+        macs = "-" if r["mac_ratio"] is None else f"{r['mac_ratio']:.2f}"
+        lines.append(f"{r['model'] + ':' + r['layer']:<34}{r['count']:>3}{'x'.join(map(str, r['input_shape'])):>18}"
+                     f"{r['plan'] + mark:>12}{macs:>6}{r['train_ms']:>10.2f}{r['infer_ms']:>10.2f}"
+                     f"{1 / r['train_vs_plain']:>12.2f}{1 / r['infer_vs_plain']:>12.2f}")
+    return "\n".join(lines)
 
 
 def default_baseline(specs: Sequence[str]) -> str:
@@ -279,6 +392,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=0, help="steps per repeat (0: enough for ~0.25 s each)")
     parser.add_argument("--num-classes", type=int, help="classifier outputs (default: each model's own)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--pyconv-plan", nargs="+", metavar="PLAN",
+                        help="time every model with PyConv layers once per plan (auto, naive, or a partition "
+                             "like 0|123), as MODEL@PLAN; default: each model's own (naive)")
+    parser.add_argument("--layers", action="store_true",
+                        help="also time every candidate plan of every distinct PyConv layer of the models")
     parser.add_argument("--name", help="JSON file name under --out-dir (default: a timestamp)")
     parser.add_argument("--out-dir", default="runs/bench", help="folder of the JSON results")
     args = parser.parse_args(argv)
@@ -300,13 +418,20 @@ def main(argv: Sequence[str] | None = None, setup: Sequence[SetupHook] = ()) -> 
                              num_classes=args.num_classes)
     baseline = args.baseline or default_baseline(args.models)
     started = datetime.now()
-    rows = add_ratios(run_bench([*args.models, baseline], settings, setup), baseline)
+    models = [f"{spec}@{plan}" if args.pyconv_plan and _has_pyconv(spec) else spec
+              for spec in args.models for plan in (args.pyconv_plan or [None])]
+    models = list(dict.fromkeys(models))
+    layers = [row for spec in dict.fromkeys(m.partition("@")[0] for m in models) if _has_pyconv(spec)
+              for row in layer_bench(spec, settings)] if args.layers else []
+    rows = add_ratios(run_bench([*models, baseline], settings, setup), baseline)
     record = {"name": args.name or started.strftime("%Y%m%d-%H%M%S"), "started": started.isoformat(timespec="seconds"),
               "command": shlex.join(["python", "-m", "pyconv_core.bench", *argv]), "machine": machine_info(args.device),
-              "settings": asdict(settings), "baseline": baseline, "results": rows}
+              "settings": asdict(settings), "baseline": baseline, "results": rows, "layers": layers}
     path = Path(args.out_dir) / f"{record['name']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
+    if layers:
+        print(format_layer_table(layers) + "\n")
     print(format_table(rows, baseline))
     print(f"\n{settings.device}, batch {settings.batch}, amp {settings.amp}, channels_last {settings.channels_last}, "
           f"compile {settings.compile}; medians of {settings.repeats} repeats -> {path}")

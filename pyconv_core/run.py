@@ -22,6 +22,7 @@ from torch import nn
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.checkpoint import load_checkpoint
 from pyconv_core.engine.logging import workbook_path
+from pyconv_core.layers.pyconv import load_pyconv_plans, set_pyconv_plan
 from pyconv_core.registry import build
 
 __all__ = ["TASKS", "launch", "parse_params", "params_to_argv", "load_run_model"]
@@ -77,11 +78,14 @@ def launch(task: str, params: Any) -> Path:
 
 
 def load_run_model(run_dir: str | Path, which: str = "best") -> nn.Module:
-    """Rebuild a run's model from its checkpoint alone (``best`` or ``last``), in eval mode."""
+    """Rebuild a run's model from its checkpoint alone (``best`` or ``last``), in eval mode, with the
+    run's PyConv execution plan."""
     state = load_checkpoint(Path(run_dir) / f"{which}.pt")
     args = dict(state["model_args"])
     model = build(args.pop("name"), **args)
     model.load_state_dict(state["model"])
+    set_pyconv_plan(model, state["config"].get("pyconv_plan", "naive"))
+    load_pyconv_plans(model, state.get("pyconv_plans", {}))
     return model.eval()
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from pyconv_core import build
 from pyconv_core.bench import (BenchSettings, add_ratios, default_baseline, main, make_candidate, run_bench)
+from pyconv_core.layers.pyconv import PyConv
 from pyconv_core.profile import count_params
 
 TINY = BenchSettings(batch=1, size=32, frames=4, modes=("infer",), repeats=1, warmup=1, iters=1)
@@ -94,3 +95,26 @@ def test_unknown_models_are_named():
         make_candidate("resnet5O", TINY)
     with pytest.raises(SystemExit):
         main(["--models", "resnet18", "--batch", "0"])
+
+
+def test_pyconv_plans_and_layer_table(tmp_path, capsys, one_thread):
+    argv = ["--models", "pyconvresnet18", "--pyconv-plan", "naive", "auto", "--baseline", "resnet18", "--batch", "2",
+            "--size", "32", "--repeats", "1", "--warmup", "1", "--iters", "1", "--device", "cpu", "--threads", "1",
+            "--layers", "--name", "plans", "--out-dir", str(tmp_path)]
+    main(argv)
+    record = json.loads((tmp_path / "plans.json").read_text())
+    assert [r["model"] for r in record["results"]][::2] == ["pyconvresnet18@naive", "pyconvresnet18@auto", "resnet18"]
+    multi_level = sum(isinstance(m, PyConv) and len(m.levels) > 1 for m in build("pyconvresnet18").modules())
+    for r in record["results"]:
+        if r["model"] == "pyconvresnet18@naive":
+            assert r["pyconv_plans"] == {"naive": multi_level}
+        if r["model"] == "pyconvresnet18@auto":  # every multi-level layer chose a plan in each mode
+            assert sum(r["pyconv_plans"].values()) == multi_level
+    layers = record["layers"]
+    assert {r["layer"] for r in layers} >= {"layer1.0.conv1", "layer3.1.conv1"}
+    first = [r for r in layers if r["layer"] == "layer1.0.conv1"]
+    # the plain conv, then the 7 partitions of pyconv4 within 4x the naive MACs
+    assert [r["plan"] for r in first] == ["plain conv", "0|1|2|3", "0|1|23", "0|12|3", "0|123", "0|13|2", "01|2|3",
+                                          "01|23"]
+    assert all(r["train_ms"] > 0 and r["infer_ms"] > 0 for r in layers)
+    assert "train/plain" in capsys.readouterr().out

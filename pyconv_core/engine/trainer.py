@@ -1,7 +1,8 @@
 """The one training loop of all four tasks (classification, detection, video, segmentation).
 
 A task supplies ``train_step`` and ``evaluate`` (see ``tasks/base.py``); ``fit`` does the rest:
-device, AMP (bf16, or fp16 with a grad scaler), channels_last, torch.compile, DDP under
+device, AMP (bf16, or fp16 with a grad scaler), channels_last, the PyConv execution plan (measured
+once per layer shape, recorded in config.json and checkpoints), torch.compile, DDP under
 torchrun (sharded sampler, optional SyncBatchNorm, metrics reduced, rank 0 writes), linear lr
 scaling, warmup + multistep/cosine/poly schedules, ``runs/<name>/`` records, atomic
 checkpoints every epoch plus ``best.pt``, exact resume, and a clean stop on NaN or a signal.
@@ -28,6 +29,7 @@ from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from pyconv_core.engine.logging import append_jsonl, environment, workbook_path, write_json, write_jsonl
 from pyconv_core.engine.schedules import lr_multiplier, scaled_lr
+from pyconv_core.layers.pyconv import load_pyconv_plans, pyconv_plans, set_pyconv_plan
 
 __all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "seed_everything", "NonFiniteLossError"]
 
@@ -51,6 +53,7 @@ class TrainConfig:
     amp: str | None = None  # None | "bf16" | "fp16"
     channels_last: bool = False
     compile: bool = False
+    pyconv_plan: str = "auto"  # how PyConv layers compute (layers/plans.py): auto | naive | e.g. "0|123"
     sync_bn: bool = False
     seed: int = 0
     resume: bool = False
@@ -142,6 +145,7 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last if getattr(model, "dim", 2) == 2 else torch.channels_last_3d)
+    set_pyconv_plan(model, cfg.pyconv_plan)
     if cfg.sync_bn and dist.is_distributed():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch)
@@ -164,13 +168,14 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
         start_epoch, skip, history, best = state["epoch"], state["step_in_epoch"], state["history"], state["best"]
         partial = state["partial_epoch"]
         set_rng_state(state["rng"])
+        load_pyconv_plans(model, state.get("pyconv_plans", {}))
     elif cfg.resume:
         print(f"resume=True but {ckpt_path} does not exist: starting run {cfg.run_name!r} from scratch")
+    record = {"train": dataclasses.asdict(cfg), "task": task.name, "model_args": getattr(model, "model_args", None),
+              "resumed_at": [start_epoch, skip] if start_epoch or skip else None, "lr_effective": base_lr,
+              "environment": environment(device)}
     if dist.is_main():
-        write_json(run_dir / "config.json", {"train": dataclasses.asdict(cfg), "task": task.name,
-                                             "model_args": getattr(model, "model_args", None),
-                                             "resumed_at": [start_epoch, skip] if start_epoch or skip else None,
-                                             "lr_effective": base_lr, "environment": environment(device)})
+        write_json(run_dir / "config.json", record)
         write_jsonl(run_dir / "metrics.jsonl", history)
 
     net = DistributedDataParallel(model) if dist.is_distributed() else model
@@ -183,7 +188,8 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                          "step_in_epoch": step_in_epoch, "partial_epoch": partial, "history": history,
                          "best": best, "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                         "model_args": getattr(model, "model_args", None)}, path)
+                         "model_args": getattr(model, "model_args", None), "pyconv_plans": pyconv_plans(model)}, path)
+            write_json(run_dir / "config.json", {**record, "pyconv_plans": pyconv_plans(model)})
 
     with _StopRequest() as stop:
         for epoch in range(start_epoch, cfg.epochs):

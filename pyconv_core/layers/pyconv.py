@@ -14,8 +14,15 @@ from torch import nn
 
 from pyconv_core.layers import factory
 from pyconv_core.layers.factory import IntOrTuple
+from pyconv_core.layers.plans import Plan, format_plan, naive_plan, parse_plan, run_plan, signature, tune
 
-__all__ = ["PyConv", "LevelSet", "PYCONV_PRESETS", "split_channels"]
+__all__ = ["PyConv", "LevelSet", "PYCONV_PRESETS", "PLAN_MODES", "split_channels", "set_pyconv_plan",
+           "pyconv_plans", "load_pyconv_plans"]
+
+# "auto": the fastest plan per input signature, measured once (layers/plans.py); "naive": the
+# authors' per-level convolutions; or an explicit partition such as "0|123" for every PyConv
+# with as many levels (others run naive).
+PLAN_MODES = ("auto", "naive")
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,9 @@ class PyConv(nn.Module):
         dim: 2 for images, 3 for videos.
 
     The level convolutions are ``self.levels[i]``; ``load_official_checkpoint`` maps them to the
-    authors' ``conv2_{i+1}`` names.
+    authors' ``conv2_{i+1}`` names. ``plan`` says how the forward is computed (``layers/plans.py``):
+    ``"naive"`` (default), ``"auto"`` or a partition like ``"0|123"``; ``choices`` records, per input
+    signature, the plan ``"auto"`` picked, so a resumed run computes exactly as before.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernels: Sequence[IntOrTuple],
@@ -91,6 +100,8 @@ class PyConv(nn.Module):
             levels.append(factory.conv(dim, in_channels, o, k, stride=stride, dilation=dilation, groups=g))
         self.levels = nn.ModuleList(levels)
         self.dim = dim
+        self.plan = "naive"
+        self.choices: dict[str, str] = {}
 
     @classmethod
     def from_levels(cls, in_channels: int, out_channels: int, levels: LevelSet, **kwargs) -> "PyConv":
@@ -99,10 +110,54 @@ class PyConv(nn.Module):
                    split=levels.split(out_channels), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.levels) == 1:
-            return self.levels[0](x)
-        return torch.cat([level(x) for level in self.levels], dim=1)
+        return run_plan(x, self.levels, self.current_plan(x))
+
+    def current_plan(self, x: torch.Tensor) -> Plan:
+        """The plan this input runs with (tuned on first sight of its signature under ``"auto"``)."""
+        if self.plan == "naive" or len(self.levels) == 1:
+            return naive_plan(len(self.levels))
+        if self.plan != "auto":
+            plan = parse_plan(self.plan)
+            return plan if sorted(sum(plan, ())) == list(range(len(self.levels))) else naive_plan(len(self.levels))
+        training = self.training and torch.is_grad_enabled()
+        if torch.compiler.is_compiling():  # tuning times eager calls: reuse the last eager choice of this mode
+            mode = "train" if training else "eval"
+            tuned = [plan for key, plan in self.choices.items() if key.endswith(mode)]
+            return parse_plan(tuned[-1]) if tuned else naive_plan(len(self.levels))
+        key = signature(x, training)
+        if key not in self.choices:
+            self.choices[key] = format_plan(tune(x, self.levels, training))
+        return parse_plan(self.choices[key])
 
     def extra_repr(self) -> str:
         desc = ", ".join(f"{tuple(c.kernel_size)}/G{c.groups}->{c.out_channels}" for c in self.levels)
-        return f"dim={self.dim}, levels=[{desc}]"
+        return f"dim={self.dim}, levels=[{desc}], plan={self.plan}"
+
+
+def set_pyconv_plan(model: nn.Module, plan: str) -> int:
+    """Set the execution plan of every PyConv in ``model`` (see :data:`PLAN_MODES`); returns how many.
+    Only the computation changes: parameters, outputs and gradients are the same to fp32 rounding."""
+    if plan not in PLAN_MODES:
+        try:
+            parse_plan(plan)
+        except ValueError:
+            raise ValueError(f"unknown PyConv plan {plan!r}: use one of {PLAN_MODES} or a partition of the "
+                             f"level indices such as '0|123'") from None
+    layers = [m for m in model.modules() if isinstance(m, PyConv)]
+    for m in layers:
+        m.plan = plan
+    return len(layers)
+
+
+def pyconv_plans(model: nn.Module) -> dict[str, dict[str, str]]:
+    """The plans ``"auto"`` chose so far, per PyConv (module name) and input signature (for config.json
+    and checkpoints)."""
+    return {name: dict(m.choices) for name, m in model.named_modules() if isinstance(m, PyConv) and m.choices}
+
+
+def load_pyconv_plans(model: nn.Module, choices: dict[str, dict[str, str]]) -> None:
+    """Restore :func:`pyconv_plans` (on resume), so the run computes with the same plans as before."""
+    modules = dict(model.named_modules())
+    for name, table in choices.items():
+        if isinstance(modules.get(name), PyConv):
+            modules[name].choices.update(table)

@@ -105,6 +105,7 @@ class Params:
     amp: str = "none"  # none | bf16 | fp16; "recipe": the recipe's choice
     channels_last: bool = False
     compile: bool = False
+    pyconv_plan: str = "auto"  # PyConv execution plan: auto (fastest, measured once per layer shape) | naive | e.g. 0|123
     sync_bn: bool = False
     gpus: int = 1  # processes; >1 starts torchrun
     seed: int = 0
@@ -145,7 +146,7 @@ def train_config(p: Params) -> TrainConfig:
         run_name=p.run_name or f"{p.model_name}-{p.recipe}-s{p.seed}", epochs=p.epochs, batch_size=p.batch_size,
         lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"], weight_decay=r["weight_decay"],
         schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]), amp=amp,
-        channels_last=p.channels_last, compile=p.compile, sync_bn=p.sync_bn, seed=p.seed, resume=p.resume,
+        channels_last=p.channels_last, compile=p.compile, pyconv_plan=p.pyconv_plan, sync_bn=p.sync_bn, seed=p.seed, resume=p.resume,
         num_workers=p.num_workers, runs_dir=p.runs_dir, extra=dataclasses.asdict(p))
 
 

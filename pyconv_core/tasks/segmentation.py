@@ -185,6 +185,7 @@ class Params:
     batch_size: int = 0  # global batch; 0: the recipe's (ade20k 16, demo 8)
     lr: float = 0.0  # 0: the recipe's lr (per its reference batch of 16, scaled linearly)
     amp: str = "none"  # none | bf16 | fp16
+    pyconv_plan: str = "auto"  # PyConv execution plan: auto (fastest, measured once per layer shape) | naive | e.g. 0|123
     sync_bn: bool = True  # SyncBatchNorm under torchrun on GPUs (PyTorch's is GPU-only)
     gpus: int = 1  # processes; >1 starts torchrun
     seed: int = 0
@@ -229,7 +230,7 @@ def train_config(p: Params) -> TrainConfig:
         batch_size=p.batch_size or r["batch_size"], lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"],
         momentum=r["momentum"], weight_decay=r["weight_decay"], schedule=r["schedule"], poly_power=r["poly_power"],
         amp=None if p.amp in ("none", "", None) else p.amp, sync_bn=p.sync_bn and torch.cuda.is_available(),
-        seed=p.seed, resume=p.resume,
+        seed=p.seed, resume=p.resume, pyconv_plan=p.pyconv_plan,
         num_workers=p.num_workers, runs_dir=p.runs_dir, extra=dataclasses.asdict(p))
 
 

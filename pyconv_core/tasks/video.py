@@ -122,6 +122,7 @@ class Params:
     amp: str = "none"  # none | bf16 | fp16
     channels_last: bool = False  # NDHWC memory format (GPU; on CPU its 3D batch norm is far slower)
     compile: bool = False
+    pyconv_plan: str = "auto"  # PyConv execution plan: auto (fastest, measured once per layer shape) | naive | e.g. 0|123
     sync_bn: bool = False
     gpus: int = 1  # processes; >1 starts torchrun
     seed: int = 0
@@ -196,7 +197,7 @@ def train_config(p: Params) -> TrainConfig:
         batch_size=p.batch_size or (16 if p.demo else r["batch_size"]), lr=p.lr or (0.02 if p.demo else r["lr"]),
         lr_reference_batch=r["lr_reference_batch"], momentum=r["momentum"], weight_decay=r["weight_decay"],
         schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
-        amp=None if p.amp in ("none", "") else p.amp, channels_last=p.channels_last, compile=p.compile,
+        amp=None if p.amp in ("none", "") else p.amp, channels_last=p.channels_last, compile=p.compile, pyconv_plan=p.pyconv_plan,
         sync_bn=p.sync_bn, seed=p.seed, resume=p.resume, num_workers=p.num_workers, runs_dir=p.runs_dir,
         progress=p.progress, extra=dataclasses.asdict(p))
 

@@ -1,0 +1,118 @@
+"""PyConv execution plans: every plan computes what the naive plan computes (outputs and gradients,
+2D and 3D, random level sets), "auto" records its choices, and runs record and restore them."""
+import json
+import random
+
+import pytest
+import torch
+
+from pyconv_core import build
+from pyconv_core.layers import plans
+from pyconv_core.layers.pyconv import PyConv, load_pyconv_plans, pyconv_plans, set_pyconv_plan
+from pyconv_core.run import load_run_model
+from pyconv_core.tasks.classification import Params, run
+
+
+def _random_pyconv(rng: random.Random, dim: int, bias: bool) -> PyConv:
+    """A PyConv with 2-4 levels of random odd kernels (3D: independent temporal sizes), groups and splits."""
+    levels = rng.randint(2, 4)
+    group_choices = [1, 2, 4, 8]
+    groups = [rng.choice(group_choices) for _ in range(levels)]
+    in_channels = 8 * rng.randint(1, 3)
+    split = [max(groups[i], 8) * rng.randint(1, 2) for i in range(levels)]
+    kernels = []
+    for _ in range(levels):
+        k = rng.choice([1, 3, 5, 7])
+        kernels.append((rng.choice([1, 3, 5]), k, k) if dim == 3 else k)
+    layer = PyConv(in_channels, sum(split), kernels, groups, split=split, stride=rng.choice([1, 2]),
+                   dilation=rng.choice([1, 2]), dim=dim)
+    if bias:  # the plans merge biases too (the factory's convolutions have none by default)
+        for conv in layer.levels:
+            conv.bias = torch.nn.Parameter(torch.randn(conv.out_channels))
+    return layer
+
+
+def _output_and_grads(layer: PyConv, x: torch.Tensor) -> list[torch.Tensor]:
+    x = x.detach().requires_grad_()
+    y = layer(x)
+    grad_out = torch.linspace(-1, 1, y.numel()).view_as(y)
+    params = [p for p in layer.parameters()]
+    return [y, *torch.autograd.grad(y, [x, *params], grad_out)]
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_every_plan_matches_the_naive_output_and_gradients(dim, seed):
+    rng = random.Random(seed * 10 + dim)
+    torch.manual_seed(seed)
+    layer = _random_pyconv(rng, dim, bias=seed % 2 == 1)
+    cin = layer.levels[0].in_channels
+    x = torch.randn(2, cin, *([6] if dim == 3 else []), 13, 11)
+    expected = _output_and_grads(layer, x)
+    for plan in plans.partitions(len(layer.levels)):
+        layer.plan = plans.format_plan(plan)
+        got = _output_and_grads(layer, x)
+        for name, a, b in zip(["output", "input grad", *[n for n, _ in layer.named_parameters()]], got, expected):
+            assert a.shape == b.shape, (plan, name)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"plan {layer.plan}, {name}, {layer}")
+
+
+def test_channels_last_input_gives_channels_last_output():
+    layer = PyConv(16, 48, [3, 5, 7], [1, 4, 8])
+    x = torch.randn(2, 16, 12, 12).to(memory_format=torch.channels_last)
+    layer.plan = "0|12"
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    layer.plan = "naive"
+    torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_partitions_are_all_set_partitions():
+    assert [len(plans.partitions(n)) for n in range(1, 5)] == [1, 2, 5, 15]  # Bell numbers
+    for plan in plans.partitions(4):
+        assert sorted(sum(plan, ())) == [0, 1, 2, 3]
+    assert plans.parse_plan("0|123") == ((0,), (1, 2, 3)) and plans.format_plan(((0, 2), (1,))) == "02|1"
+
+
+def test_mac_ratio_counts_the_zero_padded_kernels():
+    layer = PyConv(64, 64, [3, 5, 7, 9], [1, 4, 8, 16])
+    assert plans.mac_ratio(layer.levels, plans.naive_plan(4)) == 1.0
+    # levels 1-3 as one 9x9 convolution with 4 groups: 48 outputs x 16 inputs x 81 taps
+    naive = 16 * (64 * 9 + 16 * 25 + 8 * 49 + 4 * 81)
+    assert plans.mac_ratio(layer.levels, ((0,), (1, 2, 3))) == pytest.approx((16 * 64 * 9 + 48 * 16 * 81) / naive)
+    assert ((0, 1, 2, 3),) not in plans.candidate_plans(layer.levels)  # one dense 9x9: 12x the MACs
+
+
+def test_auto_plan_records_its_choice_and_keeps_the_parameters():
+    model = build("pyconvresnet18", num_classes=10)
+    keys = list(model.state_dict())
+    assert set_pyconv_plan(model, "auto") == 16  # two PyConvs in each of the 8 basic blocks
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    expected = model(x)  # train mode: the first call tunes
+    chosen = pyconv_plans(model)
+    assert chosen and all(key.endswith(" cpu contiguous train") for table in chosen.values() for key in table)
+    assert list(model.state_dict()) == keys
+    set_pyconv_plan(model, "naive")
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    fresh = build("pyconvresnet18", num_classes=10)
+    set_pyconv_plan(fresh, "auto")
+    load_pyconv_plans(fresh, chosen)
+    assert pyconv_plans(fresh) == chosen
+
+
+def test_unknown_plan_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown PyConv plan 'fast'"):
+        set_pyconv_plan(build("pyconvresnet18"), "fast")
+
+
+def test_a_run_records_its_plans_and_the_reloaded_model_uses_them(tmp_path):
+    result = run(Params(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
+                        epochs=1, runs_dir=str(tmp_path), run_name="plans"))
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert config["train"]["pyconv_plan"] == "auto"
+    assert config["pyconv_plans"] and config["pyconv_plans"] == pyconv_plans(result.model)
+    assert any(key.endswith("train") for table in config["pyconv_plans"].values() for key in table)
+    reloaded = load_run_model(result.run_dir, "last")
+    assert pyconv_plans(reloaded) == config["pyconv_plans"]
+    assert {m.plan for m in reloaded.modules() if isinstance(m, PyConv)} == {"auto"}
