@@ -200,13 +200,8 @@ def _prepare(candidate: Candidate, settings: BenchSettings, device: torch.device
 
 def _tune_eagerly(model: nn.Module, candidate: Candidate, settings: BenchSettings, device: torch.device) -> None:
     """Let ``auto`` PyConv plans measure themselves in eager mode (compiled code reuses the choices)."""
-    runner = _Runner(candidate, model, "infer", settings, device)
     for mode in settings.modes:
-        runner.mode = mode
-        if mode == "train":
-            runner.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-            runner.scaler = torch.amp.GradScaler(device.type, enabled=False)
-        runner.step()
+        _Runner(candidate, model, mode, settings, device).step()
 
 
 def run_bench(specs: Sequence[str], settings: BenchSettings, setup: Sequence[SetupHook] = (),
@@ -254,9 +249,7 @@ def _plan_counts(model: nn.Module, mode: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, PyConv) and len(m.levels) > 1:
-            tag = "train" if mode == "train" else "eval"
-            chosen = [p for key, p in m.choices.items() if key.endswith(tag)] if m.plan == "auto" else [m.plan]
-            for plan in chosen:
+            for plan in m.chosen(mode == "train") if m.plan == "auto" else [m.plan]:
                 counts[plan] = counts.get(plan, 0) + 1
     return counts
 
@@ -281,13 +274,13 @@ def layer_bench(spec: str, settings: BenchSettings, log: Callable[[str], None] =
     device = torch.device(settings.device)
     candidate = make_candidate(spec, settings)
     model = _prepare(candidate, dataclasses.replace(settings, compile=None), device, ())
-    inputs: dict[tuple, tuple[str, torch.Tensor, int]] = {}
+    inputs: dict[tuple, tuple[str, PyConv, torch.Tensor, int]] = {}  # (levels, input shape) -> first layer, count
 
-    def record(module: nn.Module, args: tuple, name: str) -> None:
+    def record(module: PyConv, args: tuple, name: str) -> None:
         x = args[0]
         key = (module.extra_repr(), tuple(x.shape))
-        first = inputs.get(key)
-        inputs[key] = (first[0], first[1], first[2] + 1) if first else (name, x.detach().clone(), 1)
+        name, module, x, count = inputs.get(key, (name, module, x.detach().clone(), 0))
+        inputs[key] = (name, module, x, count + 1)
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: record(mod, args, name))
                for name, m in model.named_modules() if isinstance(m, PyConv) and len(m.levels) > 1]
     with torch.no_grad():
@@ -296,12 +289,12 @@ def layer_bench(spec: str, settings: BenchSettings, log: Callable[[str], None] =
         h.remove()
     amp = _AMP_DTYPES.get(settings.amp)
     rows = []
-    for (desc, shape), (name, x, count) in inputs.items():
-        layer = dict(model.named_modules())[name]
+    for (desc, shape), (name, layer, x, count) in inputs.items():
         convs = [copy.deepcopy(c) for c in layer.levels]
         first = convs[0]
-        plain = factory.conv(layer.dim, first.in_channels, layer_out := sum(c.out_channels for c in convs), 3,
-                             stride=first.stride, dilation=first.dilation).to(device)
+        layer_out = sum(c.out_channels for c in convs)
+        plain = factory.conv(layer.dim, first.in_channels, layer_out, 3, stride=first.stride,
+                             dilation=first.dilation).to(device)
         timed = [("plain conv", [plain], naive_plan(1), 0.0)]
         timed += [(format_plan(p), convs, p, mac_ratio(convs, p)) for p in candidate_plans(convs)]
         log(f"layers: {spec} {name} {list(shape)}: {len(timed)} plans")

@@ -8,6 +8,18 @@ import torch
 import torch.nn.functional as F
 
 
+def randomize_bn(model):
+    """Non-trivial BN statistics so that a wrong mapping cannot hide behind identity BNs."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
 def _bn(state, prefix, x):
     return F.batch_norm(x, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"],
                         state[f"{prefix}.weight"], state[f"{prefix}.bias"], training=False, eps=1e-5)

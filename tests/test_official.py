@@ -3,24 +3,12 @@ import pytest
 import torch
 
 from pyconv_core import CheckpointMismatchError, build, load_official_checkpoint, to_official_state_dict
-from tests.official_reference import official_forward
-
-
-def _randomize_bn(model):
-    """Non-trivial BN statistics so that a wrong mapping cannot hide behind identity BNs."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
+from tests.official_reference import official_forward, randomize_bn
 
 
 def _official_state(name, num_classes=10):
     torch.manual_seed(1)
-    return to_official_state_dict(_randomize_bn(build(name, num_classes=num_classes)))
+    return to_official_state_dict(randomize_bn(build(name, num_classes=num_classes)))
 
 
 def test_official_key_layout():

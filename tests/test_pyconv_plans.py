@@ -1,5 +1,6 @@
 """PyConv execution plans: every plan computes what the naive plan computes (outputs and gradients,
 2D and 3D, random level sets), "auto" records its choices, and runs record and restore them."""
+import dataclasses
 import json
 import random
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from pyconv_core import build
+from pyconv_core.engine.logging import read_metrics
 from pyconv_core.layers import plans
 from pyconv_core.layers.pyconv import PyConv, load_pyconv_plans, pyconv_plans, set_pyconv_plan
 from pyconv_core.run import load_run_model
@@ -87,7 +89,9 @@ def test_auto_plan_records_its_choice_and_keeps_the_parameters():
     model = build("pyconvresnet18", num_classes=10)
     keys = list(model.state_dict())
     assert set_pyconv_plan(model, "auto") == 16  # two PyConvs in each of the 8 basic blocks
-    x = torch.randn(2, 3, 32, 32)
+    # 4 images of 64 px: with 2 of 32 px the last stage's train-mode BN normalizes 2 values per channel,
+    # which turns rounding differences of any two correct plans into percent-level output differences
+    x = torch.randn(4, 3, 64, 64)
     model.train()
     expected = model(x)  # train mode: the first call tunes
     chosen = pyconv_plans(model)
@@ -106,9 +110,10 @@ def test_unknown_plan_is_a_clear_error():
         set_pyconv_plan(build("pyconvresnet18"), "fast")
 
 
-def test_a_run_records_its_plans_and_the_reloaded_model_uses_them(tmp_path):
-    result = run(Params(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
-                        epochs=1, runs_dir=str(tmp_path), run_name="plans"))
+def test_a_run_records_its_plans_and_the_reloaded_model_uses_them(tmp_path, monkeypatch):
+    params = Params(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
+                    epochs=1, runs_dir=str(tmp_path), run_name="plans")
+    result = run(params)
     config = json.loads((result.run_dir / "config.json").read_text())
     assert config["train"]["pyconv_plan"] == "auto"
     assert config["pyconv_plans"] and config["pyconv_plans"] == pyconv_plans(result.model)
@@ -116,3 +121,11 @@ def test_a_run_records_its_plans_and_the_reloaded_model_uses_them(tmp_path):
     reloaded = load_run_model(result.run_dir, "last")
     assert pyconv_plans(reloaded) == config["pyconv_plans"]
     assert {m.plan for m in reloaded.modules() if isinstance(m, PyConv)} == {"auto"}
+
+    # resuming restores the recorded choices instead of measuring again (which could pick other plans)
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("a resumed run measured PyConv plans again instead of restoring them")
+    monkeypatch.setattr("pyconv_core.layers.pyconv.tune", no_tuning)
+    resumed = run(dataclasses.replace(params, epochs=2, resume=True))
+    assert len(read_metrics(resumed.run_dir, "train")) == 2
+    assert pyconv_plans(resumed.model) == config["pyconv_plans"]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from pyconv_core import build, load_official_checkpoint, to_official_state_dict
 from pyconv_core.models.official import CheckpointMismatchError
+from tests.official_reference import randomize_bn
 
 
 def _bn(state, prefix, x):
@@ -77,17 +78,6 @@ def official_segnet_forward(state, x, output_stride, pyconv):
     return logits, stage3
 
 
-def _randomized(model):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
-
-
 def test_official_key_layout():
     keys = set(to_official_state_dict(build("pyconvsegnet50", num_classes=150, backbone="pyconvresnet")))
     for key in ["layer0.0.weight", "layer0.1.running_var", "layer1.0.conv2.conv2_4.weight", "layer4.2.conv2.weight",
@@ -113,7 +103,7 @@ def test_peers_use_the_semseg_layout_of_the_authors_repository(name, keys):
 @pytest.mark.parametrize("output_stride, backbone", [(8, "pyconvresnet"), (16, "pyconvresnet"), (8, "resnet")])
 def test_loaded_model_computes_what_the_authors_code_computes(output_stride, backbone):
     torch.manual_seed(0)
-    source = _randomized(build("pyconvsegnet50", num_classes=5, output_stride=output_stride, backbone=backbone))
+    source = randomize_bn(build("pyconvsegnet50", num_classes=5, output_stride=output_stride, backbone=backbone))
     state = to_official_state_dict(source)
     model = load_official_checkpoint(
         build("pyconvsegnet50", num_classes=5, output_stride=output_stride, backbone=backbone), state).eval()

@@ -123,20 +123,22 @@ def run_plan(x: torch.Tensor, convs: Sequence[nn.Module], plan: Plan) -> torch.T
     for part in plan:
         outputs.update(zip(part, _run_part(x, convs, part)))
     y = torch.cat([outputs[i] for i in range(len(convs))], dim=1)
-    for fmt in (torch.channels_last, torch.channels_last_3d):
-        if x.dim() == (4 if fmt is torch.channels_last else 5) and x.is_contiguous(memory_format=fmt) \
-                and not x.is_contiguous():
-            return y.contiguous(memory_format=fmt)
-    return y
+    fmt = _channels_last_format(x)
+    return y if fmt is None else y.contiguous(memory_format=fmt)
+
+
+def _channels_last_format(x: torch.Tensor) -> torch.memory_format | None:
+    """``channels_last`` (4D) or ``channels_last_3d`` (5D) when ``x`` is laid out so, else None."""
+    if x.dim() not in (4, 5) or x.is_contiguous():
+        return None
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return fmt if x.is_contiguous(memory_format=fmt) else None
 
 
 def signature(x: torch.Tensor, training: bool) -> str:
     """What a plan's speed depends on besides the layer: shape, dtype, device, memory format, autocast,
     and whether a backward follows (``"[8, 64, 56, 56] float32 cpu channels_last train"``)."""
-    fmt = "contiguous"
-    if x.dim() in (4, 5) and not x.is_contiguous():
-        cl = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        fmt = "channels_last" if x.is_contiguous(memory_format=cl) else "strided"
+    fmt = "contiguous" if x.is_contiguous() else "channels_last" if _channels_last_format(x) else "strided"
     amp = f" autocast-{str(torch.get_autocast_dtype(x.device.type)).removeprefix('torch.')}" \
         if torch.is_autocast_enabled(x.device.type) else ""
     return (f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')} {x.device.type} {fmt}{amp} "

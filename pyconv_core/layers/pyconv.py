@@ -121,13 +121,17 @@ class PyConv(nn.Module):
             return plan if sorted(sum(plan, ())) == list(range(len(self.levels))) else naive_plan(len(self.levels))
         training = self.training and torch.is_grad_enabled()
         if torch.compiler.is_compiling():  # tuning times eager calls: reuse the last eager choice of this mode
-            mode = "train" if training else "eval"
-            tuned = [plan for key, plan in self.choices.items() if key.endswith(mode)]
+            tuned = self.chosen(training)
             return parse_plan(tuned[-1]) if tuned else naive_plan(len(self.levels))
         key = signature(x, training)
         if key not in self.choices:
             self.choices[key] = format_plan(tune(x, self.levels, training))
         return parse_plan(self.choices[key])
+
+    def chosen(self, training: bool) -> list[str]:
+        """The plans ``"auto"`` picked so far for training (or evaluation) inputs, oldest first."""
+        mode = "train" if training else "eval"
+        return [plan for key, plan in self.choices.items() if key.endswith(mode)]
 
     def extra_repr(self) -> str:
         desc = ", ".join(f"{tuple(c.kernel_size)}/G{c.groups}->{c.out_channels}" for c in self.levels)

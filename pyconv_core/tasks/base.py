@@ -5,7 +5,9 @@ says how one batch becomes a loss dict and how a loader becomes metrics.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -35,3 +37,30 @@ class Task(Protocol):
         """Metrics over ``loader`` (the model is in eval mode, gradients off). Under DDP each process
         sees a shard: sum raw counts with ``engine.distributed.all_reduce_sum`` before dividing."""
         ...
+
+
+@dataclass
+class RunParams:
+    """The parameters every task's ``Params`` shares: how a run executes, not what it learns.
+    A task's ``Params`` subclasses this (redeclaring a field changes its default) and adds its own."""
+
+    amp: str = "none"  # none | bf16 | fp16
+    channels_last: bool = False  # NHWC / NDHWC memory format
+    compile: bool = False  # torch.compile the model
+    pyconv_plan: str = "auto"  # PyConv execution plan: auto (fastest, measured once per layer shape) | naive | e.g. 0|123
+    sync_bn: bool = False  # SyncBatchNorm under torchrun
+    gpus: int = 1  # processes; >1 starts torchrun
+    seed: int = 0
+    run_name: str = ""  # runs/<run_name>/; default: the model, recipe or data, and seed
+    runs_dir: str = "runs"
+    num_workers: int = 0  # DataLoader worker processes
+    progress: bool = True  # progress bars (off under papermill / CI)
+    resume: bool = False  # continue runs/<run_name>/last.pt
+
+    def run_args(self) -> dict[str, Any]:
+        """The ``TrainConfig`` fields these parameters set as given (the task adds its recipe), with
+        every parameter recorded as ``extra``."""
+        return dict(amp=None if self.amp in ("none", "", None) else self.amp, channels_last=self.channels_last,
+                    compile=self.compile, pyconv_plan=self.pyconv_plan, sync_bn=self.sync_bn, seed=self.seed,
+                    resume=self.resume, num_workers=self.num_workers, runs_dir=self.runs_dir, progress=self.progress,
+                    extra=dataclasses.asdict(self))

@@ -18,6 +18,7 @@ from pyconv_core.data.classification import FashionMNIST, collate_skipping_bad, 
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.trainer import FitResult, TrainConfig, fit, seed_everything
 from pyconv_core.registry import build
+from pyconv_core.tasks.base import RunParams
 
 __all__ = ["ClassificationTask", "Params", "RECIPES", "run", "datasets", "predict"]
 
@@ -92,7 +93,7 @@ def cutmix(images: torch.Tensor, labels: torch.Tensor, alpha: float) -> tuple[to
 
 
 @dataclass
-class Params:
+class Params(RunParams):
     """The classification experiment: the notebook's ``parameters`` cell and the launcher's flags."""
 
     arch: str = "pyconvresnet"  # resnet | pyconvresnet | pyconvhgresnet (or a full registered name)
@@ -103,23 +104,13 @@ class Params:
     lr: float = 0.0  # 0: the recipe's lr (given per its reference batch, scaled linearly)
     recipe: str = "standard"  # standard | augment (SPEC.md s.3)
     amp: str = "none"  # none | bf16 | fp16; "recipe": the recipe's choice
-    channels_last: bool = False
-    compile: bool = False
-    pyconv_plan: str = "auto"  # PyConv execution plan: auto (fastest, measured once per layer shape) | naive | e.g. 0|123
-    sync_bn: bool = False
-    gpus: int = 1  # processes; >1 starts torchrun
-    seed: int = 0
-    run_name: str = ""  # default: <model>-<recipe>-s<seed>
-    runs_dir: str = "runs"
     crop: int = 0  # train crop; 0: 224 for ImageNet, image_size for Fashion-MNIST
     test_crop: int = 0  # 0: same as crop; 320 for the paper's 320x320 test
     image_size: int = 32  # Fashion-MNIST side (28x28 upsampled)
     train_subset: int = 2000  # Fashion-MNIST training images (0: all 60,000)
     val_subset: int = 1000  # Fashion-MNIST test images (0: all 10,000)
-    num_workers: int = 0
     dropout: float = 0.0
     zero_init_residual: bool = False
-    resume: bool = False
 
     @property
     def model_name(self) -> str:
@@ -141,13 +132,11 @@ def train_config(p: Params) -> TrainConfig:
     if p.recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {p.recipe!r}")
     r = RECIPES[p.recipe]
-    amp = r["amp"] if p.amp == "recipe" else (None if p.amp in ("none", "", None) else p.amp)
     return TrainConfig(
         run_name=p.run_name or f"{p.model_name}-{p.recipe}-s{p.seed}", epochs=p.epochs, batch_size=p.batch_size,
         lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"], weight_decay=r["weight_decay"],
-        schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]), amp=amp,
-        channels_last=p.channels_last, compile=p.compile, pyconv_plan=p.pyconv_plan, sync_bn=p.sync_bn, seed=p.seed, resume=p.resume,
-        num_workers=p.num_workers, runs_dir=p.runs_dir, extra=dataclasses.asdict(p))
+        schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
+        **{**p.run_args(), **({"amp": r["amp"]} if p.amp == "recipe" else {})})
 
 
 def run(p: Params) -> FitResult:

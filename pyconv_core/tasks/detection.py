@@ -25,6 +25,7 @@ from pyconv_core.engine.logging import workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, fit
 from pyconv_core.models.ssd import SSD, load_backbone_checkpoint, match, multibox_loss, postprocess
 from pyconv_core.registry import build
+from pyconv_core.tasks.base import RunParams
 
 __all__ = ["DetectionTask", "Params", "RECIPES", "COCO_METRICS", "PAPER_METRICS", "run", "datasets",
            "train_config", "build_model", "predict", "paper_table", "untrained_metrics", "browse"]
@@ -141,7 +142,7 @@ def paper_table(metrics: dict[str, float], model_name: str, untrained: dict[str,
 
 
 @dataclass
-class Params:
+class Params(RunParams):
     """The detection experiment: the notebook's ``parameters`` cell and the launcher's flags."""
 
     arch: str = "pyconvssd"  # ssd | pyconvssd (or a full registered name such as pyconvssd50)
@@ -155,14 +156,6 @@ class Params:
     lr: float = 0.0  # 0: the recipe's lr (given per its reference batch, scaled linearly)
     recipe: str = "demo"  # paper | demo
     amp: str = "none"  # none | bf16 | fp16; "recipe": the recipe's choice
-    channels_last: bool = False
-    compile: bool = False
-    pyconv_plan: str = "auto"  # PyConv execution plan: auto (fastest, measured once per layer shape) | naive | e.g. 0|123
-    sync_bn: bool = False
-    gpus: int = 1  # processes; >1 starts torchrun
-    seed: int = 0
-    run_name: str = ""  # default: <model>-<recipe>-s<seed>
-    runs_dir: str = "runs"
     backbone_checkpoint: str = ""  # ImageNet checkpoint of the backbone (official or workbook layout)
     demo_dir: str = "data/demo_coco"  # demo set folder (reused if already there); relative to the workbook root
     demo_train: int = 256  # demo training images
@@ -172,9 +165,6 @@ class Params:
     nms_iou: float = 0.5
     top_k: int = 200  # detections kept per image
     eval_every: int = 3  # evaluate every this many epochs (and after the last)
-    num_workers: int = 0
-    progress: bool = True  # progress bars (off under papermill / CI)
-    resume: bool = False
 
     @property
     def model_name(self) -> str:
@@ -205,14 +195,12 @@ def _recipe(p: Params) -> dict:
 def train_config(p: Params) -> TrainConfig:
     """The TrainConfig of an experiment: the recipe, overridden by explicit parameters."""
     r = _recipe(p)
-    amp = r["amp"] if p.amp == "recipe" else (None if p.amp in ("none", "", None) else p.amp)
     return TrainConfig(
         run_name=p.run_name or f"{p.model_name}-{p.recipe}-s{p.seed}", epochs=p.epochs, batch_size=p.batch_size,
         lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"], weight_decay=r["weight_decay"],
         schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
-        warmup_epochs=min(r["warmup_epochs"], p.epochs), amp=amp, channels_last=p.channels_last,
-        compile=p.compile, pyconv_plan=p.pyconv_plan, sync_bn=p.sync_bn, seed=p.seed, resume=p.resume, num_workers=p.num_workers,
-        eval_every=p.eval_every, runs_dir=p.runs_dir, progress=p.progress, extra=dataclasses.asdict(p))
+        warmup_epochs=min(r["warmup_epochs"], p.epochs), eval_every=p.eval_every,
+        **{**p.run_args(), **({"amp": r["amp"]} if p.amp == "recipe" else {})})
 
 
 def build_model(p: Params, num_classes: int) -> SSD:

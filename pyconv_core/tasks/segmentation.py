@@ -24,6 +24,7 @@ from pyconv_core.data.demo_segmentation import make_demo_ade20k
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.trainer import FitResult, TrainConfig, fit
 from pyconv_core.registry import build
+from pyconv_core.tasks.base import RunParams
 
 __all__ = ["SegmentationTask", "Params", "RECIPES", "MULTI_SCALES", "run", "datasets", "train_config", "task_for",
            "build_model", "collate", "confusion_matrix", "scores", "class_iou_table", "predict",
@@ -172,7 +173,7 @@ class SegmentationTask:
 
 
 @dataclass
-class Params:
+class Params(RunParams):
     """The segmentation experiment: the notebook's ``parameters`` cell and the launcher's flags."""
 
     head: str = "pyconvsegnet"  # pyconvsegnet | pspnet | deeplabv3 | fcn (the heads of S-Table 6)
@@ -184,13 +185,7 @@ class Params:
     epochs: int = 3  # passes over the training images (paper: 100)
     batch_size: int = 0  # global batch; 0: the recipe's (ade20k 16, demo 8)
     lr: float = 0.0  # 0: the recipe's lr (per its reference batch of 16, scaled linearly)
-    amp: str = "none"  # none | bf16 | fp16
-    pyconv_plan: str = "auto"  # PyConv execution plan: auto (fastest, measured once per layer shape) | naive | e.g. 0|123
     sync_bn: bool = True  # SyncBatchNorm under torchrun on GPUs (PyTorch's is GPU-only)
-    gpus: int = 1  # processes; >1 starts torchrun
-    seed: int = 0
-    run_name: str = ""  # default: <model>-os<stride>-<recipe>-s<seed>
-    runs_dir: str = "runs"
     crop: int = 0  # training crop; 0: the recipe's (473 / 49)
     test_crop: int = 0  # sliding-window crop; 0: the recipe's (473 / 73: one window per demo image)
     base_size: int = -1  # test long side before scaling; -1: the recipe's (512 / 0 = keep the size)
@@ -198,8 +193,6 @@ class Params:
     train_subset: int = 0  # training images (0: all)
     val_subset: int = 0  # validation images (0: all)
     backbone_weights: str = ""  # ImageNet checkpoint of the backbone (authors' or torchvision layout)
-    num_workers: int = 0
-    resume: bool = False
 
     @property
     def model_name(self) -> str:
@@ -229,9 +222,7 @@ def train_config(p: Params) -> TrainConfig:
         run_name=p.run_name or f"{p.model_name}-os{p.output_stride}-{p.recipe}-s{p.seed}", epochs=p.epochs,
         batch_size=p.batch_size or r["batch_size"], lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"],
         momentum=r["momentum"], weight_decay=r["weight_decay"], schedule=r["schedule"], poly_power=r["poly_power"],
-        amp=None if p.amp in ("none", "", None) else p.amp, sync_bn=p.sync_bn and torch.cuda.is_available(),
-        seed=p.seed, resume=p.resume, pyconv_plan=p.pyconv_plan,
-        num_workers=p.num_workers, runs_dir=p.runs_dir, extra=dataclasses.asdict(p))
+        **{**p.run_args(), "sync_bn": p.sync_bn and torch.cuda.is_available()})
 
 
 def task_for(p: Params, num_classes: int) -> SegmentationTask:

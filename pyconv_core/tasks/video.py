@@ -28,6 +28,7 @@ from pyconv_core.models.official import load_official_checkpoint
 from pyconv_core.models.video import inflate_2d
 from pyconv_core.profile import count_flops, count_params, profile_rows
 from pyconv_core.registry import build
+from pyconv_core.tasks.base import RunParams
 
 __all__ = ["VideoTask", "Params", "RECIPES", "PAPER_ERRORS", "run", "datasets", "sampling", "train_config",
            "build_model", "multiview_test", "predict_videos", "show_clips", "normalize", "paper_profile", "model_cost"]
@@ -108,7 +109,7 @@ class VideoTask:
 
 
 @dataclass
-class Params:
+class Params(RunParams):
     """The video experiment: the notebook's ``parameters`` cell and the launcher's flags.
 
     Zero / empty values mean "the paper's with ``data_dir``, the CPU demo's without".
@@ -119,15 +120,6 @@ class Params:
     epochs: int = 90
     batch_size: int = 0  # global clips per step; 0: 64 (paper) / 16 (demo)
     lr: float = 0.0  # per 64 clips, scaled linearly; 0: 0.1 (paper) / 0.02 (demo: a short run on 9 classes needs a gentler start)
-    amp: str = "none"  # none | bf16 | fp16
-    channels_last: bool = False  # NDHWC memory format (GPU; on CPU its 3D batch norm is far slower)
-    compile: bool = False
-    pyconv_plan: str = "auto"  # PyConv execution plan: auto (fastest, measured once per layer shape) | naive | e.g. 0|123
-    sync_bn: bool = False
-    gpus: int = 1  # processes; >1 starts torchrun
-    seed: int = 0
-    run_name: str = ""  # default: <model>-kinetics|demo-s<seed>
-    runs_dir: str = "runs"
     stage_blocks: str = ""  # blocks per stage, e.g. "1,1,1,1"; empty: 3,4,6,3 (paper) / 1,1,1,1 (demo)
     frames: int = 0  # frames per clip; 0: 16 (paper) / 4 (demo)
     stride: int = 4  # take every stride-th frame (paper: 4)
@@ -141,9 +133,6 @@ class Params:
     demo_dir: str = "data/demo_kinetics"  # demo set folder (reused if already there); relative to the workbook root
     demo_train_per_class: int = 32  # demo training videos per motion class
     demo_val_per_class: int = 8  # demo validation videos per motion class
-    num_workers: int = 0
-    progress: bool = True  # progress bars (off under papermill / CI)
-    resume: bool = False
 
     @property
     def demo(self) -> bool:
@@ -197,9 +186,7 @@ def train_config(p: Params) -> TrainConfig:
         batch_size=p.batch_size or (16 if p.demo else r["batch_size"]), lr=p.lr or (0.02 if p.demo else r["lr"]),
         lr_reference_batch=r["lr_reference_batch"], momentum=r["momentum"], weight_decay=r["weight_decay"],
         schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
-        amp=None if p.amp in ("none", "") else p.amp, channels_last=p.channels_last, compile=p.compile, pyconv_plan=p.pyconv_plan,
-        sync_bn=p.sync_bn, seed=p.seed, resume=p.resume, num_workers=p.num_workers, runs_dir=p.runs_dir,
-        progress=p.progress, extra=dataclasses.asdict(p))
+        **p.run_args())
 
 
 def build_model(p: Params, num_classes: int) -> nn.Module:
