@@ -322,14 +322,14 @@ def format_layer_table(rows: list[dict]) -> str:
         if r["plan"] != "plain conv":
             key = (r["model"], r["layer"])
             best[key] = min(best.get(key, r), r, key=lambda v: v["train_ms"])
-    header = (f"{'layer':<34}{'n':>3}{'input':>18}{'plan':>12}{'MACs':>6}{'train ms':>10}{'infer ms':>10}"
+    header = (f"{'layer':<34}{'n':>3}{'input':>18}{'plan':>14}{'MACs':>6}{'train ms':>10}{'infer ms':>10}"
               f"{'train/plain':>12}{'infer/plain':>12}")
     lines = [header, "-" * len(header)]
     for r in rows:
         mark = "*" if best.get((r["model"], r["layer"])) is r else " "
         macs = "-" if r["mac_ratio"] is None else f"{r['mac_ratio']:.2f}"
         lines.append(f"{r['model'] + ':' + r['layer']:<34}{r['count']:>3}{'x'.join(map(str, r['input_shape'])):>18}"
-                     f"{r['plan'] + mark:>12}{macs:>6}{r['train_ms']:>10.2f}{r['infer_ms']:>10.2f}"
+                     f"{r['plan'] + mark:>14}{macs:>6}{r['train_ms']:>10.2f}{r['infer_ms']:>10.2f}"
                      f"{1 / r['train_vs_plain']:>12.2f}{1 / r['infer_vs_plain']:>12.2f}")
     return "\n".join(lines)
 

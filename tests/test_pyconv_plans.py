@@ -51,7 +51,9 @@ def test_every_plan_matches_the_naive_output_and_gradients(dim, seed):
     cin = layer.levels[0].in_channels
     x = torch.randn(2, cin, *([6] if dim == 3 else []), 13, 11)
     expected = _output_and_grads(layer, x)
-    for plan in plans.partitions(len(layer.levels)):
+    all_plans = plans.all_plans(layer.levels)
+    assert any(p.temporal_taps for p in all_plans) == (dim == 3)
+    for plan in all_plans:
         layer.plan = plans.format_plan(plan)
         got = _output_and_grads(layer, x)
         for name, a, b in zip(["output", "input grad", *[n for n, _ in layer.named_parameters()]], got, expected):
@@ -69,11 +71,30 @@ def test_channels_last_input_gives_channels_last_output():
     torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
 
 
+def test_temporal_taps_keep_the_memory_format_and_only_apply_to_3d():
+    layer = PyConv(16, 32, [(5, 7, 7), (3, 3, 3)], [8, 1], dim=3)
+    clip = torch.randn(2, 16, 5, 9, 9)
+    expected = layer(clip)
+    layer.plan = "taps:0|1"
+    for fmt in (torch.contiguous_format, torch.channels_last_3d):
+        y = layer(clip.contiguous(memory_format=fmt))
+        assert y.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    image_layer = PyConv(16, 32, [3, 5], [1, 4])
+    image_layer.plan = "taps:01"
+    assert image_layer.current_plan(torch.randn(1, 16, 8, 8)) == plans.naive_plan(2)
+
+
 def test_partitions_are_all_set_partitions():
     assert [len(plans.partitions(n)) for n in range(1, 5)] == [1, 2, 5, 15]  # Bell numbers
-    for plan in plans.partitions(4):
-        assert sorted(sum(plan, ())) == [0, 1, 2, 3]
-    assert plans.parse_plan("0|123") == ((0,), (1, 2, 3)) and plans.format_plan(((0, 2), (1,))) == "02|1"
+    for parts in plans.partitions(4):
+        assert sorted(sum(parts, ())) == [0, 1, 2, 3]
+    assert plans.parse_plan("0|123") == plans.Plan(((0,), (1, 2, 3)))
+    assert plans.format_plan(plans.Plan(((0, 2), (1,)))) == "02|1"
+    assert plans.parse_plan("taps:0|123") == plans.Plan(((0,), (1, 2, 3)), temporal_taps=True)
+    assert str(plans.parse_plan("taps:02|1")) == "taps:02|1"
+    with pytest.raises(ValueError):
+        plans.parse_plan("taps:0|1x")
 
 
 def test_mac_ratio_counts_the_zero_padded_kernels():
@@ -81,8 +102,9 @@ def test_mac_ratio_counts_the_zero_padded_kernels():
     assert plans.mac_ratio(layer.levels, plans.naive_plan(4)) == 1.0
     # levels 1-3 as one 9x9 convolution with 4 groups: 48 outputs x 16 inputs x 81 taps
     naive = 16 * (64 * 9 + 16 * 25 + 8 * 49 + 4 * 81)
-    assert plans.mac_ratio(layer.levels, ((0,), (1, 2, 3))) == pytest.approx((16 * 64 * 9 + 48 * 16 * 81) / naive)
-    assert ((0, 1, 2, 3),) not in plans.candidate_plans(layer.levels)  # one dense 9x9: 12x the MACs
+    assert plans.mac_ratio(layer.levels, plans.Plan(((0,), (1, 2, 3)))) == pytest.approx(
+        (16 * 64 * 9 + 48 * 16 * 81) / naive)
+    assert plans.Plan(((0, 1, 2, 3),)) not in plans.candidate_plans(layer.levels)  # one dense 9x9: 12x the MACs
 
 
 def test_auto_plan_records_its_choice_and_keeps_the_parameters():

@@ -10,6 +10,12 @@ Merging costs extra MACs on zeros but replaces several small convolutions that u
 badly (few channels per group, large kernels) by one that uses it better: whether it pays depends
 on shape, dtype and device, so :func:`tune` measures every candidate (forward, plus backward
 when training) on the actual input once and caches the fastest, like ``cudnn.benchmark``.
+
+For 3D layers a plan may also compute its parts by *temporal taps*: a ``kt x kh x kw`` convolution
+is ``kt`` grouped 2D convolutions over the frames, shifted in time and summed. All taps run as one
+2D convolution over the N*T frames (a channels_last_3d clip is already a channels_last batch of
+frames), whose outputs are then summed with the taps' time shifts: same MACs, but the 2D grouped
+kernels of CPU backends are far faster than their 3D ones (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -17,15 +23,30 @@ import copy
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Plan", "naive_plan", "parse_plan", "format_plan", "partitions", "mac_ratio", "candidate_plans",
-           "run_plan", "signature", "time_plan", "tune", "PLAN_CACHE", "MAX_MAC_RATIO"]
+__all__ = ["Plan", "naive_plan", "parse_plan", "format_plan", "partitions", "all_plans", "mac_ratio",
+           "candidate_plans", "run_plan", "signature", "time_plan", "tune", "PLAN_CACHE", "MAX_MAC_RATIO"]
 
-Plan = tuple[tuple[int, ...], ...]  # a partition of the level indices; each part runs as one convolution
+Partition = tuple[tuple[int, ...], ...]  # of the level indices; each part runs as one convolution
+TAPS_PREFIX = "taps:"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a PyConv computes: ``parts`` partition its levels, each part one convolution; with
+    ``temporal_taps`` (3D only) each part's convolution runs as 2D convolutions over the frames."""
+
+    parts: Partition
+    temporal_taps: bool = False
+
+    def __str__(self) -> str:
+        return format_plan(self)
+
 
 MAX_MAC_RATIO = 4.0  # candidates doing more than this many times the naive MACs are not timed
 PLAN_CACHE: dict[tuple, Plan] = {}  # (layer signature, input signature) -> fastest plan, per process
@@ -34,25 +55,33 @@ _CONV_FN = {2: F.conv2d, 3: F.conv3d}
 
 def naive_plan(num_levels: int) -> Plan:
     """Every level alone: the authors' implementation."""
-    return tuple((i,) for i in range(num_levels))
+    return Plan(tuple((i,) for i in range(num_levels)))
 
 
 def parse_plan(text: str) -> Plan:
-    """``"0|123"`` -> ``((0,), (1, 2, 3))`` (level indices are single digits)."""
-    return tuple(tuple(int(c) for c in part) for part in text.split("|"))
+    """``"0|123"`` -> parts ``((0,), (1, 2, 3))``; ``"taps:0|123"`` the same by temporal taps
+    (level indices are single digits). ValueError for anything else."""
+    taps = text.startswith(TAPS_PREFIX)
+    return Plan(tuple(tuple(int(c) for c in part) for part in text.removeprefix(TAPS_PREFIX).split("|")), taps)
 
 
 def format_plan(plan: Plan) -> str:
-    """``((0,), (1, 2, 3))`` -> ``"0|123"``."""
-    return "|".join("".join(str(i) for i in part) for part in plan)
+    """Parts ``((0,), (1, 2, 3))`` -> ``"0|123"`` (``"taps:0|123"`` by temporal taps)."""
+    return (TAPS_PREFIX if plan.temporal_taps else "") + "|".join("".join(str(i) for i in p) for p in plan.parts)
 
 
-def partitions(num_levels: int) -> list[Plan]:
+def partitions(num_levels: int) -> list[Partition]:
     """All partitions of ``range(num_levels)`` into parts (15 for four levels), parts in level order."""
     plans: list[list[list[int]]] = [[]]
     for i in range(num_levels):
         plans = [[*p[:j], [*p[j], i], *p[j + 1:]] for p in plans for j in range(len(p))] + [[*p, [i]] for p in plans]
     return sorted(tuple(tuple(part) for part in p) for p in plans)
+
+
+def all_plans(convs: Sequence[nn.Module]) -> list[Plan]:
+    """Every partition of the levels; for 3D levels each also by temporal taps."""
+    modes = (False, True) if len(convs[0].kernel_size) == 3 else (False,)
+    return [Plan(parts, taps) for taps in modes for parts in partitions(len(convs))]
 
 
 def _part_shape(convs: Sequence[nn.Module], part: Sequence[int]) -> tuple[tuple[int, ...], int]:
@@ -67,15 +96,15 @@ def mac_ratio(convs: Sequence[nn.Module], plan: Plan) -> float:
         return out * cin / groups * math.prod(kernel)
     naive = sum(macs(c.out_channels, c.in_channels, c.kernel_size, c.groups) for c in convs)
     merged = 0.0
-    for part in plan:
+    for part in plan.parts:
         kernel, groups = _part_shape(convs, part)
         merged += macs(sum(convs[i].out_channels for i in part), convs[part[0]].in_channels, kernel, groups)
     return merged / naive
 
 
 def candidate_plans(convs: Sequence[nn.Module], max_mac_ratio: float = MAX_MAC_RATIO) -> list[Plan]:
-    """The partitions worth timing: those within ``max_mac_ratio`` of the naive MACs."""
-    return [p for p in partitions(len(convs)) if mac_ratio(convs, p) <= max_mac_ratio]
+    """The plans worth timing: those within ``max_mac_ratio`` of the naive MACs."""
+    return [p for p in all_plans(convs) if mac_ratio(convs, p) <= max_mac_ratio]
 
 
 def _merged_weight(convs: Sequence[nn.Module], part: Sequence[int], kernel: tuple[int, ...], groups: int) -> torch.Tensor:
@@ -97,18 +126,47 @@ def _merged_weight(convs: Sequence[nn.Module], part: Sequence[int], kernel: tupl
     return torch.cat(blocks, dim=1).flatten(0, 1)
 
 
-def _run_part(x: torch.Tensor, convs: Sequence[nn.Module], part: Sequence[int]) -> list[torch.Tensor]:
+def _temporal_taps_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """``F.conv3d`` computed as one grouped 2D convolution of every temporal tap over the N*T frames,
+    then the taps' outputs summed with their time shifts (zero padding in time as in the 3D one)."""
+    n, cin, t = x.shape[:3]
+    cout, _, kt = weight.shape[:3]
+    per_group = cout // groups
+    frames = x.permute(0, 2, 3, 4, 1).reshape(n * t, *x.shape[3:], cin).permute(0, 3, 1, 2)  # channels_last
+    taps = weight.unflatten(0, (groups, per_group)).movedim(3, 1).flatten(0, 2)  # (group, tap, out) order
+    z = F.conv2d(frames, taps, None, stride[1:], padding[1:], dilation[1:], groups)
+    h, w = z.shape[-2:]
+    z = z.permute(0, 2, 3, 1).reshape(n, t, h, w, groups, kt, per_group)
+    z = F.pad(z, (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, padding[0], padding[0]))
+    t_out = (t + 2 * padding[0] - dilation[0] * (kt - 1) - 1) // stride[0] + 1
+    span = (t_out - 1) * stride[0] + 1
+    y = sum(z[:, d * dilation[0]:d * dilation[0] + span:stride[0], :, :, :, d] for d in range(kt))
+    y = y.reshape(n, t_out, h, w, cout)
+    if bias is not None:
+        y = y + bias
+    return y.permute(0, 4, 1, 2, 3)
+
+
+def _run_part(x: torch.Tensor, convs: Sequence[nn.Module], part: Sequence[int],
+              temporal_taps: bool) -> list[torch.Tensor]:
     """The outputs of the levels of ``part``, each ``[N, out_i, ...]``, computed by one convolution."""
-    if len(part) == 1:
-        return [convs[part[0]](x)]
     first = convs[part[0]]
+    if len(part) == 1:
+        if not temporal_taps:
+            return [first(x)]
+        return [_temporal_taps_conv(x, first.weight, first.bias, first.stride, first.padding, first.dilation,
+                                    first.groups)]
     kernel, groups = _part_shape(convs, part)
     padding = tuple(d * (k // 2) for k, d in zip(kernel, first.dilation))
     bias = None
     if first.bias is not None:
         bias = torch.cat([convs[i].bias.view(groups, -1) for i in part], dim=1).flatten()
-    y = _CONV_FN[len(kernel)](x, _merged_weight(convs, part, kernel, groups), bias, first.stride, padding,
-                              first.dilation, groups)
+    weight = _merged_weight(convs, part, kernel, groups)
+    if temporal_taps:
+        y = _temporal_taps_conv(x, weight, bias, first.stride, padding, first.dilation, groups)
+    else:
+        y = _CONV_FN[len(kernel)](x, weight, bias, first.stride, padding, first.dilation, groups)
     sizes = [convs[i].out_channels // groups for i in part]
     if groups == 1:
         return list(y.split(sizes, dim=1))
@@ -116,15 +174,16 @@ def _run_part(x: torch.Tensor, convs: Sequence[nn.Module], part: Sequence[int]) 
 
 
 def run_plan(x: torch.Tensor, convs: Sequence[nn.Module], plan: Plan) -> torch.Tensor:
-    """The PyConv output (levels concatenated in order) computed part by part as ``plan`` says."""
-    if len(convs) == 1:
+    """The PyConv output (levels concatenated in order) computed part by part as ``plan`` says, in the
+    memory format of ``x``."""
+    if len(convs) == 1 and not plan.temporal_taps:
         return convs[0](x)
     outputs: dict[int, torch.Tensor] = {}
-    for part in plan:
-        outputs.update(zip(part, _run_part(x, convs, part)))
+    for part in plan.parts:
+        outputs.update(zip(part, _run_part(x, convs, part, plan.temporal_taps)))
     y = torch.cat([outputs[i] for i in range(len(convs))], dim=1)
     fmt = _channels_last_format(x)
-    return y if fmt is None else y.contiguous(memory_format=fmt)
+    return y.contiguous(memory_format=fmt or torch.contiguous_format)
 
 
 def _channels_last_format(x: torch.Tensor) -> torch.memory_format | None:

@@ -20,8 +20,8 @@ __all__ = ["PyConv", "LevelSet", "PYCONV_PRESETS", "PLAN_MODES", "split_channels
            "pyconv_plans", "load_pyconv_plans"]
 
 # "auto": the fastest plan per input signature, measured once (layers/plans.py); "naive": the
-# authors' per-level convolutions; or an explicit partition such as "0|123" for every PyConv
-# with as many levels (others run naive).
+# authors' per-level convolutions; or an explicit partition such as "0|123" (3D: "taps:0|123" by
+# temporal taps) for every PyConv it fits (others run naive).
 PLAN_MODES = ("auto", "naive")
 
 
@@ -70,7 +70,7 @@ class PyConv(nn.Module):
 
     The level convolutions are ``self.levels[i]``; ``load_official_checkpoint`` maps them to the
     authors' ``conv2_{i+1}`` names. ``plan`` says how the forward is computed (``layers/plans.py``):
-    ``"naive"`` (default), ``"auto"`` or a partition like ``"0|123"``; ``choices`` records, per input
+    ``"naive"`` (default), ``"auto"`` or a partition like ``"0|123"`` (3D: ``"taps:0|123"``); ``choices`` records, per input
     signature, the plan ``"auto"`` picked, so a resumed run computes exactly as before.
     """
 
@@ -118,7 +118,9 @@ class PyConv(nn.Module):
             return naive_plan(len(self.levels))
         if self.plan != "auto":
             plan = parse_plan(self.plan)
-            return plan if sorted(sum(plan, ())) == list(range(len(self.levels))) else naive_plan(len(self.levels))
+            fits = sorted(sum(plan.parts, ())) == list(range(len(self.levels)))
+            fits = fits and (self.dim == 3 or not plan.temporal_taps)
+            return plan if fits else naive_plan(len(self.levels))
         training = self.training and torch.is_grad_enabled()
         if torch.compiler.is_compiling():  # tuning times eager calls: reuse the last eager choice of this mode
             tuned = self.chosen(training)
@@ -146,7 +148,7 @@ def set_pyconv_plan(model: nn.Module, plan: str) -> int:
             parse_plan(plan)
         except ValueError:
             raise ValueError(f"unknown PyConv plan {plan!r}: use one of {PLAN_MODES} or a partition of the "
-                             f"level indices such as '0|123'") from None
+                             f"level indices such as '0|123' (3D also 'taps:0|123')") from None
     layers = [m for m in model.modules() if isinstance(m, PyConv)]
     for m in layers:
         m.plan = plan
