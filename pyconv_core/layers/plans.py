@@ -152,21 +152,18 @@ def _run_part(x: torch.Tensor, convs: Sequence[nn.Module], part: Sequence[int],
               temporal_taps: bool) -> list[torch.Tensor]:
     """The outputs of the levels of ``part``, each ``[N, out_i, ...]``, computed by one convolution."""
     first = convs[part[0]]
-    if len(part) == 1:
-        if not temporal_taps:
-            return [first(x)]
-        return [_temporal_taps_conv(x, first.weight, first.bias, first.stride, first.padding, first.dilation,
-                                    first.groups)]
+    if len(part) == 1 and not temporal_taps:
+        return [first(x)]
     kernel, groups = _part_shape(convs, part)
     padding = tuple(d * (k // 2) for k, d in zip(kernel, first.dilation))
     bias = None
     if first.bias is not None:
         bias = torch.cat([convs[i].bias.view(groups, -1) for i in part], dim=1).flatten()
-    weight = _merged_weight(convs, part, kernel, groups)
-    if temporal_taps:
-        y = _temporal_taps_conv(x, weight, bias, first.stride, padding, first.dilation, groups)
-    else:
-        y = _CONV_FN[len(kernel)](x, weight, bias, first.stride, padding, first.dilation, groups)
+    weight = first.weight if len(part) == 1 else _merged_weight(convs, part, kernel, groups)
+    conv = _temporal_taps_conv if temporal_taps else _CONV_FN[len(kernel)]
+    y = conv(x, weight, bias, first.stride, padding, first.dilation, groups)
+    if len(part) == 1:
+        return [y]
     sizes = [convs[i].out_channels // groups for i in part]
     if groups == 1:
         return list(y.split(sizes, dim=1))
