@@ -95,13 +95,18 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, how, straight_run):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
+def _ddp_fit(tmp_path, name: str, pyconv_plan: str, *options: str) -> subprocess.CompletedProcess:
+    script = str(ROOT / "tests" / "scripts" / "ddp_fit.py")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                           script, str(tmp_path / name), str(tmp_path / f"{name}.pt"), pyconv_plan, *options],
+                          env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+
+
 def test_two_process_ddp_matches_one_process(tmp_path):
     script = str(ROOT / "tests" / "scripts" / "ddp_fit.py")
-    subprocess.run([sys.executable, script, str(tmp_path / "one"), str(tmp_path / "one.pt")], env=_env(),
+    subprocess.run([sys.executable, script, str(tmp_path / "one"), str(tmp_path / "one.pt"), "auto"], env=_env(),
                    check=True, capture_output=True)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                          script, str(tmp_path / "two"), str(tmp_path / "two.pt")], env={**_env(), "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True)
+    ddp = _ddp_fit(tmp_path, "two", "auto")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for key, value in one["state"].items():
@@ -111,6 +116,19 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert eval_two["num_samples"] == eval_one["num_samples"] == 100
     assert eval_two["top1"] == pytest.approx(eval_one["top1"])
     assert not (tmp_path / "two" / "ddp" / "metrics.jsonl").read_text().count('"epoch": 1, "lr"') > 1
+
+
+def test_ddp_replicas_train_with_rank0_auto_plans(tmp_path):
+    # Each rank's timing is made to prefer a different plan; every replica must still train with
+    # rank 0's choice (evaluation plans stay per process: they change no weights).
+    ddp = _ddp_fit(tmp_path, "auto", "auto", "--rank-preferences")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "auto.pt")["plans"], torch.load(tmp_path / "auto.pt.rank1")["plans"]
+    train0 = {sig: plan for sig, plan in rank0["1"].items() if sig.endswith("train")}
+    train1 = {sig: plan for sig, plan in rank1["1"].items() if sig.endswith("train")}
+    assert train0 and set(train0.values()) == {"01"}
+    assert train1 == train0
+    assert {plan for sig, plan in rank1["1"].items() if sig.endswith("eval")} == {"0|1"}
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path, imagenet_dir, caplog):

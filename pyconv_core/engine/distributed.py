@@ -10,7 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "is_distributed", "rank", "world_size", "is_main", "all_reduce_sum", "barrier", "cleanup"]
+__all__ = ["init", "is_distributed", "rank", "world_size", "is_main", "all_reduce_sum", "broadcast_object", "barrier",
+           "cleanup"]
 
 
 def init() -> torch.device:
@@ -46,6 +47,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s ``obj`` on every process (``obj`` itself in a single process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def barrier() -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pyconv_core.engine import distributed
 from pyconv_core.layers import factory
 from pyconv_core.layers.factory import IntOrTuple
 from pyconv_core.layers.plans import Plan, format_plan, naive_plan, parse_plan, run_plan, signature, tune
@@ -127,8 +128,22 @@ class PyConv(nn.Module):
             return parse_plan(tuned[-1]) if tuned else naive_plan(len(self.levels))
         key = signature(x, training)
         if key not in self.choices:
-            self.choices[key] = format_plan(tune(x, self.levels, training))
+            if training and distributed.world_size() > 1:
+                self.choices[key] = self._replicated_training_choice(x)
+            else:
+                self.choices[key] = format_plan(tune(x, self.levels, training))
         return parse_plan(self.choices[key])
+
+    def _replicated_training_choice(self, x: torch.Tensor) -> str:
+        """Under DDP every replica must train with the same plan (plans differ in rounding, and timing
+        differs per process): rank 0 tunes on the first training input and broadcasts its choice, which
+        then serves every later training signature of this layer. Later signatures (a smaller last batch
+        on some ranks) reach ranks at different steps, so they reuse the choice instead of a collective."""
+        earlier = self.chosen(training=True)
+        if earlier:
+            return earlier[-1]
+        plan = format_plan(tune(x, self.levels, training=True)) if distributed.is_main() else None
+        return distributed.broadcast_object(plan)
 
     def chosen(self, training: bool) -> list[str]:
         """The plans ``"auto"`` picked so far for training (or evaluation) inputs, oldest first."""
