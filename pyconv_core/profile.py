@@ -91,6 +91,8 @@ def profile_rows(names: Iterable[str] | None = None) -> list[dict]:
     for name in names or list_models():
         entry = model_entry(name)
         model = build(name)
+        if entry.count_setup:
+            entry.count_setup(model)
         params = count_params(model)
         sizes = list(entry.paper.gflops) or [_default_size(entry.input_shape)]
         for size in sizes:

@@ -34,21 +34,26 @@ class ModelEntry:
     task: str
     input_shape: tuple[int, ...]
     paper: PaperFigures
+    count_setup: Callable[[nn.Module], None] | None = None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(task: str = "classification", input_shape: tuple[int, ...] = (3, 224, 224),
-                   paper: PaperFigures | None = None) -> Callable:
+                   paper: PaperFigures | None = None,
+                   count_setup: Callable[[nn.Module], None] | None = None) -> Callable:
     """Decorator registering a builder under its function name.
 
-    ``input_shape`` is one sample's shape at the paper's default size (for profiling).
+    ``input_shape`` is one sample's shape at the paper's default size (for profiling);
+    ``count_setup`` prepares a built model to be counted as the paper counted it (segmentation:
+    with the auxiliary head that only training runs).
     """
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if fn.__name__ in _REGISTRY:
             raise ValueError(f"model {fn.__name__!r} is registered twice")
-        _REGISTRY[fn.__name__] = ModelEntry(fn.__name__, fn, task, input_shape, paper or PaperFigures())
+        _REGISTRY[fn.__name__] = ModelEntry(fn.__name__, fn, task, input_shape, paper or PaperFigures(),
+                                                count_setup)
         return fn
     return wrap
 

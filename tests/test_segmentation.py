@@ -16,7 +16,7 @@ from pyconv_core.data.demo_segmentation import DEMO_CLASSES, make_demo_ade20k
 from pyconv_core.engine.trainer import TrainConfig, fit
 from pyconv_core.models.resnet import ResNet
 from pyconv_core.models.segmentation import profile_output_strides
-from pyconv_core.profile import count_flops
+from pyconv_core.profile import count_flops, profile_rows
 from pyconv_core.tasks.segmentation import (SegmentationTask, class_iou_table, collate, confusion_matrix, predict,
                                             scores)
 
@@ -259,6 +259,14 @@ def test_params_and_gflops_match_s_table_6_at_both_output_strides(paper_rows):
     for r in paper_rows:
         assert abs(r["params_diff"]) <= 0.01, r
         assert abs(r["gflops_diff"]) <= 0.03, r
+
+
+def test_generic_profiler_counts_the_aux_head_as_s_table_6(paper_rows):
+    # `python -m pyconv_core.profile` (eval mode) must count what the paper counted, like profile_output_strides
+    [row] = profile_rows(["pyconvsegnet50"])
+    [os8] = [r for r in paper_rows if r["model"] == "pyconvsegnet50 os8"]
+    assert (row["params"], row["gmacs"], row["gflops"]) == (os8["params"], os8["gmacs"], os8["gflops"])
+    assert abs(row["gflops_diff"]) <= 0.03, row
 
 
 def test_shape_only_counting_equals_computed_counting():

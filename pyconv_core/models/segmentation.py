@@ -13,7 +13,8 @@ the same ratios for lighter backbones:
 * :class:`PlainHead` (the baseline of S-Table 6): one 3x3 conv.
 
 The paper counts params and GFLOPs with the auxiliary head, which only runs in training; so
-:func:`profile_output_strides` counts a forward pass with it (``with_aux=True``).
+the registered models count a forward pass with it (``with_aux=True``, :func:`count_with_aux`), in
+``python -m pyconv_core.profile`` and in :func:`profile_output_strides`.
 ``load_official_checkpoint`` reads the authors' layout (iduta/pyconvsegnet, on hszhao/semseg):
 ``layer0`` (stem) ``layer1..4``, ``pyconvhead.*`` / ``ppm.*``, ``cls.*``, ``aux.*``.
 """
@@ -35,7 +36,8 @@ from pyconv_core.profile import count_flops, count_params
 from pyconv_core.registry import PaperFigures, build, list_models, model_entry, register_model
 
 __all__ = ["SegmentationNet", "PyConvPH", "PPM", "ASPP", "PlainHead", "aux_head", "HEADS", "MODEL_HEADS",
-           "S_TABLE6", "SegFigures", "segmentation_net", "paper_figures", "profile_output_strides"]
+           "S_TABLE6", "SegFigures", "segmentation_net", "paper_figures", "profile_output_strides",
+           "count_with_aux"]
 
 PAPER_INPUT = 473
 
@@ -242,7 +244,7 @@ def profile_output_strides(names: Iterable[str] | None = None, output_strides: S
         for stride in output_strides:
             with torch.device(device):
                 model = build(name, output_stride=stride)
-                model.with_aux = True
+                count_with_aux(model)
                 params = count_params(model)
                 counts = count_flops(model, model_entry(name).input_shape)
             gflops = counts["flops"] / 1e9
@@ -257,7 +259,12 @@ def profile_output_strides(names: Iterable[str] | None = None, output_strides: S
     return rows
 
 
-_SEG = {"task": "segmentation", "input_shape": (3, PAPER_INPUT, PAPER_INPUT)}
+def count_with_aux(model: SegmentationNet) -> None:
+    """Count ``model`` as S-Table 6 does: with the auxiliary head in the forward pass."""
+    model.with_aux = True
+
+
+_SEG = {"task": "segmentation", "input_shape": (3, PAPER_INPUT, PAPER_INPUT), "count_setup": count_with_aux}
 
 
 @register_model(**_SEG)
