@@ -17,8 +17,8 @@ from pyconv_core.engine.trainer import TrainConfig, fit
 from pyconv_core.models.resnet import ResNet
 from pyconv_core.models.segmentation import profile_output_strides
 from pyconv_core.profile import count_flops, profile_rows
-from pyconv_core.tasks.segmentation import (SegmentationTask, class_iou_table, collate, confusion_matrix, predict,
-                                            scores)
+from pyconv_core.tasks.segmentation import (NEW_MODULES, Params, SegmentationTask, class_iou_table, collate,
+                                            confusion_matrix, predict, scores, train_config)
 
 
 # ---- metrics on crafted masks ----------------------------------------------------------------
@@ -330,7 +330,17 @@ def test_short_fit_on_the_demo_layout_records_miou(tmp_path):
     task = SegmentationTask(len(train.classes), crop=73, base_size=0)
     result = fit(model, task, train, val, TrainConfig(run_name="seg", epochs=1, batch_size=4, lr=0.01,
                                                       lr_reference_batch=16, schedule="poly",
+                                                      lr_multipliers={prefix: 10.0 for prefix in NEW_MODULES},
                                                       runs_dir=str(tmp_path / "runs"), progress=False))
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kind"] == "train" and rows[0]["train_aux_loss"] > 0
     assert rows[1]["kind"] == "eval" and 0 <= rows[1]["miou"] <= 100 and 0 <= rows[1]["pixel_acc"] <= 100
+    backbone, new = torch.load(result.run_dir / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert len(new["params"]) == sum(1 for name, _ in model.named_parameters() if not name.startswith("backbone."))
+    assert new["lr"] == pytest.approx(10 * backbone["lr"]) and backbone["lr"] == pytest.approx(rows[0]["lr"])
+
+
+def test_ade20k_recipe_trains_the_new_modules_at_10x_like_the_authors():
+    assert train_config(Params(recipe="ade20k")).lr_multipliers == {"head.": 10.0, "classifier.": 10.0, "aux.": 10.0}
+    assert train_config(Params(recipe="demo")).lr_multipliers == {}
+    assert set(train_config(Params(recipe="demo", head_lr_scale=5)).lr_multipliers.values()) == {5.0}

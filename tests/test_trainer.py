@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pyconv_core.engine.logging import read_metrics
-from pyconv_core.engine.trainer import NonFiniteLossError
+from pyconv_core.engine.trainer import NonFiniteLossError, param_groups
 from pyconv_core.run import load_run_model
 from pyconv_core.tasks.classification import ClassificationTask, Params, run
 
@@ -163,3 +163,13 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2.*last.pt \(end of epoch 1\) is kept"):
         fit(build("resnet18", num_classes=10), _NaNAfterOneEpoch(), train, val, train_config(p))
     assert _final_state(tmp_path / "nan")["epoch"] == 1
+
+
+def test_param_groups_scale_the_lr_by_name_prefix_and_name_unmatched_prefixes():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    base, head = param_groups(model, 0.1, {"1.": 10.0})
+    assert (base["lr"], [p.shape for p in base["params"]]) == (0.1, [(3, 2), (3,)])
+    assert head["lr"] == pytest.approx(1.0) and [p.shape for p in head["params"]] == [(1, 3), (1,)]
+    assert len(param_groups(model, 0.1, {})) == 1
+    with pytest.raises(ValueError, match=r"\['head\.'\] match no parameter.*\['0\.', '1\.'\]"):
+        param_groups(model, 0.1, {"head.": 10.0})
