@@ -52,8 +52,7 @@ def register_model(task: str = "classification", input_shape: tuple[int, ...] = 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if fn.__name__ in _REGISTRY:
             raise ValueError(f"model {fn.__name__!r} is registered twice")
-        _REGISTRY[fn.__name__] = ModelEntry(fn.__name__, fn, task, input_shape, paper or PaperFigures(),
-                                                count_setup)
+        _REGISTRY[fn.__name__] = ModelEntry(fn.__name__, fn, task, input_shape, paper or PaperFigures(), count_setup)
         return fn
     return wrap
 

@@ -115,7 +115,7 @@ class Params(RunParams):
     Zero / empty values mean "the paper's with ``data_dir``, the CPU demo's without".
     """
 
-    channels_last: bool = True  # NDHWC: PyConvResNet3D-50 trains 3.5x faster than NCDHW at 8x112x112 on CPU (BENCHMARKS.md)
+    channels_last: bool = True  # NDHWC: PyConvResNet3D-50 trains 3.5x faster at 8x112x112 on CPU (BENCHMARKS.md)
     arch: str = "pyconvresnet3d50"  # pyconvresnet3d50 | resnet3d50
     data_dir: str = ""  # Kinetics layout (annotations/<split>.csv + <split>/...); empty: the embedded demo set
     epochs: int = 90
