@@ -173,3 +173,5 @@ def test_param_groups_scale_the_lr_by_name_prefix_and_name_unmatched_prefixes():
     assert len(param_groups(model, 0.1, {})) == 1
     with pytest.raises(ValueError, match=r"\['head\.'\] match no parameter.*\['0\.', '1\.'\]"):
         param_groups(model, 0.1, {"head.": 10.0})
+    with pytest.raises(ValueError, match="negative"):
+        param_groups(model, 0.1, {"1.": -10.0})

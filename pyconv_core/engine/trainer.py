@@ -111,6 +111,9 @@ def param_groups(model: nn.Module, base_lr: float, lr_multipliers: dict[str, flo
     """Optimizer groups: parameters whose name starts with a prefix of ``lr_multipliers`` train at
     ``base_lr`` times its factor (e.g. a segmentation head at 10x, as the authors' semseg code), the
     rest at ``base_lr`` (first group: the lr logged per epoch). Schedules scale every group alike."""
+    negative = {prefix: factor for prefix, factor in lr_multipliers.items() if factor < 0}
+    if negative:
+        raise ValueError(f"lr_multipliers {negative} are negative: use factors >= 0 (0 freezes those parameters)")
     factors: dict[float, list[nn.Parameter]] = {1.0: []}
     matched = set()
     for name, param in model.named_parameters():
