@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from pyconv_core.engine.logging import read_metrics
-from pyconv_core.engine.trainer import NonFiniteLossError, param_groups
+from pyconv_core import build
+from pyconv_core.data.classification import FashionMNIST, collate_skipping_bad
+from pyconv_core.engine.trainer import NonFiniteLossError, TrainConfig, fit, param_groups, tune_plans_eagerly
+from pyconv_core.layers.pyconv import PyConv, pyconv_plans, set_pyconv_plan
 from pyconv_core.run import load_run_model
 from pyconv_core.tasks.classification import ClassificationTask, Params, run
 
@@ -175,3 +178,32 @@ def test_param_groups_scale_the_lr_by_name_prefix_and_name_unmatched_prefixes():
         param_groups(model, 0.1, {"head.": 10.0})
     with pytest.raises(ValueError, match="negative"):
         param_groups(model, 0.1, {"1.": -10.0})
+
+
+def test_eager_plan_tuning_leaves_no_trace_but_the_plans():
+    model = build("pyconvresnet18", num_classes=10)
+    set_pyconv_plan(model, "auto")
+    data = FashionMNIST("train", 32, 8)
+    batch = collate_skipping_bad([data[i] for i in range(8)])
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    torch.manual_seed(3)
+    tune_plans_eagerly(model, ClassificationTask(), batch, torch.device("cpu"), None)
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(4))  # RNG as before the pass
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name  # BN running statistics untouched
+    assert all(m.chosen(True) for m in model.modules() if isinstance(m, PyConv) and len(m.levels) > 1)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_compiled_run_trains_with_measured_plans(tmp_path):
+    # torch.compile traces PyConv without timing it: the Trainer measures the plans eagerly first
+    model = torch.nn.Sequential(PyConv(3, 16, [3, 5], [1, 1]), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    cfg = TrainConfig(run_name="compiled", epochs=1, batch_size=16, lr=0.1, lr_reference_batch=16, schedule="constant",
+                      compile=True, runs_dir=str(tmp_path), progress=False)
+    result = fit(model, ClassificationTask(), FashionMNIST("train", 16, 64), FashionMNIST("test", 16, 32), cfg)
+    plans = json.loads((result.run_dir / "config.json").read_text())["pyconv_plans"]
+    assert [sig for sig in plans["0"] if sig.endswith("train")]
+    assert read_metrics(result.run_dir, "eval")[-1]["num_samples"] == 32

@@ -29,9 +29,10 @@ from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from pyconv_core.engine.logging import append_jsonl, environment, workbook_path, write_json, write_jsonl
 from pyconv_core.engine.schedules import lr_multiplier, scaled_lr
-from pyconv_core.layers.pyconv import load_pyconv_plans, pyconv_plans, set_pyconv_plan
+from pyconv_core.layers.pyconv import PyConv, load_pyconv_plans, pyconv_plans, set_pyconv_plan
 
-__all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "seed_everything", "param_groups", "NonFiniteLossError"]
+__all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "seed_everything", "param_groups", "tune_plans_eagerly",
+           "NonFiniteLossError"]
 
 
 @dataclass
@@ -128,6 +129,21 @@ def param_groups(model: nn.Module, base_lr: float, lr_multipliers: dict[str, flo
     return [{"params": params, "lr": base_lr * factor} for factor, params in factors.items() if params]
 
 
+def tune_plans_eagerly(model: nn.Module, task, batch: Any, device: torch.device, amp: str | None) -> None:
+    """Measure ``"auto"`` PyConv training plans with one eager forward of ``batch`` (torch.compile
+    traces the layers without timing them, so a compiled run would otherwise keep the naive plan).
+    The loss is dropped and the pass's side effects (BN running statistics, RNG) are undone."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    rng = rng_state()
+    model.train()
+    with _autocast(device, amp):
+        task.train_step(model, batch, device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    set_rng_state(rng)
+
+
 def _loader(dataset: Dataset, batch_size: int, cfg: TrainConfig, collate_fn, epoch: int, train: bool,
             skip_batches: int = 0) -> DataLoader:
     """Epoch-seeded sharded loader: in training, rank r of W takes every W-th index of one
@@ -201,6 +217,9 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
         write_json(run_dir / "config.json", record)
         write_jsonl(run_dir / "metrics.jsonl", history)
 
+    if cfg.compile and any(isinstance(m, PyConv) and m.plan == "auto" and not m.chosen(True) for m in model.modules()):
+        first = next(iter(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, start_epoch, train=True)))
+        tune_plans_eagerly(model, task, first, device, cfg.amp)
     net = DistributedDataParallel(model) if dist.is_distributed() else model
     step_fn = torch.compile(net) if cfg.compile else net
     show = cfg.progress and dist.is_main() and not os.environ.get("CI") and os.environ.get("PYCONV_PROGRESS") != "0"
