@@ -5,12 +5,16 @@
 
 The flags are the fields of the task's ``Params`` (the same names as the notebook's parameters).
 A notebook with ``gpus > 1`` starts this launcher under torchrun through :func:`launch`.
+Bad input (wrong paths, malformed data or checkpoints, invalid parameters, a diverged loss) ends
+with one ``error:`` line naming the problem and exit status 1; ``PYCONV_TRACEBACK=1`` shows the
+traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -97,6 +101,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = parse_params(argv[0], argv[1:])
     try:
         print(launch(argv[0], params))
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:  # input errors: their message says the fix
+        if os.environ.get("PYCONV_TRACEBACK") == "1":
+            raise
+        where = f"rank {dist.rank()}: " if dist.is_distributed() else ""
+        print(f"error: {where}{err}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         dist.cleanup()
 

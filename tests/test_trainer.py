@@ -146,6 +146,12 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, imagenet_dir, caplog):
 def test_wrong_data_dir_says_what_was_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"lacks train and val/: expected the ImageNet layout"):
         run(Params(data_dir=str(tmp_path / "nowhere"), runs_dir=str(tmp_path)))
+    launched = subprocess.run([sys.executable, "-m", "pyconv_core.run", "classification", "--data-dir",
+                               str(tmp_path / "nowhere"), "--runs-dir", str(tmp_path)], env=_env(),
+                              capture_output=True, text=True)
+    assert launched.returncode == 1 and "Traceback" not in launched.stderr
+    last = launched.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "nowhere" in last and "expected the ImageNet layout" in last
 
 
 class _NaNAfterOneEpoch(ClassificationTask):
