@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = parse_params(argv[0], argv[1:])
     try:
         print(launch(argv[0], params))
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:  # input errors: their message says the fix
+    except (ValueError, OSError, FloatingPointError) as err:  # input errors: their message says the fix
         if os.environ.get("PYCONV_TRACEBACK") == "1":
             raise
         where = f"rank {dist.rank()}: " if dist.is_distributed() else ""

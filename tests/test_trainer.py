@@ -174,6 +174,16 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     assert _final_state(tmp_path / "nan")["epoch"] == 1
 
 
+def test_unreadable_checkpoint_is_named_with_the_fix(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "last.pt").write_bytes(b"not a checkpoint: the run was copied half-way")
+    launched = subprocess.run(_launcher(tmp_path, "broken", 1) + ["--resume", "true"], env=_env(),
+                              capture_output=True, text=True)
+    assert launched.returncode == 1 and "Traceback" not in launched.stderr
+    last = launched.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint ") and "last.pt cannot be read" in last and "resume from best.pt" in last
+
+
 def test_param_groups_scale_the_lr_by_name_prefix_and_name_unmatched_prefixes():
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
     base, head = param_groups(model, 0.1, {"1.": 10.0})

@@ -154,8 +154,8 @@ class CocoDetection(Dataset):
             with Image.open(path) as image:
                 return v2.functional.pil_to_tensor(image.convert("RGB"))
         except (OSError, UnidentifiedImageError) as err:
-            raise RuntimeError(f"cannot decode image {path} ({err}); replace the file or remove its entry "
-                               f"from the annotation json") from err
+            raise OSError(f"cannot decode image {path} ({err}); replace the file or remove its entry "
+                          f"from the annotation json") from err
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         image_id, _, boxes, labels = self.items[index]

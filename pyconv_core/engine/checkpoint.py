@@ -29,8 +29,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise RuntimeError(f"checkpoint {path} cannot be read ({err}); delete it and resume from best.pt, "
-                           f"or start the run again") from err
+        raise OSError(f"checkpoint {path} cannot be read ({err}); delete it and resume from best.pt, "
+                      f"or start the run again") from err
 
 
 def rng_state() -> dict:

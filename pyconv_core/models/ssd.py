@@ -332,7 +332,7 @@ def _read_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
     except CheckpointMismatchError as err:
         try:
             state = load_checkpoint(source)
-        except RuntimeError:
+        except OSError:
             raise err from None
         if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
             raise err from None
