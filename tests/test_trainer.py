@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyconv_core.engine.logging import read_metrics
 from pyconv_core import build
 from pyconv_core.data.classification import FashionMNIST, collate_skipping_bad
+from pyconv_core.engine.logging import read_metrics
 from pyconv_core.engine.trainer import NonFiniteLossError, TrainConfig, fit, param_groups, tune_plans_eagerly
-from pyconv_core.layers.pyconv import PyConv, pyconv_plans, set_pyconv_plan
+from pyconv_core.layers.pyconv import PyConv, set_pyconv_plan
 from pyconv_core.run import load_run_model
-from pyconv_core.tasks.classification import ClassificationTask, Params, run
+from pyconv_core.tasks.classification import ClassificationTask, Params, datasets, run, train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(arch="resnet", depth=18, image_size=16, train_subset=384, val_subset=200, batch_size=32)
@@ -98,16 +98,17 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, how, straight_run):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
+DDP_SCRIPT = str(ROOT / "tests" / "scripts" / "ddp_fit.py")
+
+
 def _ddp_fit(tmp_path, name: str, pyconv_plan: str, *options: str) -> subprocess.CompletedProcess:
-    script = str(ROOT / "tests" / "scripts" / "ddp_fit.py")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                           script, str(tmp_path / name), str(tmp_path / f"{name}.pt"), pyconv_plan, *options],
+                           DDP_SCRIPT, str(tmp_path / name), str(tmp_path / f"{name}.pt"), pyconv_plan, *options],
                           env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
-    script = str(ROOT / "tests" / "scripts" / "ddp_fit.py")
-    subprocess.run([sys.executable, script, str(tmp_path / "one"), str(tmp_path / "one.pt"), "auto"], env=_env(),
+    subprocess.run([sys.executable, DDP_SCRIPT, str(tmp_path / "one"), str(tmp_path / "one.pt"), "auto"], env=_env(),
                    check=True, capture_output=True)
     ddp = _ddp_fit(tmp_path, "two", "auto")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -164,9 +165,6 @@ class _NaNAfterOneEpoch(ClassificationTask):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
-    from pyconv_core.engine.trainer import fit
-    from pyconv_core.tasks.classification import datasets, train_config
-    from pyconv_core.registry import build
     p = Params(**TINY, epochs=3, runs_dir=str(tmp_path), run_name="nan")
     train, val, _ = datasets(p)
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2.*last.pt \(end of epoch 1\) is kept"):

@@ -8,7 +8,6 @@ every non-ignored pixel.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
