@@ -1,13 +1,13 @@
 """SSD300 / PyConvSSD: S-Table 1 counts, head layout, box machinery on hand-computed cases, checkpoints."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 
 from pyconv_core import CheckpointMismatchError, build, to_official_state_dict
+from pyconv_core.engine.checkpoint import rng_state
 from pyconv_core.layers.pyconv import PyConv
 from pyconv_core.models import ssd as S
 from pyconv_core.profile import count_flops, profile_rows
@@ -197,8 +197,8 @@ def test_backbone_loads_official_and_workbook_imagenet_checkpoints(tmp_path):
         ("layer1.0.conv2.conv2_4.weight", "layer1.0.conv2.levels.3.weight"),
         ("layer3.0.downsample.1.weight", "layer3.0.downsample.0.weight"),
         ("layer3.0.downsample.2.running_mean", "layer3.0.downsample.1.running_mean")])
-    path = tmp_path / "best.pt"  # the workbook's own layout, in a Trainer checkpoint (with numpy RNG state)
-    torch.save({"model": classifier.state_dict(), "epoch": 90, "rng": {"numpy": np.random.get_state()}}, path)
+    path = tmp_path / "best.pt"  # the workbook's own layout, in a Trainer checkpoint (with RNG state)
+    torch.save({"model": classifier.state_dict(), "epoch": 90, "rng": rng_state()}, path)
     model = S.load_backbone_checkpoint(build("pyconvssd50"), path)
     _assert_backbone_holds(model, classifier.state_dict(), [("layer3.5.conv2.levels.1.weight",
                                                               "layer3.5.conv2.levels.1.weight")])

@@ -13,6 +13,7 @@ from pyconv_core import build, list_models
 from pyconv_core.data.ade20k import (ADE20K, ADE20K_CLASSES, ADE20K_PALETTE, IGNORE_INDEX, TrainTransform, colorize,
                                      denormalize, palette_for, read_class_names)
 from pyconv_core.data.demo_segmentation import DEMO_CLASSES, make_demo_ade20k
+from pyconv_core.engine.checkpoint import load_checkpoint
 from pyconv_core.engine.trainer import TrainConfig, fit
 from pyconv_core.models.resnet import ResNet
 from pyconv_core.models.segmentation import profile_output_strides
@@ -335,7 +336,7 @@ def test_short_fit_on_the_demo_layout_records_miou(tmp_path):
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kind"] == "train" and rows[0]["train_aux_loss"] > 0
     assert rows[1]["kind"] == "eval" and 0 <= rows[1]["miou"] <= 100 and 0 <= rows[1]["pixel_acc"] <= 100
-    backbone, new = torch.load(result.run_dir / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    backbone, new = load_checkpoint(result.run_dir / "last.pt")["optimizer"]["param_groups"]
     assert len(new["params"]) == sum(1 for name, _ in model.named_parameters() if not name.startswith("backbone."))
     assert new["lr"] == pytest.approx(10 * backbone["lr"]) and backbone["lr"] == pytest.approx(rows[0]["lr"])
 

@@ -12,6 +12,7 @@ import torch
 
 from pyconv_core import build
 from pyconv_core.data.classification import FashionMNIST, collate_skipping_bad
+from pyconv_core.engine.checkpoint import load_checkpoint
 from pyconv_core.engine.logging import read_metrics
 from pyconv_core.engine.trainer import NonFiniteLossError, TrainConfig, fit, param_groups, tune_plans_eagerly
 from pyconv_core.layers.pyconv import PyConv, set_pyconv_plan
@@ -50,7 +51,7 @@ def _launcher(tmp_path, run_name, epochs):
 
 
 def _final_state(run_dir):
-    return torch.load(Path(run_dir) / "last.pt", weights_only=False)
+    return load_checkpoint(Path(run_dir) / "last.pt")
 
 
 def _wait_for(path: Path, proc, timeout=300):
@@ -167,7 +168,7 @@ class _NaNAfterOneEpoch(ClassificationTask):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     p = Params(**TINY, epochs=3, runs_dir=str(tmp_path), run_name="nan")
     train, val, _ = datasets(p)
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2.*last.pt \(end of epoch 1\) is kept"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2.*checkpoint .*last.pt is kept"):
         fit(build("resnet18", num_classes=10), _NaNAfterOneEpoch(), train, val, train_config(p))
     assert _final_state(tmp_path / "nan")["epoch"] == 1
 
@@ -179,7 +180,7 @@ def test_unreadable_checkpoint_is_named_with_the_fix(tmp_path):
                               capture_output=True, text=True)
     assert launched.returncode == 1 and "Traceback" not in launched.stderr
     last = launched.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: checkpoint ") and "last.pt cannot be read" in last and "resume from best.pt" in last
+    assert last.startswith("error: checkpoint ") and "last.pt cannot be read" in last and "start the run again" in last
 
 
 def test_param_groups_scale_the_lr_by_name_prefix_and_name_unmatched_prefixes():

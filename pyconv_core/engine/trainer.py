@@ -197,7 +197,7 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
         cfg.schedule, cfg.epochs, steps_per_epoch, cfg.milestones, cfg.gamma, cfg.warmup_epochs, cfg.poly_power))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
-    start_epoch, skip, history, best, partial = 0, 0, [], None, None
+    start_epoch, skip, history, best, partial, pending_eval = 0, 0, [], None, None, False
     if cfg.resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
@@ -205,7 +205,7 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, skip, history, best = state["epoch"], state["step_in_epoch"], state["history"], state["best"]
-        partial = state["partial_epoch"]
+        partial, pending_eval = state["partial_epoch"], state.get("pending_eval", False)
         set_rng_state(state["rng"])
         load_pyconv_plans(model, state.get("pyconv_plans", {}))
     elif cfg.resume:
@@ -224,15 +224,34 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
     step_fn = torch.compile(net) if cfg.compile else net
     show = cfg.progress and dist.is_main() and not os.environ.get("CI") and os.environ.get("PYCONV_PROGRESS") != "0"
 
-    def checkpoint(epoch: int, step_in_epoch: int, path: Path = ckpt_path, partial: tuple | None = None) -> None:
+    def checkpoint(epoch: int, step_in_epoch: int, path: Path = ckpt_path, partial: tuple | None = None,
+                   pending_eval: bool = False) -> None:
         if dist.is_main():
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                         "step_in_epoch": step_in_epoch, "partial_epoch": partial, "history": history,
+                         "step_in_epoch": step_in_epoch, "partial_epoch": partial, "pending_eval": pending_eval,
+                         "history": history,
                          "best": best, "rng": rng_state(), "config": dataclasses.asdict(cfg),
                          "model_args": getattr(model, "model_args", None), "pyconv_plans": pyconv_plans(model)}, path)
             write_json(run_dir / "config.json", {**record, "pyconv_plans": pyconv_plans(model)})
 
+    def evaluate_and_checkpoint(epochs_done: int) -> None:
+        """Evaluate the epoch that ``last.pt`` already holds, then record it: ``best.pt`` is written
+        before ``last.pt``, so a kill between the two leaves ``last.pt`` pending this evaluation and
+        the resumed run redoes it (and rewrites ``best.pt``) instead of trusting a stale ``best.pt``."""
+        nonlocal best
+        metrics = evaluate(net, task, val_set, cfg, device)
+        history.append({"kind": "eval", "epoch": epochs_done, **metrics})
+        if dist.is_main():
+            append_jsonl(run_dir / "metrics.jsonl", history[-1])
+        value = metrics.get(task.main_metric)
+        if value is not None and (best is None or value > best):
+            best = value
+            checkpoint(epochs_done, 0, best_path)
+        checkpoint(epochs_done, 0)
+
+    if pending_eval:
+        evaluate_and_checkpoint(start_epoch)
     with _StopRequest() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             if not skip:
@@ -247,9 +266,11 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
                     losses = task.train_step(step_fn, batch, device)
                 loss = losses["loss"]
                 if not torch.isfinite(loss.detach()).all():
+                    kept = (f"The last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else
+                            f"No checkpoint exists yet (the first epoch did not finish)")
                     raise NonFiniteLossError(
-                        f"run {cfg.run_name!r}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}. The last "
-                        f"good checkpoint {ckpt_path} (end of epoch {epoch}) is kept: lower lr (now "
+                        f"run {cfg.run_name!r}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}. {kept}: "
+                        f"lower lr (now "
                         f"{scheduler.get_last_lr()[0]:.4g}), add warmup_epochs, or use amp='bf16' instead of 'fp16', "
                         f"then rerun with resume=True.")
                 optimizer.zero_grad(set_to_none=True)
@@ -276,18 +297,10 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
             history.append(row)
             if dist.is_main():
                 append_jsonl(run_dir / "metrics.jsonl", row)
-            improved = False
-            if val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                metrics = evaluate(net, task, val_set, cfg, device)
-                history.append({"kind": "eval", "epoch": epoch + 1, **metrics})
-                if dist.is_main():
-                    append_jsonl(run_dir / "metrics.jsonl", history[-1])
-                value = metrics.get(task.main_metric)
-                improved = value is not None and (best is None or value > best)
-                best = value if improved else best
-            checkpoint(epoch + 1, 0)
-            if improved:
-                checkpoint(epoch + 1, 0, best_path)
+            due = val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
+            checkpoint(epoch + 1, 0, pending_eval=due)  # the trained epoch is saved before it is evaluated
+            if due:
+                evaluate_and_checkpoint(epoch + 1)
     dist.barrier()
     return FitResult(run_dir, history, model, best)
 

@@ -10,11 +10,13 @@ Models with further renames (e.g. segmentation's ``layer0``) list them in an
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from pyconv_core.engine.checkpoint import refused_as_code
 from pyconv_core.layers.pyconv import PyConv
 
 __all__ = ["CheckpointMismatchError", "load_official_checkpoint", "to_official_state_dict", "official_key_map"]
@@ -62,6 +64,14 @@ def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
                                     f"saved by the authors' code or by this workbook")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if not refused_as_code(err):
+                raise CheckpointMismatchError(f"cannot read checkpoint {path!r} ({str(err).strip().splitlines()[0]}); "
+                                              f"re-download or re-save it with torch.save(model.state_dict(), path)") from err
+            raise CheckpointMismatchError(
+                f"checkpoint {path!r} holds Python objects other than tensors and plain values, which a "
+                f"weights-only load refuses because loading them could run code ({str(err).strip().splitlines()[0]}); "
+                f"use a plain state_dict (torch.save(model.state_dict(), path))") from None
         except Exception as err:
             raise CheckpointMismatchError(f"cannot read checkpoint {path!r} ({err}); re-download or re-save it "
                                           f"with torch.save(model.state_dict(), path)") from err

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms, box_convert, box_iou
 
-from pyconv_core.engine.checkpoint import load_checkpoint
 from pyconv_core.layers import factory
 from pyconv_core.layers.pyconv import PYCONV_PRESETS, LevelSet, PyConv
 from pyconv_core.models.official import CheckpointMismatchError, _read_state_dict, load_official_checkpoint
@@ -324,21 +323,6 @@ class SSD(nn.Module):
 _DROPPED = ("layer4.", "fc.")
 
 
-def _read_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[dict, str]:
-    """A state_dict from a weights-only file or mapping; else from a training checkpoint of this
-    workbook (``runs/<name>/best.pt``, which also holds optimizer and RNG state: trusted files only)."""
-    try:
-        return _read_state_dict(source)
-    except CheckpointMismatchError as err:
-        try:
-            state = load_checkpoint(source)
-        except OSError:
-            raise err from None
-        if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
-            raise err from None
-        return dict(state["model"]), os.fspath(source)
-
-
 def load_backbone_checkpoint(model: SSD, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> SSD:
     """Load an ImageNet checkpoint of the same family and depth into ``model.backbone``.
 
@@ -347,7 +331,7 @@ def load_backbone_checkpoint(model: SSD, source: str | os.PathLike | Mapping[str
     are dropped. Documented filter: in families whose shortcut is MaxPool -> 1x1 -> BN, stage 3 at
     stride 1 has no MaxPool, so its ``layer3.0.downsample.{1,2}`` become ``downsample.{0,1}``.
     """
-    state, where = _read_checkpoint(source)
+    state, where = _read_state_dict(source)
     rename = {}
     if FAMILIES[model.family].pool_shortcut:
         rename = {"layer3.0.downsample.1.": "layer3.0.downsample.0.",
