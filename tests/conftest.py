@@ -8,6 +8,9 @@ from PIL import Image
 from pyconv_core.data.fashion_mnist import load_fashion_mnist
 
 os.environ.setdefault("PYCONV_PROGRESS", "0")
+# Tests that time PyConv plans measure in their own process; the reuse of a machine's plan cache
+# across processes has its own test (test_pyconv_plans).
+os.environ.setdefault("PYCONV_PLAN_CACHE", "off")
 
 
 @pytest.fixture(scope="session")

@@ -151,3 +151,52 @@ def test_a_run_records_its_plans_and_the_reloaded_model_uses_them(tmp_path, monk
     resumed = run(dataclasses.replace(params, epochs=2, resume=True))
     assert len(read_metrics(resumed.run_dir, "train")) == 2
     assert pyconv_plans(resumed.model) == config["pyconv_plans"]
+
+
+def _prefer(monkeypatch, naive: bool) -> None:
+    """Make plan timing report a fixed winner: the naive plan, or the plan with fewest parts."""
+    def fake_time(x, convs, plan, training, repeats):
+        return len(plan.parts) if not naive else -len(plan.parts)
+    monkeypatch.setattr(plans, "time_plan", fake_time)
+
+
+def _fresh_process_state(monkeypatch) -> None:
+    """What a new process starts with: no plan measured or read yet."""
+    monkeypatch.setattr(plans, "PLAN_CACHE", {})
+    monkeypatch.setattr(plans, "_STORED", {})
+
+
+def test_a_second_run_reuses_the_measured_plans_whatever_its_timing_says(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYCONV_PLAN_CACHE", str(tmp_path / "plans.json"))
+    params = Params(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
+                    epochs=1, runs_dir=str(tmp_path))
+    _fresh_process_state(monkeypatch)
+    _prefer(monkeypatch, naive=True)
+    first = run(dataclasses.replace(params, run_name="first"))
+    _fresh_process_state(monkeypatch)
+    _prefer(monkeypatch, naive=False)  # a loaded machine: timing now names another winner
+    second = run(dataclasses.replace(params, run_name="second"))
+    assert pyconv_plans(second.model) == pyconv_plans(first.model)
+    assert {plan for table in pyconv_plans(first.model).values() for plan in table.values()} == {"0|1|2|3", "0|1|2",
+                                                                                                 "0|1"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in rows]
+    assert strip(read_metrics(second.run_dir)) == strip(read_metrics(first.run_dir))
+
+    monkeypatch.setenv("PYCONV_PLAN_CACHE", "off")  # without the cache the timing decides (the test can fail)
+    _fresh_process_state(monkeypatch)
+    third = run(dataclasses.replace(params, run_name="third"))
+    assert pyconv_plans(third.model) != pyconv_plans(first.model)
+
+
+def test_plan_cache_file_is_per_machine_and_a_corrupt_one_is_rewritten(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYCONV_PLAN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert plans.plan_cache_path() == tmp_path / "pyconv_core" / f"plans-{plans.machine_key()}.json"
+    path = tmp_path / "plans.json"
+    path.write_text("{not json")
+    monkeypatch.setenv("PYCONV_PLAN_CACHE", str(path))
+    _fresh_process_state(monkeypatch)
+    layer = PyConv(8, 8, [3, 5], [1, 2])
+    with pytest.warns(UserWarning, match="plans.json is unreadable"):
+        plans.tune(torch.randn(2, 8, 8, 8), layer.levels, training=False)
+    assert len(json.loads(path.read_text())) == 1

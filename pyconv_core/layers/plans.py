@@ -20,17 +20,24 @@ kernels of CPU backends are far faster than their 3D ones (BENCHMARKS.md).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
+import os
+import platform
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Plan", "naive_plan", "parse_plan", "format_plan", "partitions", "all_plans", "mac_ratio",
-           "candidate_plans", "run_plan", "signature", "time_plan", "tune", "PLAN_CACHE", "MAX_MAC_RATIO"]
+           "candidate_plans", "run_plan", "signature", "time_plan", "tune", "PLAN_CACHE", "MAX_MAC_RATIO",
+           "machine_key", "plan_cache_path"]
 
 Partition = tuple[tuple[int, ...], ...]  # of the level indices; each part runs as one convolution
 TAPS_PREFIX = "taps:"
@@ -49,7 +56,8 @@ class Plan:
 
 
 MAX_MAC_RATIO = 4.0  # candidates doing more than this many times the naive MACs are not timed
-PLAN_CACHE: dict[tuple, Plan] = {}  # (layer signature, input signature) -> fastest plan, per process
+PLAN_CACHE: dict[tuple, Plan] = {}  # (layer, input signature, MAC bound) -> fastest plan, per process
+_STORED: dict[Path, dict[str, str]] = {}  # plan cache files read by this process
 _CONV_FN = {2: F.conv2d, 3: F.conv3d}
 
 
@@ -224,13 +232,83 @@ def time_plan(x: torch.Tensor, convs: Sequence[nn.Module], plan: Plan, training:
 def tune(x: torch.Tensor, convs: Sequence[nn.Module], training: bool, repeats: int = 3,
          max_mac_ratio: float = MAX_MAC_RATIO) -> Plan:
     """The fastest candidate plan for these levels on inputs like ``x``: measured on the first call
-    for each (layer, :func:`signature`) and cached in :data:`PLAN_CACHE`. Timing runs on copies of
-    the levels and of ``x`` (no RNG drawn, no ``.grad`` or hook of the model touched)."""
-    key = (_layer_key(convs), signature(x, training))
+    for each (layer, :func:`signature`) and cached in :data:`PLAN_CACHE` and in this machine's
+    :func:`plan_cache_path` file, so a later process reuses the measurement instead of timing again
+    (plans differ in rounding: a second run must not depend on how loaded the machine was). Timing
+    runs on copies of the levels and of ``x`` (no RNG drawn, no ``.grad`` or hook of the model touched)."""
+    key = (_layer_key(convs), signature(x, training), max_mac_ratio)
     if key not in PLAN_CACHE:
-        copies = [copy.deepcopy(c).requires_grad_(training) for c in convs]
-        sample = x.detach().clone().requires_grad_(training)
-        with torch.enable_grad() if training else torch.no_grad():
-            PLAN_CACHE[key] = min(candidate_plans(copies, max_mac_ratio),
-                                  key=lambda p: time_plan(sample, copies, p, training, repeats))
+        stored = _stored_plans().get(repr(key))
+        if stored is not None:
+            PLAN_CACHE[key] = parse_plan(stored)
+        else:
+            copies = [copy.deepcopy(c).requires_grad_(training) for c in convs]
+            sample = x.detach().clone().requires_grad_(training)
+            with torch.enable_grad() if training else torch.no_grad():
+                PLAN_CACHE[key] = min(candidate_plans(copies, max_mac_ratio),
+                                      key=lambda p: time_plan(sample, copies, p, training, repeats))
+            _store_plan(repr(key), format_plan(PLAN_CACHE[key]))
     return PLAN_CACHE[key]
+
+
+def machine_key() -> str:
+    """What a measured plan is only valid for: CPU model, architecture, threads, torch build and GPU."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu"
+    text = f"{cpu} {platform.machine()} threads={torch.get_num_threads()} torch={torch.__version__} {gpu}"
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def plan_cache_path() -> Path | None:
+    """This machine's file of measured plans: ``$PYCONV_PLAN_CACHE`` (a file; ``off`` keeps plans per
+    process only), else ``$XDG_CACHE_HOME/pyconv_core/plans-<machine_key>.json`` (``~/.cache``)."""
+    chosen = os.environ.get("PYCONV_PLAN_CACHE", "")
+    if chosen == "off":
+        return None
+    if chosen:
+        return Path(chosen)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "pyconv_core" / f"plans-{machine_key()}.json"
+
+
+def _read_plan_file(path: Path) -> dict[str, str]:
+    try:
+        table = json.loads(path.read_text())
+        return table if isinstance(table, dict) else {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        warnings.warn(f"PyConv plan cache {path} is unreadable ({err}); measuring plans again and rewriting it")
+        return {}
+
+
+def _stored_plans() -> dict[str, str]:
+    path = plan_cache_path()
+    if path is None:
+        return {}
+    if path not in _STORED:
+        _STORED[path] = _read_plan_file(path)
+    return _STORED[path]
+
+
+def _store_plan(key: str, plan: str) -> None:
+    """Add one measurement to the cache file (merged with what other processes wrote meanwhile,
+    written to a private temp file and renamed, so concurrent runs never leave half a file)."""
+    path = plan_cache_path()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = {**_read_plan_file(path), key: plan}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+        _STORED[path] = table
+    except OSError as err:
+        warnings.warn(f"PyConv plan cache {path} cannot be written ({err}); plans stay per process "
+                      f"(set PYCONV_PLAN_CACHE to a writable file)")
