@@ -13,7 +13,7 @@ from pyconv_core import build, list_models
 from pyconv_core.data.ade20k import (ADE20K, ADE20K_CLASSES, ADE20K_PALETTE, IGNORE_INDEX, TrainTransform, colorize,
                                      denormalize, palette_for, read_class_names)
 from pyconv_core.data.demo_segmentation import DEMO_CLASSES, make_demo_ade20k
-from pyconv_core.engine.checkpoint import load_checkpoint
+from pyconv_core.engine.checkpoint import load_checkpoint, save_atomic
 from pyconv_core.engine.trainer import TrainConfig, fit
 from pyconv_core.models.resnet import ResNet
 from pyconv_core.models.segmentation import profile_output_strides
@@ -345,3 +345,14 @@ def test_ade20k_recipe_trains_the_new_modules_at_10x_like_the_authors():
     assert train_config(Params(recipe="ade20k")).lr_multipliers == {"head.": 10.0, "classifier.": 10.0, "aux.": 10.0}
     assert train_config(Params(recipe="demo")).lr_multipliers == {}
     assert set(train_config(Params(recipe="demo", head_lr_scale=5)).lr_multipliers.values()) == {5.0}
+
+
+def test_backbone_starts_from_a_workbook_classification_checkpoint(tmp_path):
+    classifier = build("pyconvresnet18", num_classes=10)  # a Fashion-MNIST run's best.pt: own layout, 10 classes
+    save_atomic({"model": classifier.state_dict(), "epoch": 3}, tmp_path / "best.pt")
+    model = build("pyconvsegnet18", num_classes=3, backbone="pyconvresnet", backbone_weights=str(tmp_path / "best.pt"))
+    theirs, ours = classifier.state_dict(), model.backbone.state_dict()
+    shared = [k for k in theirs if ".levels.1." in k and not k.startswith("fc.")]
+    assert shared and all(torch.equal(ours[k], theirs[k]) for k in shared)
+    with pytest.raises(ValueError, match=r"best\.pt"):  # the error names the file
+        build("pyconvsegnet50", num_classes=3, backbone="pyconvresnet", backbone_weights=str(tmp_path / "best.pt"))

@@ -25,6 +25,7 @@ __all__ = ["ImageFolder", "FashionMNIST", "imagenet_datasets", "train_transform"
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_MEAN, _STD = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
 
@@ -97,7 +98,9 @@ class FashionMNIST(Dataset):
     """Fashion-MNIST as 3-channel tensors of side ``size`` (the embedded default data).
 
     ``subset`` takes the first n images of a split (balanced enough: the files are shuffled);
-    ``augment`` adds a padded random crop and a flip.
+    ``augment`` adds a padded random crop and a flip. The grey images are normalized per channel
+    with the ImageNet mean and std, as the detection and segmentation data are, so a backbone
+    trained here sees the input statistics of the tasks it is transferred to.
     """
 
     classes = FASHION_CLASSES
@@ -109,7 +112,7 @@ class FashionMNIST(Dataset):
         x = torch.from_numpy(np.array(images)).float().div_(255).unsqueeze(1)
         if size != x.shape[-1]:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        self.images = ((x - 0.2860) / 0.3530).to(torch.float32)
+        self.images = x.to(torch.float32)
         self.labels = torch.from_numpy(labels)
         self.augment, self.pad = augment, size // 8
 
@@ -125,4 +128,4 @@ class FashionMNIST(Dataset):
             x = x[:, i:i + size, j:j + size]
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)
-        return x.expand(3, -1, -1), int(self.labels[index])
+        return (x.expand(3, -1, -1) - _MEAN) / _STD, int(self.labels[index])

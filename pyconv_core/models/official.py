@@ -19,7 +19,8 @@ from torch import nn
 from pyconv_core.engine.checkpoint import refused_as_code
 from pyconv_core.layers.pyconv import PyConv
 
-__all__ = ["CheckpointMismatchError", "load_official_checkpoint", "to_official_state_dict", "official_key_map"]
+__all__ = ["CheckpointMismatchError", "load_official_checkpoint", "load_backbone_weights", "to_official_state_dict",
+           "official_key_map"]
 
 _SHOWN = 12
 
@@ -84,7 +85,8 @@ def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
     return state, where
 
 
-def load_official_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> nn.Module:
+def load_official_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
+                             label: str | None = None) -> nn.Module:
     """Load an authors'-layout state_dict (path or dict; ``module.`` prefix and a
     ``{"state_dict": ...}`` wrapper accepted) exactly into ``model``.
 
@@ -100,7 +102,7 @@ def load_official_checkpoint(model: nn.Module, source: str | os.PathLike | Mappi
     misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[by_official[k]].shape)}"
                  for k in state if k in by_official and state[k].shape != own[by_official[k]].shape]
     if missing or unexpected or misshaped:
-        name = getattr(model, "model_args", {}).get("name", type(model).__name__)
+        name = label or getattr(model, "model_args", {}).get("name", type(model).__name__)
         parts = [f"checkpoint {where} does not match model {name}:"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if keys:
@@ -114,3 +116,38 @@ def load_official_checkpoint(model: nn.Module, source: str | os.PathLike | Mappi
         ours.setdefault(key, value)
     model.load_state_dict(ours, strict=True)
     return model
+
+
+def load_backbone_weights(backbone: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
+                          drop: tuple[str, ...] = ("fc.",), rename: Mapping[str, str] | None = None,
+                          label: str | None = None) -> nn.Module:
+    """Load a classifier's weights into a backbone (detection and segmentation start from one, as the
+    paper's recipes start from ImageNet). ``source``: the authors' or torchvision's layout, or this
+    workbook's own (``.levels.`` keys, e.g. a classification run's ``runs/<name>/best.pt``), as a path
+    or a state_dict. Keys starting with ``drop`` (the classifier; stages the backbone does not have)
+    are skipped and ``rename`` maps key prefixes; everything else must fit exactly."""
+    state, where = _read_state_dict(source)
+    label = label or getattr(backbone, "model_args", {}).get("name", type(backbone).__name__)
+    kept = {}
+    for key, value in state.items():
+        if key.startswith(drop):
+            continue
+        for theirs, ours in (rename or {}).items():
+            if key.startswith(theirs):
+                key = ours + key[len(theirs):]
+                break
+        kept[key] = value
+    if not any(".levels." in k for k in kept):
+        return load_official_checkpoint(backbone, kept, label=label)
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in kept and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in kept if k not in own]
+    misshaped = [k for k in kept if k in own and kept[k].shape != own[k].shape]
+    if missing or unexpected or misshaped:
+        raise CheckpointMismatchError(
+            f"checkpoint {where} does not fit the backbone {label}: {len(missing)} missing "
+            f"({', '.join(missing[:5])}), {len(unexpected)} unexpected ({', '.join(unexpected[:5])}), "
+            f"{len(misshaped)} mis-shaped ({', '.join(misshaped[:5])}). Use a classifier checkpoint of the "
+            f"same family and depth.")
+    backbone.load_state_dict({**own, **kept})
+    return backbone

@@ -30,7 +30,7 @@ from torch import nn
 
 from pyconv_core.layers import factory
 from pyconv_core.layers.pyconv import PYCONV_PRESETS, PyConv
-from pyconv_core.models.official import load_official_checkpoint
+from pyconv_core.models.official import load_backbone_weights
 from pyconv_core.models.resnet import FAMILIES, ResNet
 from pyconv_core.profile import count_flops, count_params
 from pyconv_core.registry import PaperFigures, build, list_models, model_entry, register_model
@@ -187,8 +187,9 @@ def segmentation_net(head: str, depth: int, num_classes: int = 150, output_strid
     """A segmentation network: ``head`` (a key of ``HEADS``) on a ``backbone`` family ("resnet",
     "pyconvresnet", ...) of ``depth`` layers, dilated to ``output_stride`` 8 or 16.
 
-    ``backbone_weights``: an ImageNet checkpoint of the backbone (authors' or torchvision layout,
-    path or state_dict) loaded before training, as the paper's recipe starts from one.
+    ``backbone_weights``: an ImageNet checkpoint of the backbone (authors', torchvision's or this
+    workbook's layout, path or state_dict; the classifier is dropped) loaded before training, as the
+    paper's recipe starts from one.
     """
     if head not in HEADS:
         raise ValueError(f"unknown segmentation head {head!r}; choose one of {sorted(HEADS)}")
@@ -196,11 +197,9 @@ def segmentation_net(head: str, depth: int, num_classes: int = 150, output_strid
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(FAMILIES)}")
     if output_stride not in (8, 16):
         raise ValueError(f"output_stride must be 8 or 16 for segmentation, got {output_stride}")
-    net = ResNet(backbone, depth, num_classes=1000 if backbone_weights is not None else 0,
-                 output_stride=output_stride)
+    net = ResNet(backbone, depth, num_classes=0, output_stride=output_stride)
     if backbone_weights is not None:
-        load_official_checkpoint(net, backbone_weights)
-        net.fc = nn.Identity()
+        load_backbone_weights(net, backbone_weights, label=f"{backbone}{depth} (segmentation backbone)")
     head_module = HEADS[head](net.num_features, output_stride=output_stride)
     return SegmentationNet(net, head_module, num_classes, dropout=dropout, aux=aux)
 

@@ -27,7 +27,7 @@ from torchvision.ops import batched_nms, box_convert, box_iou
 
 from pyconv_core.layers import factory
 from pyconv_core.layers.pyconv import PYCONV_PRESETS, LevelSet, PyConv
-from pyconv_core.models.official import CheckpointMismatchError, _read_state_dict, load_official_checkpoint
+from pyconv_core.models.official import load_backbone_weights
 from pyconv_core.models.resnet import FAMILIES, ResNet
 from pyconv_core.registry import PaperFigures, register_model
 
@@ -324,43 +324,18 @@ _DROPPED = ("layer4.", "fc.")
 
 
 def load_backbone_checkpoint(model: SSD, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> SSD:
-    """Load an ImageNet checkpoint of the same family and depth into ``model.backbone``.
-
-    Accepts the authors' official layout (and torchvision's for ResNet) as well as this workbook's
-    own checkpoints (``.levels.`` keys, e.g. a ``runs/<name>/best.pt``). Stage 4 and the classifier
-    are dropped. Documented filter: in families whose shortcut is MaxPool -> 1x1 -> BN, stage 3 at
-    stride 1 has no MaxPool, so its ``layer3.0.downsample.{1,2}`` become ``downsample.{0,1}``.
+    """Load an ImageNet checkpoint of the same family and depth into ``model.backbone``
+    (:func:`load_backbone_weights`: the authors', torchvision's or this workbook's layout). Stage 4
+    and the classifier are dropped. Documented filter: in families whose shortcut is MaxPool -> 1x1 ->
+    BN, stage 3 at stride 1 has no MaxPool, so its ``layer3.0.downsample.{1,2}`` become ``downsample.{0,1}``.
     """
-    state, where = _read_state_dict(source)
     rename = {}
     if FAMILIES[model.family].pool_shortcut:
         rename = {"layer3.0.downsample.1.": "layer3.0.downsample.0.",
                   "layer3.0.downsample.2.": "layer3.0.downsample.1."}
-    kept = {}
-    for key, value in state.items():
-        if key.startswith(_DROPPED):
-            continue
-        for theirs, ours in rename.items():
-            if key.startswith(theirs):
-                key = ours + key[len(theirs):]
-                break
-        kept[key] = value
     name = getattr(model, "model_args", {}).get("name", type(model).__name__)
-    if not any(".levels." in k for k in kept):
-        model.backbone.model_args = {"name": f"{name} backbone ({model.family}{model.depth} up to stage 3)"}
-        load_official_checkpoint(model.backbone, kept)
-        return model
-    own = model.backbone.state_dict()
-    missing = [k for k in own if k not in kept and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in kept if k not in own]
-    misshaped = [k for k in kept if k in own and kept[k].shape != own[k].shape]
-    if missing or unexpected or misshaped:
-        raise CheckpointMismatchError(
-            f"checkpoint {where} does not fit the backbone of {name} ({model.family}{model.depth} up to stage 3): "
-            f"{len(missing)} missing ({', '.join(missing[:5])}), {len(unexpected)} unexpected "
-            f"({', '.join(unexpected[:5])}), {len(misshaped)} mis-shaped ({', '.join(misshaped[:5])}). "
-            f"Use an ImageNet checkpoint of {model.family}{model.depth}.")
-    model.backbone.load_state_dict({**own, **kept})
+    load_backbone_weights(model.backbone, source, drop=_DROPPED, rename=rename,
+                          label=f"{name} backbone ({model.family}{model.depth} up to stage 3)")
     return model
 
 

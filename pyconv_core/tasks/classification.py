@@ -6,6 +6,7 @@ call, so a notebook run and a torchrun job with the same parameters are the same
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +17,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from pyconv_core.data.classification import FashionMNIST, collate_skipping_bad, imagenet_datasets
 from pyconv_core.engine import distributed as dist
+from pyconv_core.engine.logging import read_metrics, workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, fit, seed_everything
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import RunParams
 
-__all__ = ["ClassificationTask", "Params", "RECIPES", "run", "datasets", "predict"]
+__all__ = ["ClassificationTask", "Params", "RECIPES", "run", "datasets", "predict", "demo_backbone", "DEMO_BACKBONE",
+           "resolve_backbone_weights"]
 
 # SPEC.md s.3. Milestones are fractions of the run's epochs (30/60/80 of 90), so a short run keeps the shape.
 RECIPES: dict[str, dict] = {
@@ -28,6 +31,10 @@ RECIPES: dict[str, dict] = {
                      milestone_fractions=(30 / 90, 60 / 90, 80 / 90), amp=None, cutmix_alpha=0.0, paper_epochs=90),
     "augment": dict(lr=0.4, lr_reference_batch=1024, weight_decay=1e-4, schedule="cosine", milestone_fractions=(),
                     amp="bf16", cutmix_alpha=1.0, paper_epochs=300),
+    # Not the paper's: the CPU demo's few epochs on Fashion-MNIST. A multistep decay at 1/3 and 2/3 of
+    # 3 epochs would cut the lr 10x after the first one, before the network has learned much.
+    "demo": dict(lr=0.05, lr_reference_batch=256, weight_decay=5e-4, schedule="cosine", milestone_fractions=(),
+                 amp=None, cutmix_alpha=0.0, paper_epochs=0),
 }
 
 
@@ -99,18 +106,23 @@ class Params(RunParams):
     arch: str = "pyconvresnet"  # resnet | pyconvresnet | pyconvhgresnet (or a full registered name)
     depth: int = 18  # 18, 34, 50, 101, 152
     data_dir: str = ""  # ImageNet-layout folder; empty: embedded Fashion-MNIST
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 64  # global batch over all processes
     lr: float = 0.0  # 0: the recipe's lr (given per its reference batch, scaled linearly)
-    recipe: str = "standard"  # standard | augment (SPEC.md s.3)
+    recipe: str = ""  # standard | augment (SPEC.md s.3) | demo; empty: standard with data_dir, else demo
     amp: str = "none"  # none | bf16 | fp16; "recipe": the recipe's choice
     crop: int = 0  # train crop; 0: 224 for ImageNet, image_size for Fashion-MNIST
     test_crop: int = 0  # 0: same as crop; 320 for the paper's 320x320 test
     image_size: int = 32  # Fashion-MNIST side (28x28 upsampled)
-    train_subset: int = 2000  # Fashion-MNIST training images (0: all 60,000)
-    val_subset: int = 1000  # Fashion-MNIST test images (0: all 10,000)
+    train_subset: int = 16000  # Fashion-MNIST training images (0: all 60,000)
+    val_subset: int = 2000  # Fashion-MNIST test images (0: all 10,000)
+    augment: bool = False  # Fashion-MNIST: padded random crop and flip (slows the few-epoch demo); ImageNet: always
     dropout: float = 0.0
     zero_init_residual: bool = False
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe or ("standard" if self.data_dir else "demo")
 
     @property
     def model_name(self) -> str:
@@ -122,18 +134,18 @@ def datasets(p: Params) -> tuple[Dataset, Dataset, tuple[str, ...]]:
     if p.data_dir:
         train, val = imagenet_datasets(p.data_dir, p.crop or 224, p.test_crop or None)
         return train, val, tuple(train.classes)
-    train = FashionMNIST("train", p.image_size, p.train_subset or None, augment=True)
+    train = FashionMNIST("train", p.image_size, p.train_subset or None, augment=p.augment)
     val = FashionMNIST("test", p.image_size, p.val_subset or None)
     return train, val, FashionMNIST.classes
 
 
 def train_config(p: Params) -> TrainConfig:
     """The TrainConfig of an experiment: the recipe, overridden by explicit parameters."""
-    if p.recipe not in RECIPES:
+    if p.recipe_name not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {p.recipe!r}")
-    r = RECIPES[p.recipe]
+    r = RECIPES[p.recipe_name]
     return TrainConfig(
-        run_name=p.run_name or f"{p.model_name}-{p.recipe}-s{p.seed}", epochs=p.epochs, batch_size=p.batch_size,
+        run_name=p.run_name or f"{p.model_name}-{p.recipe_name}-s{p.seed}", epochs=p.epochs, batch_size=p.batch_size,
         lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"], weight_decay=r["weight_decay"],
         schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
         **{**p.run_args(), **({"amp": r["amp"]} if p.amp == "recipe" else {})})
@@ -144,7 +156,53 @@ def run(p: Params) -> FitResult:
     train, val, classes = datasets(p)
     seed_everything(p.seed)
     model = build(p.model_name, num_classes=len(classes), dropout=p.dropout, zero_init_residual=p.zero_init_residual)
-    return fit(model, ClassificationTask(RECIPES[p.recipe]["cutmix_alpha"]), train, val, train_config(p))
+    return fit(model, ClassificationTask(RECIPES[p.recipe_name]["cutmix_alpha"]), train, val, train_config(p))
+
+
+# Fields that say how a run executes, not what it learns: a finished run that differs only in these
+# is the same pretrained backbone.
+_EXECUTION_FIELDS = ("gpus", "run_name", "runs_dir", "num_workers", "progress", "resume", "pyconv_plan",
+                     "channels_last", "compile")
+
+
+DEMO_BACKBONE = "fashion-mnist"  # backbone_weights value of detection and segmentation: demo_backbone()
+
+
+def resolve_backbone_weights(value: str, family: str, depth: int, runs_dir: str = "runs") -> str:
+    """A ``backbone_weights`` parameter as a path: :data:`DEMO_BACKBONE` becomes :func:`demo_backbone`'s
+    checkpoint (trained first if needed), anything else is returned as given ("" trains from scratch)."""
+    return str(demo_backbone(family, depth, runs_dir)) if value == DEMO_BACKBONE else value
+
+
+def demo_backbone(family: str, depth: int, runs_dir: str = "runs") -> Path:
+    """The demo's stand-in for an ImageNet-pretrained backbone (S-Sections 1 and 6 start detection and
+    segmentation from one): ``best.pt`` of the classification notebook's default Fashion-MNIST run of
+    ``family``/``depth``. A finished run with exactly those parameters is reused; otherwise it is
+    trained now (a few minutes on a CPU) and kept under ``runs/``. A different experiment already under
+    that name is left alone: the backbone then goes to ``<name>-backbone``."""
+    p = Params(arch=family, depth=depth, runs_dir=runs_dir, progress=False)
+    name = train_config(p).run_name
+    wanted = _learning_fields(dataclasses.asdict(p))
+    folders = [workbook_path(runs_dir) / candidate for candidate in (name, f"{name}-backbone")]
+    run_dir = next((d for d in folders if _recorded_params(d) in (None, wanted)), None)
+    if run_dir is None:
+        raise ValueError(f"{folders[0]} and {folders[1]} hold other experiments than the Fashion-MNIST "
+                         f"backbone of {p.model_name}: rename one, or pass backbone_weights explicitly")
+    evaluated = read_metrics(run_dir, "eval") if (run_dir / "metrics.jsonl").is_file() else []
+    if not any(row["epoch"] == p.epochs for row in evaluated):
+        print(f"training the Fashion-MNIST backbone {p.model_name} into {run_dir} (once; later runs reuse it)")
+        run(dataclasses.replace(p, run_name=run_dir.name, resume=True))
+    return run_dir / "best.pt"
+
+
+def _recorded_params(run_dir: Path) -> dict | None:
+    """The learning parameters a run folder records, or None for a folder without a run."""
+    config = run_dir / "config.json"
+    return _learning_fields(json.loads(config.read_text())["train"]["extra"]) if config.is_file() else None
+
+
+def _learning_fields(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k not in _EXECUTION_FIELDS}
 
 
 @torch.no_grad()

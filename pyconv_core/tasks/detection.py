@@ -22,10 +22,11 @@ from pyconv_core.data.coco import CocoDetection, detection_collate
 from pyconv_core.data.demo_detection import DemoDetectionConfig, make_demo_coco
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.logging import workbook_path
-from pyconv_core.engine.trainer import FitResult, TrainConfig, fit
+from pyconv_core.engine.trainer import FitResult, TrainConfig, fit, seed_everything
 from pyconv_core.models.ssd import SSD, load_backbone_checkpoint, match, multibox_loss, postprocess
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import RunParams
+from pyconv_core.tasks.classification import resolve_backbone_weights
 
 __all__ = ["DetectionTask", "Params", "RECIPES", "COCO_METRICS", "PAPER_METRICS", "run", "datasets",
            "train_config", "build_model", "predict", "paper_table", "untrained_metrics", "browse"]
@@ -156,7 +157,7 @@ class Params(RunParams):
     lr: float = 0.0  # 0: the recipe's lr (given per its reference batch, scaled linearly)
     recipe: str = "demo"  # paper | demo
     amp: str = "none"  # none | bf16 | fp16; "recipe": the recipe's choice
-    backbone_checkpoint: str = ""  # ImageNet checkpoint of the backbone (official or workbook layout)
+    backbone_weights: str = ""  # classifier checkpoint of the backbone (authors', torchvision or workbook layout); "fashion-mnist": the classification demo's run (trained if missing); "": from scratch
     demo_dir: str = "data/demo_coco"  # demo set folder (reused if already there); relative to the workbook root
     demo_train: int = 256  # demo training images
     demo_val: int = 64  # demo validation images
@@ -203,17 +204,29 @@ def train_config(p: Params) -> TrainConfig:
         **{**p.run_args(), **({"amp": r["amp"]} if p.amp == "recipe" else {})})
 
 
+_BACKBONE_FAMILY = {"ssd": "resnet", "pyconvssd": "pyconvresnet"}
+
+
+def _backbone_weights(p: Params) -> str:
+    """``p.backbone_weights`` as a path (the Fashion-MNIST demo backbone is trained if it is missing)."""
+    family = _BACKBONE_FAMILY[p.model_name.rstrip("0123456789")]
+    depth = int(p.model_name[len(p.model_name.rstrip("0123456789")):])
+    return resolve_backbone_weights(p.backbone_weights, family, depth, p.runs_dir)
+
+
 def build_model(p: Params, num_classes: int) -> SSD:
     """The registered SSD for the parameters, with its backbone's ImageNet weights if given."""
     model = build(p.model_name, num_classes=num_classes, image_size=p.image_size)
-    if p.backbone_checkpoint:
-        load_backbone_checkpoint(model, p.backbone_checkpoint)
+    if p.backbone_weights:
+        load_backbone_checkpoint(model, _backbone_weights(p))
     return model
 
 
 def run(p: Params) -> FitResult:
     """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
     train, val = datasets(p)
+    p = dataclasses.replace(p, backbone_weights=_backbone_weights(p))  # may train it: before seeding
+    seed_everything(p.seed)
     model = build_model(p, len(train.class_names))
     task = DetectionTask(p.score_threshold, p.nms_iou, p.top_k)
     return fit(model, task, train, val, train_config(p))

@@ -8,6 +8,7 @@ every non-ignored pixel.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 from pyconv_core.data.ade20k import ADE20K, IGNORE_INDEX, TrainTransform, denormalize
 from pyconv_core.data.demo_segmentation import make_demo_ade20k
 from pyconv_core.engine import distributed as dist
-from pyconv_core.engine.trainer import FitResult, TrainConfig, fit
+from pyconv_core.engine.trainer import FitResult, TrainConfig, fit, seed_everything
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import RunParams
+from pyconv_core.tasks.classification import resolve_backbone_weights
 
 __all__ = ["SegmentationTask", "Params", "RECIPES", "NEW_MODULES", "MULTI_SCALES", "run", "datasets", "train_config",
            "task_for", "build_model", "collate", "confusion_matrix", "scores", "class_iou_table", "predict",
@@ -195,7 +197,7 @@ class Params(RunParams):
     multi_scale: bool = False  # test at scales 0.5..1.75 with flip, else single scale
     train_subset: int = 0  # training images (0: all)
     val_subset: int = 0  # validation images (0: all)
-    backbone_weights: str = ""  # ImageNet checkpoint of the backbone (authors' or torchvision layout)
+    backbone_weights: str = ""  # classifier checkpoint of the backbone (authors', torchvision or workbook layout); "fashion-mnist": the classification demo's run (trained if missing); "": from scratch
 
     @property
     def model_name(self) -> str:
@@ -240,13 +242,17 @@ def task_for(p: Params, num_classes: int) -> SegmentationTask:
 
 def build_model(p: Params, num_classes: int) -> nn.Module:
     """The registered model of ``p`` (``model_args`` recorded, so checkpoints rebuild it)."""
-    weights = {"backbone_weights": p.backbone_weights} if p.backbone_weights else {}
+    weights = resolve_backbone_weights(p.backbone_weights, p.backbone, p.depth, p.runs_dir)
+    weights = {"backbone_weights": weights} if weights else {}
     return build(p.model_name, num_classes=num_classes, output_stride=p.output_stride, backbone=p.backbone, **weights)
 
 
 def run(p: Params) -> FitResult:
     """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
     train, val, classes = datasets(p)
+    p = dataclasses.replace(p, backbone_weights=resolve_backbone_weights(p.backbone_weights, p.backbone, p.depth,
+                                                                          p.runs_dir))  # may train it: before seeding
+    seed_everything(p.seed)
     return fit(build_model(p, len(classes)), task_for(p, len(classes)), train, val, train_config(p))
 
 
