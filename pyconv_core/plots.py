@@ -12,12 +12,14 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from pyconv_core.engine.logging import read_metrics
 from pyconv_core.layers.pyconv import PyConv
 
-__all__ = ["plot_params_vs_flops", "draw_pyconv_pyramid", "plot_curves", "plot_confusion", "show_misclassified"]
+__all__ = ["plot_params_vs_flops", "draw_pyconv_pyramid", "metric_label", "plot_curves", "plot_confusion",
+           "show_misclassified"]
 
 _FAMILY_ORDER = ("resnet", "pyconvresnet", "pyconvhgresnet")
 
@@ -68,35 +70,70 @@ def _rows(run: str | os.PathLike | Sequence[Mapping]) -> list[Mapping]:
     return read_metrics(run) if isinstance(run, (str, os.PathLike)) else list(run)
 
 
+# What the logged keys measure, with units (training rows' "train_" prefix dropped first); a key
+# not listed is shown with spaces for underscores.
+_QUANTITIES = {"loss": "loss", "val_loss": "loss", "cls": "classification loss", "loc": "box regression loss",
+               "main_loss": "main-head loss", "aux_loss": "auxiliary-head loss", "top1": "top-1 accuracy (%)",
+               "top5": "top-5 accuracy (%)", "top1_err": "top-1 error (%)", "top5_err": "top-5 error (%)",
+               "AP": "AP (%)", "AP50": "AP50 (%)", "AP75": "AP75 (%)", "miou": "mIoU (%)",
+               "pixel_acc": "pixel accuracy (%)", "mean_acc": "mean class accuracy (%)"}
+
+
+def metric_label(kind: str, metric: str) -> tuple[str, str]:
+    """Panel title and y label of a (row kind, metric) pair, e.g. ("eval", "top1_err") ->
+    ("validation top-1 error (%)", "top-1 error (%)"), so figures name quantities, not log keys."""
+    key = metric.removeprefix("train_") if kind in ("train", "step") else metric
+    quantity = _QUANTITIES.get(key, key.replace("_", " "))
+    return f"{'training' if kind in ('train', 'step') else 'validation'} {quantity}", quantity
+
+
 def plot_curves(runs: Mapping[str, str | os.PathLike | Sequence[Mapping]],
                 panels: Sequence[tuple[str, str]] = (("train", "train_loss"), ("eval", "top1_err")),
                 ax_row: Sequence[plt.Axes] | None = None) -> Sequence[plt.Axes]:
-    """Convergence curves of several runs side by side: one panel per (row kind, metric)."""
+    """Convergence curves of several runs side by side: one panel per (row kind, metric).
+
+    A ``"train"`` panel draws the run's ``"step"`` rows (every few optimizer steps, at fractional
+    epochs) as its line where it has them, with the per-epoch means as markers, so a run of a few
+    epochs still shows how the loss fell; other panels join their per-epoch rows."""
     frames = []
     for label, run in runs.items():
         for row in _rows(run):
             frames.append({**row, "run": label})
     df = pd.DataFrame(frames)
+    colours = dict(zip(runs, sns.color_palette(n_colors=len(runs))))  # one colour per run in every panel
     if ax_row is None:
         _, ax_row = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
         ax_row = ax_row[0]
     for ax, (kind, metric) in zip(ax_row, panels):
         part = df[df["kind"] == kind].dropna(subset=[metric]) if metric in df else df.iloc[:0]
+        line = part
+        if kind == "train" and len(part):
+            steps = df[df["kind"] == "step"].dropna(subset=[metric])
+            line = pd.concat([steps, part[~part["run"].isin(set(steps["run"]))]])
         if len(part):
-            sns.lineplot(data=part, x="epoch", y=metric, hue="run", marker="o", ax=ax)
-        ax.set_title(f"{kind}: {metric}")
+            order = [run for run in runs if run in set(part["run"])]
+            sns.lineplot(data=line, x="epoch", y=metric, hue="run", hue_order=order, palette=colours, ax=ax,
+                         errorbar=None)
+            sns.scatterplot(data=part, x="epoch", y=metric, hue="run", hue_order=order, palette=colours, ax=ax,
+                            legend=False, zorder=3)
+        title, ylabel = metric_label(kind, metric)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return ax_row
 
 
-def plot_confusion(predicted: torch.Tensor, truth: torch.Tensor, classes: Sequence[str]) -> plt.Axes:
-    """Row-normalised confusion matrix (rows: true class)."""
+def plot_confusion(predicted: torch.Tensor, truth: torch.Tensor, classes: Sequence[str],
+                   title: str | None = None) -> plt.Axes:
+    """Row-normalised confusion matrix (rows: true class); ``title`` names the model (e.g.
+    "PyConvResNet-18") so that matrices of several models can be told apart."""
     n = len(classes)
     counts = torch.bincount(truth * n + predicted, minlength=n * n).reshape(n, n).double()
     rates = (counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy()
     fig, ax = plt.subplots(figsize=(0.6 * n + 2, 0.6 * n + 1))
     sns.heatmap(rates, annot=True, fmt=".2f", cmap="Blues", xticklabels=classes, yticklabels=classes, ax=ax,
                 cbar=False, annot_kws={"fontsize": 7})
-    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (row-normalised)")
+    ax.set(xlabel="predicted", ylabel="true",
+           title=f"{title}: confusion matrix (row-normalised)" if title else "Confusion matrix (row-normalised)")
     return ax
 
 
@@ -166,14 +203,36 @@ def browse_detections(predict_one, count: int, class_names: Sequence[str], thres
 __all__ += ["show_detections", "browse_detections"]
 
 
-def show_segmentation(samples: Sequence[Mapping], palette: np.ndarray) -> plt.Figure:
+def _class_legend(masks: Sequence[torch.Tensor | np.ndarray], palette: np.ndarray,
+                  classes: Sequence[str] | None) -> list[Patch]:
+    """A colour patch per class present in ``masks`` (training ids; ``classes`` names them, else
+    "class <id>"), and a black "ignored" patch if any pixel is ignored."""
+    from pyconv_core.data.ade20k import IGNORE_INDEX
+
+    present = np.unique(np.concatenate([np.asarray(m.cpu() if isinstance(m, torch.Tensor) else m).ravel()
+                                        for m in masks]))
+    patches = [Patch(facecolor=palette[i] / 255 if i < len(palette) else "black", edgecolor="grey",
+                     label=classes[i] if classes is not None and i < len(classes) else f"class {i}")
+               for i in present.tolist() if i != IGNORE_INDEX]
+    if IGNORE_INDEX in present:
+        patches.append(Patch(facecolor="black", edgecolor="grey", label="ignored"))
+    return patches
+
+
+def show_segmentation(samples: Sequence[Mapping], palette: np.ndarray,
+                      classes: Sequence[str] | None = None) -> plt.Figure:
     """One row per sample: image | ground truth | each model's prediction, masks coloured with
-    ``palette`` (training ids; ignored pixels black). A sample has ``image`` (HWC uint8), ``truth``
-    and ``preds`` (model name -> mask), as ``tasks.segmentation.segmentation_sample`` makes them."""
+    ``palette`` (training ids; ignored pixels black), and below them a legend of the classes present
+    (named by ``classes``, e.g. the data set's ``classes``). A sample has ``image`` (HWC uint8),
+    ``truth`` and ``preds`` (model name -> mask), as ``tasks.segmentation.segmentation_sample`` makes them."""
     from pyconv_core.data.ade20k import colorize
 
+    legend = _class_legend([m for s in samples for m in (s["truth"], *s["preds"].values())], palette, classes)
     cols = 2 + max(len(s["preds"]) for s in samples)
-    fig, axes = plt.subplots(len(samples), cols, figsize=(2.3 * cols, 2.3 * len(samples)), squeeze=False)
+    columns = min(len(legend), max(3, cols * 2)) or 1
+    legend_height = 0.25 * ((len(legend) + columns - 1) // columns) + 0.2  # inches: legend rows + margin
+    fig, axes = plt.subplots(len(samples), cols, figsize=(2.3 * cols, 2.3 * len(samples) + legend_height),
+                             squeeze=False)
     for row, sample in zip(axes, samples):
         panels = [("image", sample["image"]), ("ground truth", colorize(sample["truth"], palette))]
         panels += [(name, colorize(mask, palette)) for name, mask in sample["preds"].items()]
@@ -182,17 +241,19 @@ def show_segmentation(samples: Sequence[Mapping], palette: np.ndarray) -> plt.Fi
         for ax, (title, picture) in zip(row, panels):
             ax.imshow(picture, interpolation="nearest")
             ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    fig.legend(handles=legend, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
     return fig
 
 
-def browse_segmentation(sample_one, count: int, models: Sequence[str], palette: np.ndarray) -> None:
+def browse_segmentation(sample_one, count: int, models: Sequence[str], palette: np.ndarray,
+                        classes: Sequence[str] | None = None) -> None:
     """An ipywidgets browser over validation images and models; ``sample_one(index, model)``
     returns one sample for :func:`show_segmentation`."""
     from ipywidgets import Dropdown, IntSlider, interact
 
     def view(index: int, model: str) -> None:
-        show_segmentation([sample_one(index, model)], palette)
+        show_segmentation([sample_one(index, model)], palette, classes)
         plt.show()
 
     interact(view, index=IntSlider(value=0, min=0, max=count - 1, description="image"),

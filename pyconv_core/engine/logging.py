@@ -83,7 +83,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:
-    """Rows of ``runs/<name>/metrics.jsonl`` (only those of ``kind``, e.g. "train" or "eval", if given)."""
+    """Rows of ``runs/<name>/metrics.jsonl`` (only those of ``kind``, if given: "train" per epoch,
+    "eval" per evaluation, "step" every few optimizer steps; see ``engine/trainer.py``)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: has the run {Path(run_dir).name!r} been trained?")

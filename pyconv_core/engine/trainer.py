@@ -6,6 +6,12 @@ once per layer shape, recorded in config.json and checkpoints), torch.compile, D
 torchrun (sharded sampler, optional SyncBatchNorm, metrics reduced, rank 0 writes), linear lr
 scaling, warmup + multistep/cosine/poly schedules, ``runs/<name>/`` records, atomic
 checkpoints every epoch plus ``best.pt``, exact resume, and a clean stop on NaN or a signal.
+
+``metrics.jsonl`` rows (also kept in the checkpoints' ``history``): ``"train"`` once per epoch (means
+over the epoch's steps), ``"eval"`` per evaluation, and ``"step"`` for the training-loss curve: after
+every ``log_every``-th step of an epoch and after its last step, the means over the steps since the
+previous step row, at the fractional epoch reached (so ``ceil(steps_per_epoch / log_every)`` per epoch,
+covering every step once).
 """
 from __future__ import annotations
 
@@ -61,6 +67,7 @@ class TrainConfig:
     resume: bool = False
     num_workers: int = 0
     eval_every: int = 1
+    log_every: int = 10  # optimizer steps per "step" row of metrics.jsonl (the training-loss curve)
     runs_dir: str = "runs"  # relative paths are taken from the workbook root (engine.logging.workbook_path)
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # task parameters, recorded as given
@@ -193,6 +200,8 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training samples give no full batch of {cfg.batch_size}: "
                          f"lower batch_size or add data")
+    if cfg.log_every < 1:
+        raise ValueError(f"log_every must be at least 1 optimizer step, got {cfg.log_every}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(
         cfg.schedule, cfg.epochs, steps_per_epoch, cfg.milestones, cfg.gamma, cfg.warmup_epochs, cfg.poly_power))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -235,15 +244,18 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
                          "model_args": getattr(model, "model_args", None), "pyconv_plans": pyconv_plans(model)}, path)
             write_json(run_dir / "config.json", {**record, "pyconv_plans": pyconv_plans(model)})
 
+    def log(row: dict) -> None:
+        history.append(row)
+        if dist.is_main():
+            append_jsonl(run_dir / "metrics.jsonl", row)
+
     def evaluate_and_checkpoint(epochs_done: int) -> None:
         """Evaluate the epoch that ``last.pt`` already holds, then record it: ``best.pt`` is written
         before ``last.pt``, so a kill between the two leaves ``last.pt`` pending this evaluation and
         the resumed run redoes it (and rewrites ``best.pt``) instead of trusting a stale ``best.pt``."""
         nonlocal best
         metrics = evaluate(net, task, val_set, cfg, device)
-        history.append({"kind": "eval", "epoch": epochs_done, **metrics})
-        if dist.is_main():
-            append_jsonl(run_dir / "metrics.jsonl", history[-1])
+        log({"kind": "eval", "epoch": epochs_done, **metrics})
         value = metrics.get(task.main_metric)
         if value is not None and (best is None or value > best):
             best = value
@@ -258,9 +270,15 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
                 seed_everything(cfg.seed * 1_000_003 + epoch)
             loader = _loader(train_set, cfg.batch_size, cfg, task.collate_fn, epoch, train=True, skip_batches=skip)
             net.train()
-            sums, count, seen, elapsed = partial or ({}, 0, 0, 0.0)
+            # window, in_window: the loss sums and steps since the last step row (saved at a stop, so a
+            # resumed run writes the step rows of an uninterrupted one)
+            sums, count, seen, elapsed, window, in_window = partial or ({}, 0, 0, 0.0, {}, 0)
             partial, tic = None, time.perf_counter() - elapsed
-            bar = tqdm(loader, desc=f"{cfg.run_name} epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
+            # tqdm.auto calls iter() on what it wraps when it is created, and again when it is iterated: given
+            # the loader, that would start two worker pools per epoch. Given one iterator, both calls return it.
+            batches = iter(loader)
+            bar = tqdm(batches, total=len(loader), desc=f"{cfg.run_name} epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not show, leave=False)
             for step, batch in enumerate(bar, start=skip):
                 with _autocast(device, cfg.amp):
                     losses = task.train_step(step_fn, batch, device)
@@ -279,14 +297,24 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
                 scaler.update()
                 scheduler.step()
                 for key, value in losses.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach())
-                count += 1
+                    number = float(value.detach())
+                    sums[key] = sums.get(key, 0.0) + number
+                    window[key] = window.get(key, 0.0) + number
+                count, in_window = count + 1, in_window + 1
                 seen += _batch_len(batch)
+                if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+                    # under DDP each rank's own mean (rank 0's is written): an all_reduce here would add a
+                    # collective every log_every steps; the epoch's "train" row is the reduced mean
+                    log({"kind": "step", "epoch": epoch + (step + 1) / steps_per_epoch,
+                         "step": epoch * steps_per_epoch + step + 1, "lr": scheduler.get_last_lr()[0],
+                         **_means(window, in_window)})
+                    window, in_window = {}, 0
                 if show:
                     bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}",
                                     img_s=f"{seen * dist.world_size() / (time.perf_counter() - tic):.0f}")
                 if stop.signal is not None:
-                    checkpoint(epoch, step + 1, partial=(sums, count, seen, time.perf_counter() - tic))
+                    checkpoint(epoch, step + 1,
+                               partial=(sums, count, seen, time.perf_counter() - tic, window, in_window))
                     print(f"signal {stop.signal}: saved {ckpt_path} at epoch {epoch + 1}, step {step + 1}; "
                           f"rerun with resume=True to continue")
                     return FitResult(run_dir, history, model, best)
@@ -294,9 +322,7 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
             row = {"kind": "train", "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
                    "seconds": time.perf_counter() - tic, **_reduce_means(sums, count, device)}
             row["samples_per_s"] = _reduce_sum(seen, device) / row["seconds"]
-            history.append(row)
-            if dist.is_main():
-                append_jsonl(run_dir / "metrics.jsonl", row)
+            log(row)
             due = val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
             checkpoint(epoch + 1, 0, pending_eval=due)  # the trained epoch is saved before it is evaluated
             if due:
@@ -319,13 +345,17 @@ def _batch_len(batch: Any) -> int:
     return len(first)
 
 
+def _means(sums: dict[str, float], count: float) -> dict[str, float]:
+    """Per-step means as ``train_<key>``; ``num_*`` entries (e.g. skipped files) are totals."""
+    return {k if k.startswith("num_") else f"train_{k}": float(v) if k.startswith("num_") else float(v) / count
+            for k, v in sums.items()}
+
+
 def _reduce_means(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
-    """Per-step means over all processes; ``num_*`` entries (e.g. skipped files) are totals."""
+    """:func:`_means` over all processes."""
     keys = sorted(sums)
     packed = dist.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=device))
-    total = float(packed[-1])
-    return {k if k.startswith("num_") else f"train_{k}": float(v) if k.startswith("num_") else float(v) / total
-            for k, v in zip(keys, packed[:-1].tolist())}
+    return _means(dict(zip(keys, packed[:-1].tolist())), float(packed[-1]))
 
 
 def _reduce_sum(value: float, device: torch.device) -> float:

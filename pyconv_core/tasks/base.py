@@ -55,6 +55,7 @@ class RunParams:
     runs_dir: str = "runs"
     num_workers: int = 0  # DataLoader worker processes
     progress: bool = True  # progress bars (off under papermill / CI)
+    log_every: int = 10  # optimizer steps per training-loss row of metrics.jsonl (the loss curve)
     resume: bool = False  # continue runs/<run_name>/last.pt
 
     def run_args(self) -> dict[str, Any]:
@@ -63,4 +64,5 @@ class RunParams:
         return dict(amp=None if self.amp in ("none", "", None) else self.amp, channels_last=self.channels_last,
                     compile=self.compile, pyconv_plan=self.pyconv_plan, sync_bn=self.sync_bn, seed=self.seed,
                     resume=self.resume, num_workers=self.num_workers, runs_dir=self.runs_dir, progress=self.progress,
+                    log_every=self.log_every,
                     extra=dataclasses.asdict(self))

@@ -162,7 +162,7 @@ def run(p: Params) -> FitResult:
 # Fields that say how a run executes, not what it learns: a finished run that differs only in these
 # is the same pretrained backbone.
 _EXECUTION_FIELDS = ("gpus", "run_name", "runs_dir", "num_workers", "progress", "resume", "pyconv_plan",
-                     "channels_last", "compile")
+                     "channels_last", "compile", "log_every")
 
 
 DEMO_BACKBONE = "fashion-mnist"  # backbone_weights value of detection and segmentation: demo_backbone()
