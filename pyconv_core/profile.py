@@ -2,7 +2,7 @@
 
 ``python -m pyconv_core.profile`` prints one row per model and input size.
 
-Convention (SPEC.md preamble): one fused multiply-add counts as one FLOP. ``gmacs`` counts
+Convention (docs/paper.md#counting): one fused multiply-add counts as one FLOP. ``gmacs`` counts
 convolutions and linear layers only; ``gflops`` adds one operation per output element of the
 element-wise work (batch norm, activations, residual adds, pooling, resampling), which is how
 the paper's figures were counted (the convention of the ptflops counter). Counting happens at the ATen level (a dispatch mode), so

@@ -16,7 +16,7 @@ __all__ = ["PaperFigures", "register_model", "build", "list_models", "model_entr
 
 @dataclass(frozen=True)
 class PaperFigures:
-    """What the paper (or the authors' code, per SPEC.md) reports for a model.
+    """What the paper (or the authors' code; docs/paper.md) reports for a model.
 
     ``gflops`` maps an input size (the side for images, or ``(frames, side)`` for video) to
     multiply-accumulates in billions; ``params`` is the exact or rounded count.

@@ -1,6 +1,6 @@
 """An independent forward pass of the authors' PyConvResNet, read straight from their key layout.
 
-Written from SPEC.md s.2 (not from our model code): every weight is looked up by the authors'
+Written from docs/paper.md s.2 (not from our model code): every weight is looked up by the authors'
 key name, each level's groups follow from its weight shape, padding is k // 2, the stride sits
 in the PyConv of each stage's first block, and the shortcut is MaxPool(3, 2, 1) -> 1x1 -> BN.
 """

@@ -35,7 +35,7 @@ def test_resnet50_computes_what_torchvision_computes():
 
 
 def test_stage_resolutions_of_pyconvresnet():
-    """No stem max pool: stage 1 already downsamples to 56x56 (SPEC s.2)."""
+    """No stem max pool: stage 1 already downsamples to 56x56 (docs/paper.md s.2)."""
     model = build("pyconvresnet50").eval()
     x = model.relu(model.bn1(model.conv1(torch.randn(1, 3, 224, 224))))
     sizes = []

@@ -11,7 +11,7 @@ CONV_FN = {2: F.conv2d, 3: F.conv3d}
 
 
 def reference_pyconv(x, weights, groups, stride, dilation, dim):
-    """One functional convolution per level with the SPEC padding rule, then concatenation."""
+    """One functional convolution per level with the padding rule of docs/paper.md s.1, then concatenation."""
     outs = []
     for w, g in zip(weights, groups):
         padding = tuple(dilation * (k // 2) for k in w.shape[2:])

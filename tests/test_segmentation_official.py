@@ -1,5 +1,5 @@
 """PyConvSegNet in the authors' checkpoint layout (iduta/pyconvsegnet): keys, and the same output
-as an independent forward pass written from SPEC.md s.6 that reads every weight by the authors'
+as an independent forward pass written from docs/paper.md s.6 that reads every weight by the authors'
 key name (dilation replacing stride, padding dilation*(k//2) per level, stride-1 MaxPool in the
 shortcut of a dilated stage, align_corners=True upsampling)."""
 import pytest

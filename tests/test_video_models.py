@@ -73,7 +73,7 @@ def test_pyconv_presets_of_s_table2():
     assert _levels(model, 2) == [((3, 3, 3), 32, 1), ((3, 5, 5), 32, 4), ((5, 7, 7), 64, 8)]
     assert _levels(model, 3) == [((3, 3, 3), 128, 1), ((3, 5, 5), 128, 4)]
     assert _levels(model, 4) == [((3, 3, 3), 512, 1)]
-    # no stem max pool: stage 1 downsamples in its PyConv, the shortcut in a max pool (SPEC.md s.2)
+    # no stem max pool: stage 1 downsamples in its PyConv, the shortcut in a max pool (docs/paper.md s.2)
     assert isinstance(model.maxpool, torch.nn.Identity)
     assert model.layer1[0].conv2.levels[0].stride == (1, 2, 2)
     assert isinstance(model.layer3[0].downsample[0], torch.nn.MaxPool3d)

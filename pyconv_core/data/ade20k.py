@@ -8,7 +8,7 @@ Layout of ``ADEChallengeData2016`` (the SceneParsing benchmark, 150 classes)::
         annotations/{training,validation}/ADE_train_00000001.png, ...   8-bit labels
 
 Annotation value 0 ("other") becomes the ignore index 255 and classes 1..150 become 0..149.
-The training transform is the recipe's (SPEC.md s.6): random scale 0.5-2.0, rotation +-10
+The training transform is the recipe's (docs/paper.md s.6): random scale 0.5-2.0, rotation +-10
 degrees, horizontal flip, and a random crop of 473 padded with the mean colour (image) and the
 ignore label (mask). The embedded demo set (:mod:`pyconv_core.data.demo_segmentation`) is
 written in this same layout and read by this same code.
@@ -199,7 +199,7 @@ class ADE20K(Dataset):
 
 
 class TrainTransform:
-    """PSPNet's training augmentation (SPEC.md s.6) on a uint8 image and mask.
+    """PSPNet's training augmentation (docs/paper.md s.6) on a uint8 image and mask.
 
     Random scale in ``scale``, rotation in ``rotate`` degrees, horizontal flip, then a random
     ``crop_size`` crop; borders created by rotation or padding are the mean colour (0 after

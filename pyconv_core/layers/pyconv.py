@@ -39,7 +39,7 @@ class LevelSet:
         return split_channels(out_channels, self.parts)
 
 
-# SPEC section 1: the stage presets of PyConvResNet (outputs C/4 each, C/4+C/4+C/2, C/2+C/2, C).
+# docs/paper.md s.1: the stage presets of PyConvResNet (outputs C/4 each, C/4+C/4+C/2, C/2+C/2, C).
 PYCONV_PRESETS: dict[str, LevelSet] = {
     "pyconv4": LevelSet(kernels=(3, 5, 7, 9), groups=(1, 4, 8, 16), parts=(1, 1, 1, 1)),
     "pyconv3": LevelSet(kernels=(3, 5, 7), groups=(1, 4, 8), parts=(1, 1, 2)),

@@ -1,4 +1,4 @@
-"""Inception-ResNet-v2 and PyConvInception (S-Section 5, S-Table 5; SPEC.md s.7).
+"""Inception-ResNet-v2 and PyConvInception (S-Section 5, S-Table 5; docs/paper.md s.7).
 
 Inception-ResNet-v2 (Szegedy et al. 2017) as released (TF-slim, timm): stem, Mixed-5b,
 10 x Inception-ResNet-A (block35, scale 0.17), Reduction-A, 20 x B (block17, 0.10),
@@ -254,7 +254,7 @@ class Inception(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-_S_TABLE5 = "S-Table 5 / SPEC.md s.7"
+_S_TABLE5 = "S-Table 5 / docs/paper.md s.7"
 
 
 @register_model(input_shape=(3, 299, 299), paper=PaperFigures(params=55.84e6, gflops={299: 16.75}, source=_S_TABLE5))

@@ -1,4 +1,4 @@
-"""Load and save state_dicts in the layout of the authors' released checkpoints (SPEC.md s.2).
+"""Load and save state_dicts in the layout of the authors' released checkpoints (docs/paper.md s.2).
 
 The authors name the levels of a multi-level PyConv ``<conv>.conv2_{1..L}`` and keep a
 single-level one as a plain ``<conv>`` convolution; our :class:`PyConv` always holds

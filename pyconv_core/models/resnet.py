@@ -1,4 +1,4 @@
-"""ResNet, PyConvResNet and PyConvHGResNet from one builder (Duta et al. 2020, Table 2; SPEC.md s.2).
+"""ResNet, PyConvResNet and PyConvHGResNet from one builder (Duta et al. 2020, Table 2; docs/paper.md s.2).
 
 A family is data: per stage, the PyConv levels of its spatial convolution; plus the stem
 (with or without max pool) and the shortcut (strided 1x1 conv, or max pool then 1x1 conv).
@@ -27,7 +27,7 @@ PLAIN_1X1 = LevelSet(kernels=(1,), groups=(1,), parts=(1,))
 
 @dataclass(frozen=True)
 class Family:
-    """What distinguishes ResNet, PyConvResNet and PyConvHGResNet (SPEC.md section 2)."""
+    """What distinguishes ResNet, PyConvResNet and PyConvHGResNet (docs/paper.md s.2)."""
 
     stage_levels: tuple[LevelSet, ...]
     widths: tuple[int, ...] = (64, 128, 256, 512)
@@ -149,7 +149,7 @@ class ResNet(nn.Module):
         stage_strides, stage_levels: per-stage overrides of the family's tables.
         stage_blocks: blocks per stage, overriding the depth's (e.g. a shallow CPU demo network).
         output_stride: 32, or 16 / 8 for dense prediction (2D): stages that would downsample
-            past it trade their stride for dilation (:func:`dilate_stages`; SPEC.md s.6).
+            past it trade their stride for dilation (:func:`dilate_stages`; docs/paper.md s.6).
     """
 
     def __init__(self, family: Family | str, depth: int, num_classes: int = 1000,
@@ -246,8 +246,8 @@ def _paper(params: float, source: str, **gflops: float) -> PaperFigures:
     return PaperFigures(params=params, gflops={int(k[1:]): v for k, v in gflops.items()}, source=source)
 
 
-_AUTHORS = "SPEC.md s.2 (authors' code)"
-_TABLE2 = "paper Table 2 / SPEC.md s.2"
+_AUTHORS = "authors' code / docs/paper.md#counting"
+_TABLE2 = "paper Table 2 / docs/paper.md s.2"
 
 
 @register_model()

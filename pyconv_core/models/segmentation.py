@@ -61,7 +61,7 @@ def _pyconv_block(in_channels: int, channels: int) -> list[nn.Module]:
 
 
 class PyConvPH(nn.Module):
-    """PyConv parsing head of PyConvSegNet (paper Section 4.3, SPEC.md s.6).
+    """PyConv parsing head of PyConvSegNet (paper Section 4.3, docs/paper.md s.6).
 
     Local block on the full maps and global block on maps pooled to ``bins`` x ``bins`` (then
     upsampled), each ``in/4`` wide (512 for 2048 maps); their concatenation is merged by a 3x3

@@ -228,7 +228,7 @@ def postprocess(loc: torch.Tensor, logits: torch.Tensor, priors: torch.Tensor, s
 
 
 def _backbone(family: str, depth: int) -> tuple[nn.Sequential, int]:
-    """The ResNet builder's network with stage 3 at stride 1, cut after stage 3 (SPEC.md s.4)."""
+    """The ResNet builder's network with stage 3 at stride 1, cut after stage 3 (docs/paper.md s.4)."""
     strides = list(FAMILIES[family].stage_strides)
     strides[2] = 1
     net = ResNet(family, depth, num_classes=0, stage_strides=strides)
@@ -340,7 +340,7 @@ def load_backbone_checkpoint(model: SSD, source: str | os.PathLike | Mapping[str
 
 
 def _paper(params: float, gflops: float) -> PaperFigures:
-    return PaperFigures(params=params, gflops={300: gflops}, source="S-Table 1 / SPEC.md s.4")
+    return PaperFigures(params=params, gflops={300: gflops}, source="S-Table 1 / docs/paper.md s.4")
 
 
 _DETECTION = dict(task="detection", input_shape=(3, 300, 300))

@@ -1,9 +1,9 @@
-"""ResNet3D-50 and PyConvResNet3D-50 for video (supplementary S-Section 2, S-Table 2; SPEC.md s.5).
+"""ResNet3D-50 and PyConvResNet3D-50 for video (supplementary S-Section 2, S-Table 2; docs/paper.md s.5).
 
 Both come from the one ResNet builder with ``dim=3``: a 5x7x7 stem with stride (1,2,2), the
 S-Table 2 stage presets with (t, k, k) kernels, temporal stride 2 in stages 3 and 4 (16 frames
 give 16, 16, 8, 4 frames per stage) and dropout 0.5 before the classifier. As in 2D
-(SPEC.md s.2), S-Table 2 prints the 1x3x3 max pool in the ResNet3D column only: PyConvResNet3D
+(docs/paper.md s.2), S-Table 2 prints the 1x3x3 max pool in the ResNet3D column only: PyConvResNet3D
 downsamples in its first PyConv instead, with max-pool shortcuts, which also reproduces the
 paper's GFLOPs (91.56 measured against 91.81, where a stem max pool would give 90.92).
 

@@ -25,7 +25,7 @@ from pyconv_core.tasks.base import RunParams
 __all__ = ["ClassificationTask", "Params", "RECIPES", "run", "datasets", "predict", "demo_backbone", "DEMO_BACKBONE",
            "resolve_backbone_weights"]
 
-# SPEC.md s.3. Milestones are fractions of the run's epochs (30/60/80 of 90), so a short run keeps the shape.
+# docs/paper.md s.3. Milestones are fractions of the run's epochs (30/60/80 of 90), so a short run keeps the shape.
 RECIPES: dict[str, dict] = {
     "standard": dict(lr=0.1, lr_reference_batch=256, weight_decay=1e-4, schedule="multistep",
                      milestone_fractions=(30 / 90, 60 / 90, 80 / 90), amp=None, cutmix_alpha=0.0, paper_epochs=90),
@@ -109,7 +109,7 @@ class Params(RunParams):
     epochs: int = 3
     batch_size: int = 64  # global batch over all processes
     lr: float = 0.0  # 0: the recipe's lr (given per its reference batch, scaled linearly)
-    recipe: str = ""  # standard | augment (SPEC.md s.3) | demo; empty: standard with data_dir, else demo
+    recipe: str = ""  # standard | augment (docs/paper.md s.3) | demo; empty: standard with data_dir, else demo
     amp: str = "none"  # none | bf16 | fp16; "recipe": the recipe's choice
     crop: int = 0  # train crop; 0: 224 for ImageNet, image_size for Fashion-MNIST
     test_crop: int = 0  # 0: same as crop; 320 for the paper's 320x320 test

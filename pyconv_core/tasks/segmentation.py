@@ -31,7 +31,7 @@ __all__ = ["SegmentationTask", "Params", "RECIPES", "NEW_MODULES", "MULTI_SCALES
            "task_for", "build_model", "collate", "confusion_matrix", "scores", "class_iou_table", "predict",
            "evaluate_dataset", "segmentation_sample", "head_to_head"]
 
-# SPEC.md s.6 (the authors' config): poly 0.9 from lr 0.01 at batch 16, 100 epochs, SyncBN, aux 0.4;
+# docs/paper.md s.6 (the authors' config): poly 0.9 from lr 0.01 at batch 16, 100 epochs, SyncBN, aux 0.4;
 # crop 473 after scale 0.5-2.0 and rotation +-10; test on a 512 long side with 473 sliding crops.
 # Their semseg training code also trains the modules new on the ImageNet backbone (head, classifier,
 # aux head) at 10x the lr. "demo" is the same recipe sized for the embedded set on a CPU (from
