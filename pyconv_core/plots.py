@@ -45,7 +45,7 @@ def plot_params_vs_flops(rows: Sequence[Mapping], size: int = 224) -> plt.Axes:
 
 def draw_pyconv_pyramid(layer: PyConv, title: str | None = None) -> plt.Axes:
     """The kernel pyramid of a PyConv: per level its spatial kernel, groups and output channels."""
-    levels = list(layer.levels)
+    levels = list(layer.convs)
     biggest = max(c.kernel_size[-1] for c in levels)
     fig, ax = plt.subplots(figsize=(2.2 * len(levels), 2.8))
     palette = sns.color_palette("viridis", len(levels))
@@ -56,8 +56,8 @@ def draw_pyconv_pyramid(layer: PyConv, title: str | None = None) -> plt.Axes:
             for c in range(k):
                 ax.add_patch(Rectangle((x0 + c, (biggest - k) / 2 + r), 1, 1, facecolor=colour, edgecolor="white"))
         kernel = "x".join(map(str, conv.kernel_size))
-        ax.text(i * (biggest + 2) + biggest / 2, -1.2, f"{kernel}, G={conv.groups}\n{conv.in_channels}->{conv.out_channels} ch",
-                ha="center", va="top", fontsize=9)
+        label = f"{kernel}, G={conv.groups}\n{conv.in_channels}->{conv.out_channels} ch"
+        ax.text(i * (biggest + 2) + biggest / 2, -1.2, label, ha="center", va="top", fontsize=9)
     ax.set_xlim(-1, len(levels) * (biggest + 2))
     ax.set_ylim(-4, biggest + 1)
     ax.set_aspect("equal")
@@ -66,7 +66,7 @@ def draw_pyconv_pyramid(layer: PyConv, title: str | None = None) -> plt.Axes:
     return ax
 
 
-def _rows(run: str | os.PathLike | Sequence[Mapping]) -> list[Mapping]:
+def _rows(run: str | os.PathLike | Sequence[Mapping]) -> Sequence[Mapping]:
     return read_metrics(run) if isinstance(run, (str, os.PathLike)) else list(run)
 
 
@@ -102,8 +102,7 @@ def plot_curves(runs: Mapping[str, str | os.PathLike | Sequence[Mapping]],
     df = pd.DataFrame(frames)
     colours = dict(zip(runs, sns.color_palette(n_colors=len(runs))))  # one colour per run in every panel
     if ax_row is None:
-        _, ax_row = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-        ax_row = ax_row[0]
+        ax_row = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)[1][0]
     for ax, (kind, metric) in zip(ax_row, panels):
         part = df[df["kind"] == kind].dropna(subset=[metric]) if metric in df else df.iloc[:0]
         line = part
@@ -142,15 +141,15 @@ def show_misclassified(dataset, predicted: torch.Tensor, truth: torch.Tensor, cl
     """A gallery of misclassified images with true and predicted class."""
     wrong = torch.nonzero(predicted != truth).flatten()[:count].tolist()
     cols = min(6, max(1, len(wrong)))
-    fig, axes = plt.subplots((len(wrong) + cols - 1) // cols or 1, cols, figsize=(2 * cols, 2.3 * ((len(wrong) + cols - 1) // cols or 1)),
-                             squeeze=False)
+    rows = (len(wrong) + cols - 1) // cols or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
         image = dataset[i][0]
         image = (image - image.min()) / (image.max() - image.min() + 1e-8)
         ax.imshow(np.asarray(image.permute(1, 2, 0)))
-        ax.set_title(f"true {classes[truth[i]]}\npred {classes[predicted[i]]}", fontsize=8)
+        ax.set_title(f"true {classes[int(truth[i])]}\npred {classes[int(predicted[i])]}", fontsize=8)
     fig.suptitle("Misclassified validation images")
     return fig
 

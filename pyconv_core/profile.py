@@ -5,8 +5,8 @@
 Convention (docs/paper.md#counting): one fused multiply-add counts as one FLOP. ``gmacs`` counts
 convolutions and linear layers only; ``gflops`` adds one operation per output element of the
 element-wise work (batch norm, activations, residual adds, pooling, resampling), which is how
-the paper's figures were counted (the convention of the ptflops counter). Counting happens at the ATen level (a dispatch mode), so
-functional ops (``F.interpolate``, ``+``) are seen as well as modules.
+the paper's figures were counted (the convention of the ptflops counter). Counting happens at the
+ATen level (a dispatch mode), so functional ops (``F.interpolate``, ``+``) are seen as well as modules.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pyconv_core.registry import list_models, model_entry, build
+from pyconv_core.registry import build, list_models, model_entry
 
 __all__ = ["count_params", "count_flops", "profile_rows", "format_table", "FLOP_CONVENTION"]
 
@@ -119,7 +119,8 @@ def format_table(rows: list[dict]) -> str:
     """The profile rows as a fixed-width text table."""
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
-    header = f"{'model':<22}{'input':>9}{'params(M)':>11}{'paper':>9}{'diff':>8}{'GMACs':>9}{'GFLOPs':>9}{'paper':>9}{'diff':>8}"
+    header = (f"{'model':<22}{'input':>9}{'params(M)':>11}{'paper':>9}{'diff':>8}"
+              f"{'GMACs':>9}{'GFLOPs':>9}{'paper':>9}{'diff':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         inp = "x".join(map(str, r["input"])) if isinstance(r["input"], tuple) else str(r["input"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from torch import nn
 
@@ -70,7 +71,7 @@ def model_entry(name: str) -> ModelEntry:
 def build(name: str, **kwargs) -> nn.Module:
     """Build a registered model; the name and arguments are kept in ``model.model_args``."""
     model = model_entry(name).builder(**kwargs)
-    model.model_args = {"name": name, **kwargs}
+    cast(Any, model).model_args = {"name": name, **kwargs}  # an attribute torch's Module type does not declare
     return model
 
 

@@ -26,7 +26,8 @@ def _bn(state, prefix, x):
 
 
 def _pyconv(state, prefix, x, stride):
-    level_keys = sorted((k for k in state if k.startswith(f"{prefix}.conv2_")), key=lambda k: int(k.split("_")[-1].split(".")[0]))
+    level_keys = sorted((k for k in state if k.startswith(f"{prefix}.conv2_")),
+                        key=lambda k: int(k.split("_")[-1].split(".")[0]))
     weights = [state[k] for k in level_keys] or [state[f"{prefix}.weight"]]
     outs = []
     for w in weights:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pyconv_core import build
-from pyconv_core.bench import (BenchSettings, add_ratios, default_baseline, main, make_candidate, run_bench)
+from pyconv_core.bench import BenchSettings, add_ratios, default_baseline, main, make_candidate, run_bench
 from pyconv_core.layers.pyconv import PyConv
 from pyconv_core.profile import count_params
 
@@ -24,8 +24,8 @@ def one_thread():
 
 def test_cpu_run_writes_the_json_record(tmp_path, capsys, one_thread):
     argv = ["--models", "pyconvresnet18", "resnet18", "--baseline", "resnet18", "--batch", "2", "--size", "32",
-            "--repeats", "3", "--warmup", "1", "--iters", "1", "--device", "cpu", "--threads", "1", "--num-classes", "10",
-            "--name", "tiny", "--out-dir", str(tmp_path)]
+            "--repeats", "3", "--warmup", "1", "--iters", "1", "--device", "cpu", "--threads", "1",
+            "--num-classes", "10", "--name", "tiny", "--out-dir", str(tmp_path)]
     main(argv)
     record = json.loads((tmp_path / "tiny.json").read_text())
     assert record["command"] == "python -m pyconv_core.bench " + " ".join(argv)

@@ -42,7 +42,8 @@ def test_nvidia_widths_match_s_table1_params_at_81_and_gflops_at_91_labels():
     """Why the head is NVIDIA's SSD300 layout with a wider first reduction: with NVIDIA's widths the
     paper's params are those of 81 classes and its GFLOPs those of a 91-output classifier (COCO ids
     0..90), both to 0.2%; with 81 classes the 50-layer GFLOPs fall outside 3%."""
-    for name, head_name, family, depth in [("ssd50", "ssd", "resnet", 50), ("pyconvssd50", "pyconvssd", "pyconvresnet", 50),
+    for name, head_name, family, depth in [("ssd50", "ssd", "resnet", 50),
+                                           ("pyconvssd50", "pyconvssd", "pyconvresnet", 50),
                                            ("ssd101", "ssd", "resnet", 101),
                                            ("pyconvssd101", "pyconvssd", "pyconvresnet", 101)]:
         paper = model_entry(name).paper

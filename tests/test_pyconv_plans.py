@@ -179,7 +179,10 @@ def test_a_second_run_reuses_the_measured_plans_whatever_its_timing_says(tmp_pat
     assert pyconv_plans(second.model) == pyconv_plans(first.model)
     assert {plan for table in pyconv_plans(first.model).values() for plan in table.values()} == {"0|1|2|3", "0|1|2",
                                                                                                  "0|1"}
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in rows]
+
     assert strip(read_metrics(second.run_dir)) == strip(read_metrics(first.run_dir))
 
     monkeypatch.setenv("PYCONV_PLAN_CACHE", "off")  # without the cache the timing decides (the test can fail)

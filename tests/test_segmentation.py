@@ -10,17 +10,34 @@ from PIL import Image
 from torch import nn
 
 from pyconv_core import build, list_models
-from pyconv_core.data.ade20k import (ADE20K, ADE20K_CLASSES, ADE20K_PALETTE, IGNORE_INDEX, TrainTransform, colorize,
-                                     denormalize, palette_for, read_class_names)
+from pyconv_core.data.ade20k import (
+    ADE20K,
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    IGNORE_INDEX,
+    TrainTransform,
+    colorize,
+    denormalize,
+    palette_for,
+    read_class_names,
+)
 from pyconv_core.data.demo_segmentation import DEMO_CLASSES, make_demo_ade20k
 from pyconv_core.engine.checkpoint import load_checkpoint, save_atomic
 from pyconv_core.engine.trainer import TrainConfig, fit
 from pyconv_core.models.resnet import ResNet
 from pyconv_core.models.segmentation import profile_output_strides
 from pyconv_core.profile import count_flops, profile_rows
-from pyconv_core.tasks.segmentation import (NEW_MODULES, Params, SegmentationTask, class_iou_table, collate,
-                                            confusion_matrix, predict, scores, train_config)
-
+from pyconv_core.tasks.segmentation import (
+    NEW_MODULES,
+    Params,
+    SegmentationTask,
+    class_iou_table,
+    collate,
+    confusion_matrix,
+    predict,
+    scores,
+    train_config,
+)
 
 # ---- metrics on crafted masks ----------------------------------------------------------------
 

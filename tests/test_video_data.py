@@ -10,8 +10,14 @@ import torch
 from torch import nn
 
 from pyconv_core.data.demo_video import MOTIONS, DemoVideoConfig, make_demo_kinetics, render_video, write_mp4
-from pyconv_core.data.kinetics import (ANNOTATION_COLUMNS, ClipSampling, KineticsDataset, clip_starts,
-                                       collate_clips, decode_frames)
+from pyconv_core.data.kinetics import (
+    ANNOTATION_COLUMNS,
+    ClipSampling,
+    KineticsDataset,
+    clip_starts,
+    collate_clips,
+    decode_frames,
+)
 from pyconv_core.engine.logging import read_metrics
 from pyconv_core.tasks.video import Params, VideoTask, run
 

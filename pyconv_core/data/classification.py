@@ -82,7 +82,8 @@ def collate_skipping_bad(samples: list) -> tuple[torch.Tensor, torch.Tensor, int
     return images, labels, skipped
 
 
-def imagenet_datasets(data_dir: str | os.PathLike, crop: int = 224, test_crop: int | None = None) -> tuple[ImageFolder, ImageFolder]:
+def imagenet_datasets(data_dir: str | os.PathLike, crop: int = 224,
+                      test_crop: int | None = None) -> tuple[ImageFolder, ImageFolder]:
     """Train and val sets of an ImageNet-layout folder, with the standard transforms."""
     data_dir = Path(data_dir)
     missing = [s for s in ("train", "val") if not (data_dir / s).is_dir()]

@@ -16,6 +16,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -48,8 +49,8 @@ class DemoDetectionConfig:
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     """A random RGB background: smooth colour noise plus oriented stripes, float in [0, 1]."""
     cells = rng.integers(3, 9)
-    noise = rng.random((cells, cells, 3)).astype(np.float32)
-    noise = np.asarray(Image.fromarray((noise * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+    coarse = rng.random((cells, cells, 3)).astype(np.float32)
+    noise = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC),
                        dtype=np.float32) / 255
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     angle, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
@@ -61,7 +62,7 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _item(rng: np.random.Generator, image: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
     """A Fashion-MNIST item resized to ``side``: colour layer and alpha, both float."""
-    grey = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR), dtype=np.float32) / 255
+    grey = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32) / 255
     tint = rng.uniform(0.3, 1.0, size=3).astype(np.float32)
     alpha = np.clip(grey * 2.0, 0, 1)
     return (0.25 + 0.75 * grey)[..., None] * tint, alpha
@@ -73,7 +74,7 @@ def _render(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, cfg
     size = cfg.image_size
     canvas = _texture(rng, size)
     n = 0 if rng.random() < cfg.empty_fraction else int(rng.integers(1, cfg.max_objects + 1))
-    placed = []
+    placed: list[dict[str, Any]] = []
     for _ in range(n):
         idx = int(rng.integers(len(items)))
         side = int(round(size * rng.uniform(cfg.min_scale, cfg.max_scale)))
@@ -109,7 +110,8 @@ def _write_split(root: Path, split: str, source: str, count: int, cfg: DemoDetec
     items, labels = load_fashion_mnist(source)
     rng = np.random.default_rng(seed)
     (root / split).mkdir(parents=True)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for image_id in range(1, count + 1):
         pixels, placed = _render(rng, items, labels, cfg)
         file_name = f"{image_id:012d}.jpg"

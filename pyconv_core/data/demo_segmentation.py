@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pyconv_core.data.fashion_mnist import CLASSES as FASHION_CLASSES
-from pyconv_core.data.fashion_mnist import load_fashion_mnist
+from pyconv_core.data.fashion_mnist import CLASSES as FASHION_CLASSES, load_fashion_mnist
 
 __all__ = ["DEMO_CLASSES", "DEMO_ROOT", "make_demo_ade20k"]
 
@@ -79,10 +78,10 @@ def _render(items: np.ndarray, labels: np.ndarray, rng: np.random.Generator, siz
         image = image * (1 - alpha[..., None]) + color * alpha[..., None]
         weights = [w * (1 - alpha) for w in weights] + [alpha]
         layer_labels.append(np.full((height, width), len(TEXTURES) + 1 + labels[index]))
-    weights, layer_labels = np.stack(weights), np.stack(layer_labels)
-    top_layer = weights.argmax(0)
-    mask = np.take_along_axis(layer_labels, top_layer[None], 0)[0]
-    mask[np.take_along_axis(weights, top_layer[None], 0)[0] < 0.5] = 0
+    shares, layer_masks = np.stack(weights), np.stack(layer_labels)
+    top_layer = shares.argmax(0)
+    mask = np.take_along_axis(layer_masks, top_layer[None], 0)[0]
+    mask[np.take_along_axis(shares, top_layer[None], 0)[0] < 0.5] = 0
     return (image * 255).round().clip(0, 255).astype(np.uint8), mask.astype(np.uint8)
 
 

@@ -101,7 +101,7 @@ def render_video(rng: np.random.Generator, item: np.ndarray, motion: str, cfg: D
     frames = np.empty((cfg.frames, cfg.size, cfg.size, 3), dtype=np.uint8)
     for i, ((cx, cy), angle, side) in enumerate(zip(centers, angles, sides)):
         s = max(2, int(round(side)))
-        sprite = grey.resize((s, s), Image.BILINEAR).rotate(angle, Image.BILINEAR, expand=True)
+        sprite = grey.resize((s, s), Image.Resampling.BILINEAR).rotate(angle, Image.Resampling.BILINEAR, expand=True)
         layer = Image.new("L", (cfg.size, cfg.size))
         layer.paste(sprite, (int(round(cx - sprite.width / 2)), int(round(cy - sprite.height / 2))))
         alpha = np.asarray(layer, dtype=np.float64)[..., None] / 255

@@ -60,7 +60,8 @@ class ClipSampling:
     def __post_init__(self) -> None:
         if self.crop > min(self.train_short_side[0], self.test_short_side):
             raise ValueError(f"crop {self.crop} is larger than the smallest short side "
-                             f"{min(self.train_short_side[0], self.test_short_side)}; scale videos to at least the crop")
+                             f"{min(self.train_short_side[0], self.test_short_side)}; "
+                             "scale videos to at least the crop")
         if self.frames < 1 or self.stride < 1 or self.test_clips < 1 or self.test_crops < 1:
             raise ValueError(f"frames, stride, test_clips and test_crops must be positive: {self}")
 
@@ -201,7 +202,7 @@ def read_annotations(path: Path, split: str) -> list[tuple[str, list[str]]]:
 
 def _index_videos(folder: Path) -> dict[str, Path]:
     """Video files under ``folder`` (recursively) by file stem."""
-    found = {}
+    found: dict[str, Path] = {}
     for dirpath, _, files in os.walk(folder):
         for name in files:
             path = Path(dirpath) / name
@@ -234,15 +235,15 @@ class KineticsDataset(Dataset):
         self.sampling = sampling
         folder = self.root / split
         csv_path = Path(annotations) if annotations else _annotation_file(self.root, split)
-        if annotations and not csv_path.is_file():
+        if annotations and not Path(annotations).is_file():
             raise FileNotFoundError(f"annotation file {csv_path} does not exist; pass the Kinetics CSV "
                                     f"('{','.join(ANNOTATION_COLUMNS)}') of split {split!r}")
         if csv_path is not None:
             rows = read_annotations(csv_path, split)
             videos = _index_videos(folder if folder.is_dir() else self.root)
-            labelled = [(label, next((videos[s] for s in stems if s in videos), None)) for label, stems in rows]
-            self.missing = sum(path is None for _, path in labelled)
-            labelled = [(label, path) for label, path in labelled if path is not None]
+            found = [(label, next((videos[s] for s in stems if s in videos), None)) for label, stems in rows]
+            self.missing = sum(path is None for _, path in found)
+            labelled = [(label, path) for label, path in found if path is not None]
             where = f"{csv_path} (files under {folder})"
         elif folder.is_dir() and any(d.is_dir() for d in folder.iterdir()):
             labelled = [(d.name, p) for d in sorted(folder.iterdir()) if d.is_dir() for p in sorted(d.iterdir())

@@ -10,7 +10,7 @@ import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -59,7 +59,8 @@ def _first_line(err: BaseException) -> str:
 def rng_state() -> dict:
     """All random generators that training touches (python, numpy, torch CPU and CUDA), as tensors
     and plain values so that a weights-only load can restore them."""
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    legacy_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())  # the legacy=True form
+    kind, keys, pos, has_gauss, cached_gaussian = legacy_state
     state = {"python": random.getstate(),
              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian),
              "torch": torch.get_rng_state()}

@@ -6,6 +6,7 @@ WORLD_SIZE and LOCAL_RANK, and :func:`init` picks NCCL on CUDA and gloo on CPU.
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,10 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
+T = TypeVar("T")
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
     """Rank ``src``'s ``obj`` on every process (``obj`` itself in a single process)."""
     if not is_distributed():
         return obj

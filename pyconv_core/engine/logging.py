@@ -46,14 +46,14 @@ def git_commit() -> str | None:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Provenance recorded in every run: git commit, python, packages, device."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in _PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    dev = {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-           "cpu_threads": torch.get_num_threads()}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    dev = {"type": device.type, "name": name, "cpu_threads": torch.get_num_threads()}
     return {"git_commit": git_commit(), "python": sys.version.split()[0], "platform": platform.platform(),
             "packages": versions, "device": dev, "argv": sys.argv, "hostname": platform.node(),
             "world_size": int(os.environ.get("WORLD_SIZE", 1))}

@@ -20,9 +20,10 @@ import os
 import random
 import signal
 import time
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ class _StopRequest:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> _StopRequest:
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -151,17 +152,24 @@ def tune_plans_eagerly(model: nn.Module, task, batch: Any, device: torch.device,
     set_rng_state(rng)
 
 
+def _len(sized: object) -> int:
+    """``len`` of a data set or batch sampler (torch's types do not declare ``__len__`` on them)."""
+    return len(cast(Sized, sized))
+
+
 def _loader(dataset: Dataset, batch_size: int, cfg: TrainConfig, collate_fn, epoch: int, train: bool,
             skip_batches: int = 0) -> DataLoader:
     """Epoch-seeded sharded loader: in training, rank r of W takes every W-th index of one
     permutation, so W processes see exactly the global batches of one process and an epoch's order
     is reproducible; in evaluation every sample is seen exactly once (no padding duplicates)."""
+    sampler: Iterable[int]
     if train:
-        sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
-                                     seed=cfg.seed, drop_last=True)
-        sampler.set_epoch(epoch)
+        shuffled: DistributedSampler[int] = DistributedSampler(
+            dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=cfg.seed, drop_last=True)
+        shuffled.set_epoch(epoch)
+        sampler = shuffled
     else:
-        sampler = range(dist.rank(), len(dataset), dist.world_size())
+        sampler = range(dist.rank(), _len(dataset), dist.world_size())
     per_rank = max(1, batch_size // dist.world_size())
     batches = list(BatchSampler(sampler, per_rank, drop_last=train))[skip_batches:]
     return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate_fn,
@@ -172,7 +180,7 @@ def _loader(dataset: Dataset, batch_size: int, cfg: TrainConfig, collate_fn, epo
 def _autocast(device: torch.device, amp: str | None):
     if amp not in (None, "bf16", "fp16"):
         raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if amp else None
     return torch.autocast(device.type, dtype=dtype, enabled=amp is not None)
 
 
@@ -196,9 +204,9 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
     base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch)
     optimizer = torch.optim.SGD(param_groups(model, base_lr, cfg.lr_multipliers), lr=base_lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, 0, train=True).batch_sampler)
+    steps_per_epoch = _len(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, 0, train=True).batch_sampler)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training samples give no full batch of {cfg.batch_size}: "
+        raise ValueError(f"{_len(train_set)} training samples give no full batch of {cfg.batch_size}: "
                          f"lower batch_size or add data")
     if cfg.log_every < 1:
         raise ValueError(f"log_every must be at least 1 optimizer step, got {cfg.log_every}")
@@ -206,6 +214,7 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
         cfg.schedule, cfg.epochs, steps_per_epoch, cfg.milestones, cfg.gamma, cfg.warmup_epochs, cfg.poly_power))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
+    partial: tuple | None  # the loss sums and counters of an epoch stopped midway
     start_epoch, skip, history, best, partial, pending_eval = 0, 0, [], None, None, False
     if cfg.resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
@@ -254,6 +263,7 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
         before ``last.pt``, so a kill between the two leaves ``last.pt`` pending this evaluation and
         the resumed run redoes it (and rewrites ``best.pt``) instead of trusting a stale ``best.pt``."""
         nonlocal best
+        assert val_set is not None, "an evaluation is due only with a validation set"
         metrics = evaluate(net, task, val_set, cfg, device)
         log({"kind": "eval", "epoch": epochs_done, **metrics})
         value = metrics.get(task.main_metric)
@@ -272,6 +282,8 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
             net.train()
             # window, in_window: the loss sums and steps since the last step row (saved at a stop, so a
             # resumed run writes the step rows of an uninterrupted one)
+            sums: dict[str, float]
+            window: dict[str, float]
             sums, count, seen, elapsed, window, in_window = partial or ({}, 0, 0, 0.0, {}, 0)
             partial, tic = None, time.perf_counter() - elapsed
             # tqdm.auto calls iter() on what it wraps when it is created, and again when it is iterated: given
@@ -285,7 +297,7 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
                 loss = losses["loss"]
                 if not torch.isfinite(loss.detach()).all():
                     kept = (f"The last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else
-                            f"No checkpoint exists yet (the first epoch did not finish)")
+                            "No checkpoint exists yet (the first epoch did not finish)")
                     raise NonFiniteLossError(
                         f"run {cfg.run_name!r}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}. {kept}: "
                         f"lower lr (now "

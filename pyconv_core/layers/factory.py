@@ -5,14 +5,16 @@ Everything else in the package passes ``dim`` through and asks this module for l
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
 IntOrTuple = int | Sequence[int]
+ConvNd = nn.Conv2d | nn.Conv3d  # what conv() builds
+NormNd = nn.BatchNorm2d | nn.BatchNorm3d  # what norm() builds
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
-_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_CONV: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
+_NORM: dict[int, type[nn.BatchNorm2d] | type[nn.BatchNorm3d]] = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _MAX_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _AVG_POOL = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 
@@ -34,17 +36,18 @@ def ntuple(value: IntOrTuple, dim: int) -> tuple[int, ...]:
 
 def conv(dim: int, in_channels: int, out_channels: int, kernel: IntOrTuple = 1, stride: IntOrTuple = 1,
          dilation: IntOrTuple = 1, groups: int = 1, padding: IntOrTuple | None = None,
-         bias: bool = False) -> nn.Module:
+         bias: bool = False) -> ConvNd:
     """Convolution, bias-free unless asked; padding defaults to ``dilation * (kernel // 2)`` (size-preserving)."""
     _check_dim(dim)
     kernel, dilation = ntuple(kernel, dim), ntuple(dilation, dim)
     if padding is None:
         padding = tuple(d * (k // 2) for k, d in zip(kernel, dilation))
-    return _CONV[dim](in_channels, out_channels, kernel, stride=stride, padding=padding,
-                      dilation=dilation, groups=groups, bias=bias)
+    make: Callable[..., ConvNd] = _CONV[dim]  # torch types sizes per class; here they are dim-tuples
+    return make(in_channels, out_channels, kernel, stride=stride, padding=padding, dilation=dilation,
+                groups=groups, bias=bias)
 
 
-def norm(dim: int, channels: int) -> nn.Module:
+def norm(dim: int, channels: int) -> NormNd:
     """Batch normalization for ``dim``-D feature maps."""
     _check_dim(dim)
     return _NORM[dim](channels)
@@ -53,7 +56,8 @@ def norm(dim: int, channels: int) -> nn.Module:
 def max_pool(dim: int, kernel: IntOrTuple, stride: IntOrTuple, padding: IntOrTuple) -> nn.Module:
     """Max pooling for ``dim``-D feature maps."""
     _check_dim(dim)
-    return _MAX_POOL[dim](kernel, stride=stride, padding=padding)
+    make: Callable[..., nn.Module] = _MAX_POOL[dim]
+    return make(kernel, stride=stride, padding=padding)
 
 
 def global_avg_pool(dim: int) -> nn.Module:
@@ -62,11 +66,11 @@ def global_avg_pool(dim: int) -> nn.Module:
     return _AVG_POOL[dim](1)
 
 
-def conv_types() -> tuple[type[nn.Module], ...]:
+def conv_types() -> tuple[type[nn.Conv2d] | type[nn.Conv3d], ...]:
     """All convolution classes the factory builds (for weight init)."""
     return tuple(_CONV.values())
 
 
-def norm_types() -> tuple[type[nn.Module], ...]:
+def norm_types() -> tuple[type[nn.BatchNorm2d] | type[nn.BatchNorm3d], ...]:
     """All normalization classes the factory builds (for weight init)."""
     return tuple(_NORM.values())

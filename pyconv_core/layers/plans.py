@@ -30,10 +30,12 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from pyconv_core.layers.factory import ConvNd
 
 __all__ = ["Plan", "naive_plan", "parse_plan", "format_plan", "partitions", "all_plans", "mac_ratio",
            "candidate_plans", "run_plan", "signature", "time_plan", "tune", "PLAN_CACHE", "MAX_MAC_RATIO",
@@ -86,19 +88,19 @@ def partitions(num_levels: int) -> list[Partition]:
     return sorted(tuple(tuple(part) for part in p) for p in plans)
 
 
-def all_plans(convs: Sequence[nn.Module]) -> list[Plan]:
+def all_plans(convs: Sequence[ConvNd]) -> list[Plan]:
     """Every partition of the levels; for 3D levels each also by temporal taps."""
     modes = (False, True) if len(convs[0].kernel_size) == 3 else (False,)
     return [Plan(parts, taps) for taps in modes for parts in partitions(len(convs))]
 
 
-def _part_shape(convs: Sequence[nn.Module], part: Sequence[int]) -> tuple[tuple[int, ...], int]:
+def _part_shape(convs: Sequence[ConvNd], part: Sequence[int]) -> tuple[tuple[int, ...], int]:
     """Kernel (largest per axis) and groups (gcd) of the convolution that computes ``part``."""
     kernel = tuple(max(convs[i].kernel_size[d] for i in part) for d in range(len(convs[part[0]].kernel_size)))
     return kernel, math.gcd(*(convs[i].groups for i in part))
 
 
-def mac_ratio(convs: Sequence[nn.Module], plan: Plan) -> float:
+def mac_ratio(convs: Sequence[ConvNd], plan: Plan) -> float:
     """MACs of ``plan`` over the naive plan's (same output size for every level)."""
     def macs(out: int, cin: int, kernel: Sequence[int], groups: int) -> float:
         return out * cin / groups * math.prod(kernel)
@@ -110,12 +112,13 @@ def mac_ratio(convs: Sequence[nn.Module], plan: Plan) -> float:
     return merged / naive
 
 
-def candidate_plans(convs: Sequence[nn.Module], max_mac_ratio: float = MAX_MAC_RATIO) -> list[Plan]:
+def candidate_plans(convs: Sequence[ConvNd], max_mac_ratio: float = MAX_MAC_RATIO) -> list[Plan]:
     """The plans worth timing: those within ``max_mac_ratio`` of the naive MACs."""
     return [p for p in all_plans(convs) if mac_ratio(convs, p) <= max_mac_ratio]
 
 
-def _merged_weight(convs: Sequence[nn.Module], part: Sequence[int], kernel: tuple[int, ...], groups: int) -> torch.Tensor:
+def _merged_weight(convs: Sequence[ConvNd], part: Sequence[int], kernel: tuple[int, ...],
+                   groups: int) -> torch.Tensor:
     """The weight of one grouped convolution computing the levels of ``part``; output channels in
     group-major order (merged group, level, channel), as a grouped convolution lays them out."""
     cin = convs[part[0]].in_channels
@@ -149,14 +152,14 @@ def _temporal_taps_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     z = F.pad(z, (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, padding[0], padding[0]))
     t_out = (t + 2 * padding[0] - dilation[0] * (kt - 1) - 1) // stride[0] + 1
     span = (t_out - 1) * stride[0] + 1
-    y = sum(z[:, d * dilation[0]:d * dilation[0] + span:stride[0], :, :, :, d] for d in range(kt))
+    y = cast(torch.Tensor, sum(z[:, d * dilation[0]:d * dilation[0] + span:stride[0], :, :, :, d] for d in range(kt)))
     y = y.reshape(n, t_out, h, w, cout)
     if bias is not None:
         y = y + bias
     return y.permute(0, 4, 1, 2, 3)
 
 
-def _run_part(x: torch.Tensor, convs: Sequence[nn.Module], part: Sequence[int],
+def _run_part(x: torch.Tensor, convs: Sequence[ConvNd], part: Sequence[int],
               temporal_taps: bool) -> list[torch.Tensor]:
     """The outputs of the levels of ``part``, each ``[N, out_i, ...]``, computed by one convolution."""
     first = convs[part[0]]
@@ -166,7 +169,8 @@ def _run_part(x: torch.Tensor, convs: Sequence[nn.Module], part: Sequence[int],
     padding = tuple(d * (k // 2) for k, d in zip(kernel, first.dilation))
     bias = None
     if first.bias is not None:
-        bias = torch.cat([convs[i].bias.view(groups, -1) for i in part], dim=1).flatten()
+        # the levels of a PyConv are built alike: all with a bias, or none
+        bias = torch.cat([cast(torch.Tensor, convs[i].bias).view(groups, -1) for i in part], dim=1).flatten()
     weight = first.weight if len(part) == 1 else _merged_weight(convs, part, kernel, groups)
     conv = _temporal_taps_conv if temporal_taps else _CONV_FN[len(kernel)]
     y = conv(x, weight, bias, first.stride, padding, first.dilation, groups)
@@ -178,7 +182,7 @@ def _run_part(x: torch.Tensor, convs: Sequence[nn.Module], part: Sequence[int],
     return [chunk.flatten(1, 2) for chunk in y.unflatten(1, (groups, sum(sizes))).split(sizes, dim=2)]
 
 
-def run_plan(x: torch.Tensor, convs: Sequence[nn.Module], plan: Plan) -> torch.Tensor:
+def run_plan(x: torch.Tensor, convs: Sequence[ConvNd], plan: Plan) -> torch.Tensor:
     """The PyConv output (levels concatenated in order) computed part by part as ``plan`` says, in the
     memory format of ``x``."""
     if len(convs) == 1 and not plan.temporal_taps:
@@ -209,12 +213,12 @@ def signature(x: torch.Tensor, training: bool) -> str:
             f"{'train' if training else 'eval'}")
 
 
-def _layer_key(convs: Sequence[nn.Module]) -> tuple:
+def _layer_key(convs: Sequence[ConvNd]) -> tuple:
     return tuple((c.in_channels, c.out_channels, tuple(c.kernel_size), c.groups, tuple(c.stride),
                   tuple(c.dilation), c.bias is not None) for c in convs)
 
 
-def time_plan(x: torch.Tensor, convs: Sequence[nn.Module], plan: Plan, training: bool, repeats: int) -> float:
+def time_plan(x: torch.Tensor, convs: Sequence[ConvNd], plan: Plan, training: bool, repeats: int) -> float:
     """Median seconds of forward (+ backward to input and weights when training) over ``repeats``."""
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     times = []
@@ -229,7 +233,7 @@ def time_plan(x: torch.Tensor, convs: Sequence[nn.Module], plan: Plan, training:
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def tune(x: torch.Tensor, convs: Sequence[nn.Module], training: bool, repeats: int = 3,
+def tune(x: torch.Tensor, convs: Sequence[ConvNd], training: bool, repeats: int = 3,
          max_mac_ratio: float = MAX_MAC_RATIO) -> Plan:
     """The fastest candidate plan for these levels on inputs like ``x``: measured on the first call
     for each (layer, :func:`signature`) and cached in :data:`PLAN_CACHE` and in this machine's
@@ -283,7 +287,8 @@ def _read_plan_file(path: Path) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
-        warnings.warn(f"PyConv plan cache {path} is unreadable ({err}); measuring plans again and rewriting it")
+        warnings.warn(f"PyConv plan cache {path} is unreadable ({err}); measuring plans again and rewriting it",
+                      stacklevel=2)
         return {}
 
 
@@ -311,4 +316,4 @@ def _store_plan(key: str, plan: str) -> None:
         _STORED[path] = table
     except OSError as err:
         warnings.warn(f"PyConv plan cache {path} cannot be written ({err}); plans stay per process "
-                      f"(set PYCONV_PLAN_CACHE to a writable file)")
+                      f"(set PYCONV_PLAN_CACHE to a writable file)", stacklevel=2)

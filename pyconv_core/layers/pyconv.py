@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -71,8 +72,8 @@ class PyConv(nn.Module):
 
     The level convolutions are ``self.levels[i]``; ``load_official_checkpoint`` maps them to the
     authors' ``conv2_{i+1}`` names. ``plan`` says how the forward is computed (``layers/plans.py``):
-    ``"naive"`` (default), ``"auto"`` or a partition like ``"0|123"`` (3D: ``"taps:0|123"``); ``choices`` records, per input
-    signature, the plan ``"auto"`` picked, so a resumed run computes exactly as before.
+    ``"naive"`` (default), ``"auto"`` or a partition like ``"0|123"`` (3D: ``"taps:0|123"``); ``choices``
+    records, per input signature, the plan ``"auto"`` picked, so a resumed run computes exactly as before.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernels: Sequence[IntOrTuple],
@@ -104,14 +105,19 @@ class PyConv(nn.Module):
         self.plan = "naive"
         self.choices: dict[str, str] = {}
 
+    @property
+    def convs(self) -> Sequence[factory.ConvNd]:
+        """The level convolutions (``self.levels``), typed as what the factory built."""
+        return cast("Sequence[factory.ConvNd]", self.levels)
+
     @classmethod
-    def from_levels(cls, in_channels: int, out_channels: int, levels: LevelSet, **kwargs) -> "PyConv":
+    def from_levels(cls, in_channels: int, out_channels: int, levels: LevelSet, **kwargs) -> PyConv:
         """Build from a :class:`LevelSet` (a stage preset), splitting ``out_channels`` by its parts."""
         return cls(in_channels, out_channels, levels.kernels, levels.groups,
                    split=levels.split(out_channels), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_plan(x, self.levels, self.current_plan(x))
+        return run_plan(x, self.convs, self.current_plan(x))
 
     def current_plan(self, x: torch.Tensor) -> Plan:
         """The plan this input runs with (tuned on first sight of its signature under ``"auto"``)."""
@@ -131,7 +137,7 @@ class PyConv(nn.Module):
             if training and distributed.world_size() > 1:
                 self.choices[key] = self._replicated_training_choice(x)
             else:
-                self.choices[key] = format_plan(tune(x, self.levels, training))
+                self.choices[key] = format_plan(tune(x, self.convs, training))
         return parse_plan(self.choices[key])
 
     def _replicated_training_choice(self, x: torch.Tensor) -> str:
@@ -142,8 +148,8 @@ class PyConv(nn.Module):
         earlier = self.chosen(training=True)
         if earlier:
             return earlier[-1]
-        plan = format_plan(tune(x, self.levels, training=True)) if distributed.is_main() else None
-        return distributed.broadcast_object(plan)
+        plan = format_plan(tune(x, self.convs, training=True)) if distributed.is_main() else None
+        return cast(str, distributed.broadcast_object(plan))  # rank 0's plan on every rank
 
     def chosen(self, training: bool) -> list[str]:
         """The plans ``"auto"`` picked so far for training (or evaluation) inputs, oldest first."""
@@ -151,7 +157,7 @@ class PyConv(nn.Module):
         return [plan for key, plan in self.choices.items() if key.endswith(mode)]
 
     def extra_repr(self) -> str:
-        desc = ", ".join(f"{tuple(c.kernel_size)}/G{c.groups}->{c.out_channels}" for c in self.levels)
+        desc = ", ".join(f"{tuple(c.kernel_size)}/G{c.groups}->{c.out_channels}" for c in self.convs)
         return f"dim={self.dim}, levels=[{desc}], plan={self.plan}"
 
 

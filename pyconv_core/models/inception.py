@@ -140,7 +140,7 @@ def _unit(in_channels: int, unit: Unit, aligned: bool) -> tuple[nn.Module, int]:
         if unit.stride != 1 and not aligned:
             raise ValueError("a strided PyConv pads k // 2 per level and cannot match the 'VALID' reductions: "
                              "build PyConvInception with align_feature_maps=True")
-        conv = PyConv.from_levels(in_channels, unit.out, unit.levels, stride=unit.stride)
+        conv: nn.Module = PyConv.from_levels(in_channels, unit.out, unit.levels, stride=unit.stride)
     else:
         padding = 0 if unit.valid and not aligned else None
         conv = factory.conv(2, in_channels, unit.out, unit.kernel, stride=unit.stride, padding=padding)

@@ -67,8 +67,9 @@ def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             if not refused_as_code(err):
-                raise CheckpointMismatchError(f"cannot read checkpoint {path!r} ({str(err).strip().splitlines()[0]}); "
-                                              f"re-download or re-save it with torch.save(model.state_dict(), path)") from err
+                reason = str(err).strip().splitlines()[0]
+                raise CheckpointMismatchError(f"cannot read checkpoint {path!r} ({reason}); re-download or re-save "
+                                              f"it with torch.save(model.state_dict(), path)") from err
             raise CheckpointMismatchError(
                 f"checkpoint {path!r} holds Python objects other than tensors and plain values, which a "
                 f"weights-only load refuses because loading them could run code ({str(err).strip().splitlines()[0]}); "

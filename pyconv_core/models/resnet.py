@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = shortcut
 
-    def last_norm(self) -> nn.Module:
+    def last_norm(self) -> factory.NormNd:
         return self.bn3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = shortcut
 
-    def last_norm(self) -> nn.Module:
+    def last_norm(self) -> factory.NormNd:
         return self.bn2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +153,11 @@ class ResNet(nn.Module):
             past it trade their stride for dilation (:func:`dilate_stages`; docs/paper.md s.6).
     """
 
+    layer1: nn.Sequential  # the stages, added by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, family: Family | str, depth: int, num_classes: int = 1000,
                  zero_init_residual: bool = False, dropout: float = 0.0, dim: int = 2,
                  in_channels: int = 3, stem_kernel: IntOrTuple = 7, stem_stride: IntOrTuple = 2,
@@ -167,7 +173,9 @@ class ResNet(nn.Module):
         blocks = tuple(stage_blocks) if stage_blocks else blocks
         block, expansion = BLOCKS[block_name]
         expansion = expansion or family.bottleneck_expansion
-        if stem_pool == "family":
+        if isinstance(stem_pool, str):
+            if stem_pool != "family":
+                raise ValueError(f"stem_pool must be (kernel, stride, padding), None or 'family', got {stem_pool!r}")
             stem_pool = (3, 2, 1) if family.stem_pool else None
         self.dim, self.family, self.pool_shortcut = dim, family, family.pool_shortcut
 
@@ -183,9 +191,13 @@ class ResNet(nn.Module):
             if output_stride not in (8, 16) or dim != 2:
                 raise ValueError(f"output_stride must be 32, or 8 or 16 for 2D networks; got {output_stride} "
                                  f"with dim={dim}")
-            stem_reduction = stem_stride * (stem_pool[1] if stem_pool else 1)
-            strides, dilations = dilate_stages(strides, stem_reduction, output_stride)
-        channels, self.feature_info = 64, []
+
+            def side(size: IntOrTuple) -> int:  # the width axis of a 2D size
+                return factory.ntuple(size, dim)[-1]
+            stem_reduction = side(stem_stride) * (side(stem_pool[1]) if stem_pool else 1)
+            strides, dilations = dilate_stages([side(s) for s in strides], stem_reduction, output_stride)
+        channels = 64
+        self.feature_info: list[dict[str, Any]] = []
         for i, (n, width, stride, dilation, level_set) in enumerate(
                 zip(blocks, family.widths, strides, dilations, levels)):
             out = width * expansion

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -147,7 +148,8 @@ def aux_head(in_channels: int, num_classes: int, dropout: float = 0.1) -> nn.Seq
 
 
 # Every head takes (in_channels, output_stride=...); only ASPP's rates depend on the stride.
-HEADS: dict[str, type[nn.Module]] = {"pyconvph": PyConvPH, "ppm": PPM, "aspp": ASPP, "plain": PlainHead}
+Head = PyConvPH | PPM | ASPP | PlainHead
+HEADS: dict[str, type[Head]] = {"pyconvph": PyConvPH, "ppm": PPM, "aspp": ASPP, "plain": PlainHead}
 # The registered model names (``<name>50``, ``deeplabv3_50``) and their heads.
 MODEL_HEADS = {"pyconvsegnet": "pyconvph", "pspnet": "ppm", "deeplabv3": "aspp", "fcn": "plain"}
 
@@ -160,7 +162,7 @@ class SegmentationNet(nn.Module):
     evaluation mode return the dict too (to count the auxiliary head's FLOPs as the paper did).
     """
 
-    def __init__(self, backbone: ResNet, head: nn.Module, num_classes: int, dropout: float = 0.1,
+    def __init__(self, backbone: ResNet, head: Head, num_classes: int, dropout: float = 0.1,
                  aux: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
@@ -242,7 +244,7 @@ def profile_output_strides(names: Iterable[str] | None = None, output_strides: S
     for name in names or [n for n in list_models("segmentation") if model_entry(n).paper.params]:
         for stride in output_strides:
             with torch.device(device):
-                model = build(name, output_stride=stride)
+                model = cast(SegmentationNet, build(name, output_stride=stride))
                 count_with_aux(model)
                 params = count_params(model)
                 counts = count_flops(model, model_entry(name).input_shape)
@@ -263,7 +265,8 @@ def count_with_aux(model: SegmentationNet) -> None:
     model.with_aux = True
 
 
-_SEG = {"task": "segmentation", "input_shape": (3, PAPER_INPUT, PAPER_INPUT), "count_setup": count_with_aux}
+_SEG: dict[str, Any] = {"task": "segmentation", "input_shape": (3, PAPER_INPUT, PAPER_INPUT),
+                        "count_setup": count_with_aux}
 
 
 @register_model(**_SEG)

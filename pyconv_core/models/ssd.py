@@ -18,6 +18,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ from pyconv_core.models.resnet import FAMILIES, ResNet
 from pyconv_core.registry import PaperFigures, register_model
 
 __all__ = ["SSD", "ExtraBlock", "HEADS", "HEAD_PRESETS", "HEAD_WIDTHS", "NVIDIA_WIDTHS", "head_blocks", "BoxGeometry",
-           "SSD300", "geometry_for", "map_sizes", "default_boxes", "encode", "decode", "match", "multibox_loss", "postprocess", "load_backbone_checkpoint"]
+           "SSD300", "geometry_for", "map_sizes", "default_boxes", "encode", "decode", "match", "multibox_loss",
+           "postprocess", "load_backbone_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,7 @@ def _backbone(family: str, depth: int) -> tuple[nn.Sequential, int]:
 
 def _extra(in_channels: int, spec: ExtraBlock) -> nn.Sequential:
     if spec.padded:
-        spatial = PyConv.from_levels(spec.mid, spec.out, spec.levels, stride=spec.stride)
+        spatial: nn.Module = PyConv.from_levels(spec.mid, spec.out, spec.levels, stride=spec.stride)
     elif len(spec.levels.kernels) == 1:
         spatial = factory.conv(2, spec.mid, spec.out, spec.levels.kernels[0], stride=spec.stride, padding=0)
     else:
@@ -253,7 +255,7 @@ def map_sizes(image_size: int, head: Sequence[ExtraBlock]) -> tuple[int, ...]:
     that would not shrink the map any more are dropped (small inputs of the demo)."""
     sizes = [-(-image_size // 8)]
     for spec in head:
-        kernel = 1 if spec.padded else spec.levels.kernels[0]
+        kernel = 1 if spec.padded else factory.ntuple(spec.levels.kernels[0], 2)[0]
         size = (sizes[-1] - kernel) // spec.stride + 1
         if not 1 <= size < sizes[-1]:
             break
@@ -292,11 +294,12 @@ class SSD(nn.Module):
         self.conf = nn.ModuleList(nn.Conv2d(c, n * num_classes, 3, padding=1) for c, n in zip(map_channels, per_loc))
         self.register_buffer("priors", default_boxes(self.geometry), persistent=False)
         for module in [*self.extras, *self.loc, *self.conf]:
+            bias = getattr(module, "bias", None)  # the classifiers' and regressors' (extras have none)
             for p in module.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
-                elif p is getattr(module, "bias", None):
-                    nn.init.zeros_(p)
+                elif p is bias:
+                    nn.init.zeros_(bias)
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The six maps the detectors look at (38, 19, 10, 5, 3, 1 for 300x300)."""
@@ -343,7 +346,7 @@ def _paper(params: float, gflops: float) -> PaperFigures:
     return PaperFigures(params=params, gflops={300: gflops}, source="S-Table 1 / docs/paper.md s.4")
 
 
-_DETECTION = dict(task="detection", input_shape=(3, 300, 300))
+_DETECTION: dict[str, Any] = dict(task="detection", input_shape=(3, 300, 300))
 
 
 @register_model(**_DETECTION, paper=_paper(22.89e6, 20.92))

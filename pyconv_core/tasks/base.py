@@ -47,7 +47,7 @@ class RunParams:
     amp: str = "none"  # none | bf16 | fp16
     channels_last: bool = False  # NHWC / NDHWC memory format
     compile: bool = False  # torch.compile the model
-    pyconv_plan: str = "auto"  # PyConv execution plan: auto (fastest, measured once per layer shape) | naive | e.g. 0|123
+    pyconv_plan: str = "auto"  # PyConv plan: auto (fastest, measured once per layer shape) | naive | e.g. 0|123
     sync_bn: bool = False  # SyncBatchNorm under torchrun
     gpus: int = 1  # processes; >1 starts torchrun
     seed: int = 0

@@ -57,7 +57,7 @@ RECIPES: dict[str, dict] = {
 def _unwrap(model: nn.Module) -> SSD:
     """The SSD inside DDP and/or torch.compile wrappers (for its default boxes)."""
     while not isinstance(model, SSD):
-        model = getattr(model, "_orig_mod", None) or getattr(model, "module")
+        model = getattr(model, "_orig_mod", None) or model.module
     return model
 
 
@@ -157,7 +157,9 @@ class Params(RunParams):
     lr: float = 0.0  # 0: the recipe's lr (given per its reference batch, scaled linearly)
     recipe: str = "demo"  # paper | demo
     amp: str = "none"  # none | bf16 | fp16; "recipe": the recipe's choice
-    backbone_weights: str = ""  # classifier checkpoint of the backbone (authors', torchvision or workbook layout); "fashion-mnist": the classification demo's run (trained if missing); "": from scratch
+    # classifier checkpoint of the backbone (authors', torchvision or workbook layout); "fashion-mnist": the
+    # classification demo's run (trained if missing); "": from scratch
+    backbone_weights: str = ""
     demo_dir: str = "data/demo_coco"  # demo set folder (reused if already there); relative to the workbook root
     demo_train: int = 256  # demo training images
     demo_val: int = 64  # demo validation images

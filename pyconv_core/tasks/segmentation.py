@@ -98,18 +98,18 @@ def _sliding_window(model: nn.Module, image: torch.Tensor, num_classes: int, cro
     stride = math.ceil(crop * stride_rate)
     tops = [min(i * stride, H - crop) for i in range(math.ceil(max(H - crop, 0) / stride) + 1)]
     lefts = [min(j * stride, W - crop) for j in range(math.ceil(max(W - crop, 0) / stride) + 1)]
-    windows = [(t, l) for t in tops for l in lefts]
+    windows = [(top, left) for top in tops for left in lefts]
     probs = image.new_zeros(num_classes, H, W, dtype=torch.float32)
     count = image.new_zeros(1, H, W, dtype=torch.float32)
     for start in range(0, len(windows), max_batch):
         chunk = windows[start:start + max_batch]
-        crops = torch.stack([image[:, t:t + crop, l:l + crop] for t, l in chunk])
+        crops = torch.stack([image[:, top:top + crop, left:left + crop] for top, left in chunk])
         out = model(torch.cat([crops, crops.flip(-1)]) if flip else crops).float().softmax(1)
         if flip:
             out = (out[:len(chunk)] + out[len(chunk):].flip(-1)) / 2
-        for (t, l), p in zip(chunk, out):
-            probs[:, t:t + crop, l:l + crop] += p
-            count[:, t:t + crop, l:l + crop] += 1
+        for (top, left), p in zip(chunk, out):
+            probs[:, top:top + crop, left:left + crop] += p
+            count[:, top:top + crop, left:left + crop] += 1
     probs /= count
     return probs[:, pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w]
 
@@ -197,7 +197,9 @@ class Params(RunParams):
     multi_scale: bool = False  # test at scales 0.5..1.75 with flip, else single scale
     train_subset: int = 0  # training images (0: all)
     val_subset: int = 0  # validation images (0: all)
-    backbone_weights: str = ""  # classifier checkpoint of the backbone (authors', torchvision or workbook layout); "fashion-mnist": the classification demo's run (trained if missing); "": from scratch
+    # classifier checkpoint of the backbone (authors', torchvision or workbook layout); "fashion-mnist": the
+    # classification demo's run (trained if missing); "": from scratch
+    backbone_weights: str = ""
 
     @property
     def model_name(self) -> str:

@@ -19,8 +19,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pyconv_core.data.demo_video import DemoVideoConfig, make_demo_kinetics
-from pyconv_core.data.kinetics import (KINETICS_MEAN, KINETICS_STD, ClipSampling, KineticsDataset, VideoBatch,
-                                       collate_clips)
+from pyconv_core.data.kinetics import (
+    KINETICS_MEAN,
+    KINETICS_STD,
+    ClipSampling,
+    KineticsDataset,
+    VideoBatch,
+    collate_clips,
+)
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.logging import workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, evaluate, fit, seed_everything
@@ -120,7 +126,8 @@ class Params(RunParams):
     data_dir: str = ""  # Kinetics layout (annotations/<split>.csv + <split>/...); empty: the embedded demo set
     epochs: int = 90
     batch_size: int = 0  # global clips per step; 0: 64 (paper) / 16 (demo)
-    lr: float = 0.0  # per 64 clips, scaled linearly; 0: 0.1 (paper) / 0.02 (demo: a short run on 9 classes needs a gentler start)
+    # per 64 clips, scaled linearly; 0: 0.1 (paper) / 0.02 (demo: a short run on 9 classes needs a gentler start)
+    lr: float = 0.0
     stage_blocks: str = ""  # blocks per stage, e.g. "1,1,1,1"; empty: 3,4,6,3 (paper) / 1,1,1,1 (demo)
     frames: int = 0  # frames per clip; 0: 16 (paper) / 4 (demo)
     stride: int = 4  # take every stride-th frame (paper: 4)
