@@ -3,16 +3,29 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+DEV_INSTALLED := $(VENV)/.installed-dev
+# The notebooks' kernel (their metadata names it): this venv's python, registered inside the venv, so
+# papermill and JupyterLab run from .venv find it and two clones never overwrite each other's.
+KERNEL_NAME := pyconv-workbook
+KERNEL := $(VENV)/share/jupyter/kernels/$(KERNEL_NAME)/kernel.json
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ALLOW_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: setup data demo test lab clean-runs
+.PHONY: setup data demo test lint lab clean-runs
 
-setup: $(INSTALLED) data
+setup: $(INSTALLED) $(KERNEL) data
 
 $(INSTALLED): pyproject.toml
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(KERNEL): $(INSTALLED)
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL_NAME) --display-name "Python (pyconv-workbook)"
+
+$(DEV_INSTALLED): $(INSTALLED)
+	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
 data: $(FASHION_MNIST)
@@ -25,8 +38,12 @@ demo: setup
 	$(PY) -m papermill --log-output notebooks/00_quickstart.ipynb runs/demo/00_quickstart.ipynb
 	$(PY) -m papermill --log-output notebooks/01_classification.ipynb runs/demo/01_classification.ipynb
 
-test: setup
+lint: $(DEV_INSTALLED)
+	$(PY) -m ruff check pyconv_core tests
+	$(PY) -m mypy
+
+test: setup lint
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env tests notebooks
 
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks
+	$(VENV)/bin/jupyter lab $(ALLOW_ROOT) --ServerApp.root_dir=$(CURDIR)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -143,12 +144,14 @@ class _Runner:
     def __init__(self, candidate: Candidate, model: nn.Module, mode: str, settings: BenchSettings,
                  device: torch.device) -> None:
         self.candidate, self.model, self.mode, self.device = candidate, model, mode, device
-        self.amp = _AMP_DTYPES.get(settings.amp)
+        self.amp = _AMP_DTYPES.get(settings.amp) if settings.amp else None
         x = torch.randn(settings.batch, *candidate.sample_shape, device=device)
         self.x = x.contiguous(memory_format=_memory_format(candidate.sample_shape)) if settings.channels_last else x
         # any valid class index will do (every classifier has at least 2); timing does not depend on it
         self.y = torch.randint(0, settings.num_classes or 2, (settings.batch,), device=device)
-        self.steps, self.latencies, self.cpu_times = settings.iters, [], []
+        self.steps = settings.iters
+        self.latencies: list[float] = []
+        self.cpu_times: list[float] = []
         if mode == "train":
             self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
             self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
@@ -194,7 +197,7 @@ def _prepare(candidate: Candidate, settings: BenchSettings, device: torch.device
     if settings.compile:
         if any(isinstance(m, PyConv) and m.plan == "auto" for m in model.modules()):
             _tune_eagerly(model, candidate, settings, device)
-        model = torch.compile(model, mode=None if settings.compile == "default" else settings.compile)
+        model = cast(nn.Module, torch.compile(model, mode=None if settings.compile == "default" else settings.compile))
     return model
 
 
@@ -261,9 +264,11 @@ def add_ratios(rows: list[dict], baseline: str) -> list[dict]:
     base = {r["mode"]: r for r in rows if r["model"] == baseline}
     for r in rows:
         reference = base.get(r["mode"])
-        comparable = reference is not None and len(reference["input_shape"]) == len(r["input_shape"])
-        r["ratio"] = r["throughput"] / reference["throughput"] if comparable else None
-        r["cpu_ratio"] = reference["cpu_s"] / r["cpu_s"] if comparable and r["cpu_s"] > 0 else None
+        if reference is None or len(reference["input_shape"]) != len(r["input_shape"]):
+            r["ratio"] = r["cpu_ratio"] = None
+            continue
+        r["ratio"] = r["throughput"] / reference["throughput"]
+        r["cpu_ratio"] = reference["cpu_s"] / r["cpu_s"] if r["cpu_s"] > 0 else None
     return rows
 
 
@@ -287,10 +292,10 @@ def layer_bench(spec: str, settings: BenchSettings, log: Callable[[str], None] =
         _Runner(candidate, model, "infer", settings, device)._forward()
     for h in handles:
         h.remove()
-    amp = _AMP_DTYPES.get(settings.amp)
+    amp = _AMP_DTYPES.get(settings.amp) if settings.amp else None
     rows = []
     for (desc, shape), (name, layer, x, count) in inputs.items():
-        convs = [copy.deepcopy(c) for c in layer.levels]
+        convs = [copy.deepcopy(c) for c in layer.convs]
         first = convs[0]
         layer_out = sum(c.out_channels for c in convs)
         plain = factory.conv(layer.dim, first.in_channels, layer_out, 3, stride=first.stride,
@@ -317,7 +322,7 @@ def layer_bench(spec: str, settings: BenchSettings, log: Callable[[str], None] =
 
 def format_layer_table(rows: list[dict]) -> str:
     """:func:`layer_bench` rows as text, fastest training plan per layer marked with ``*``."""
-    best = {}
+    best: dict[tuple[str, str], dict] = {}
     for r in rows:
         if r["plan"] != "plain conv":
             key = (r["model"], r["layer"])

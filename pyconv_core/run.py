@@ -17,7 +17,7 @@ import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# a field's annotation (a string under ``from __future__ import annotations``) -> its flag's parser
+_FLAG_TYPES: dict[object, Callable[[str], Any]] = {int: int, float: float, "int": int, "float": float}
+
+
 def _to_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -58,8 +62,7 @@ def parse_params(task: str, argv: Sequence[str]) -> Any:
     params_cls = _task_module(task).Params
     parser = argparse.ArgumentParser(prog=f"python -m pyconv_core.run {task}")
     for f in dataclasses.fields(params_cls):
-        kind = _to_bool if f.type in (bool, "bool") else {"int": int, "float": float}.get(str(f.type), str)
-        kind = {int: int, float: float}.get(f.type, kind)
+        kind = _to_bool if f.type in (bool, "bool") else _FLAG_TYPES.get(f.type, str)
         parser.add_argument(_flag(f.name), type=kind, default=f.default, help=f"(default: {f.default!r})")
     return params_cls(**vars(parser.parse_args(list(argv))))
 

@@ -275,6 +275,8 @@ class SSD(nn.Module):
             that vanish and keep the boxes' size in cells (see :func:`geometry_for`).
     """
 
+    priors: torch.Tensor  # the default boxes, a buffer registered in __init__
+
     def __init__(self, family: str, depth: int, head: Sequence[ExtraBlock], num_classes: int = 81,
                  image_size: int = 300) -> None:
         super().__init__()

@@ -52,7 +52,7 @@ class ClassificationTask:
         images, labels, skipped = batch
         skipped_t = torch.tensor(float(skipped))
         if len(labels) == 0:
-            zero = sum(p.sum() for p in model.parameters()) * 0.0
+            zero = torch.stack([p.sum() for p in model.parameters()]).sum() * 0.0
             return {"loss": zero, "num_skipped": skipped_t}
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if self.cutmix_alpha > 0:
@@ -134,9 +134,8 @@ def datasets(p: Params) -> tuple[Dataset, Dataset, tuple[str, ...]]:
     if p.data_dir:
         train, val = imagenet_datasets(p.data_dir, p.crop or 224, p.test_crop or None)
         return train, val, tuple(train.classes)
-    train = FashionMNIST("train", p.image_size, p.train_subset or None, augment=p.augment)
-    val = FashionMNIST("test", p.image_size, p.val_subset or None)
-    return train, val, FashionMNIST.classes
+    return (FashionMNIST("train", p.image_size, p.train_subset or None, augment=p.augment),
+            FashionMNIST("test", p.image_size, p.val_subset or None), FashionMNIST.classes)
 
 
 def train_config(p: Params) -> TrainConfig:

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import io
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -57,7 +58,7 @@ RECIPES: dict[str, dict] = {
 def _unwrap(model: nn.Module) -> SSD:
     """The SSD inside DDP and/or torch.compile wrappers (for its default boxes)."""
     while not isinstance(model, SSD):
-        model = getattr(model, "_orig_mod", None) or model.module
+        model = cast(nn.Module, getattr(model, "_orig_mod", None) or model.module)
     return model
 
 
@@ -112,7 +113,7 @@ class DetectionTask:
                      "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)}
                     for (x0, y0, x1, y1), score, label in zip(boxes.tolist(), det["scores"], det["labels"])]
         if dist.is_distributed():
-            gathered = [None] * dist.world_size()
+            gathered: list[dict] = [{} for _ in range(dist.world_size())]
             torch.distributed.all_gather_object(gathered, results)
             results = {k: v for part in gathered for k, v in part.items()}
         return coco_metrics(dataset, results)
@@ -138,7 +139,7 @@ def paper_table(metrics: dict[str, float], model_name: str, untrained: dict[str,
     """Our 12 COCO numbers beside S-Table 1's row for ``model_name`` (and the untrained model's, if given)."""
     columns = {} if untrained is None else {"untrained": [untrained.get(k, np.nan) for k in COCO_METRICS]}
     columns["ours"] = [metrics.get(k, np.nan) for k in COCO_METRICS]
-    columns[f"paper {model_name}"] = PAPER_METRICS.get(model_name, [np.nan] * len(COCO_METRICS))
+    columns[f"paper {model_name}"] = list(PAPER_METRICS.get(model_name, [np.nan] * len(COCO_METRICS)))
     return pd.DataFrame(columns, index=list(COCO_METRICS)).round(2)
 
 
@@ -218,7 +219,7 @@ def _backbone_weights(p: Params) -> str:
 
 def build_model(p: Params, num_classes: int) -> SSD:
     """The registered SSD for the parameters, with its backbone's ImageNet weights if given."""
-    model = build(p.model_name, num_classes=num_classes, image_size=p.image_size)
+    model = cast(SSD, build(p.model_name, num_classes=num_classes, image_size=p.image_size))
     if p.backbone_weights:
         load_backbone_checkpoint(model, _backbone_weights(p))
     return model

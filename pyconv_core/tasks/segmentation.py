@@ -245,8 +245,8 @@ def task_for(p: Params, num_classes: int) -> SegmentationTask:
 def build_model(p: Params, num_classes: int) -> nn.Module:
     """The registered model of ``p`` (``model_args`` recorded, so checkpoints rebuild it)."""
     weights = resolve_backbone_weights(p.backbone_weights, p.backbone, p.depth, p.runs_dir)
-    weights = {"backbone_weights": weights} if weights else {}
-    return build(p.model_name, num_classes=num_classes, output_stride=p.output_stride, backbone=p.backbone, **weights)
+    extra = {"backbone_weights": weights} if weights else {}
+    return build(p.model_name, num_classes=num_classes, output_stride=p.output_stride, backbone=p.backbone, **extra)
 
 
 def run(p: Params) -> FitResult:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -72,7 +73,7 @@ class VideoTask:
     def train_step(self, model: nn.Module, batch: VideoBatch, device: torch.device) -> dict[str, torch.Tensor]:
         skipped = torch.tensor(float(batch.num_skipped))
         if len(batch.labels) == 0:
-            zero = sum(p.sum() for p in model.parameters()) * 0.0
+            zero = torch.stack([p.sum() for p in model.parameters()]).sum() * 0.0
             return {"loss": zero, "num_skipped": skipped}
         labels = batch.labels.repeat_interleave(batch.views).to(device, non_blocking=True)
         logits = model(normalize(batch.clips.to(device, non_blocking=True)))
@@ -199,7 +200,7 @@ def train_config(p: Params) -> TrainConfig:
 
 def build_model(p: Params, num_classes: int) -> nn.Module:
     """The registered network (optionally shallower), inflated from a 2D checkpoint if one is given."""
-    kwargs = dict(num_classes=num_classes, dropout=p.dropout)
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, dropout=p.dropout)
     if p.blocks:
         kwargs["stage_blocks"] = p.blocks
     model = build(p.arch, **kwargs)

@@ -1,0 +1,29 @@
+"""Committed notebooks are clean: no outputs, no execution counts, and the workbook's kernel.
+
+Executed copies belong in runs/ (papermill writes them there); a notebook saved after running it in
+JupyterLab would otherwise carry its outputs into the diff. The kernel name is the one `make setup`
+registers (Makefile: KERNEL_NAME), which papermill starts for `make demo`.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+KERNEL_NAME = "pyconv-workbook"
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_clean(path):
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    dirty = [i for i, cell in enumerate(notebook["cells"]) if cell["cell_type"] == "code"
+             and (cell.get("outputs") or cell.get("execution_count") is not None)]
+    assert not dirty, (f"{path.name}: code cells {dirty} carry outputs or execution counts; clear them "
+                       f"(JupyterLab: Edit > Clear Outputs of All Cells) before committing")
+    assert notebook["metadata"]["kernelspec"]["name"] == KERNEL_NAME, (
+        f"{path.name}: kernelspec {notebook['metadata']['kernelspec']['name']!r}, expected {KERNEL_NAME!r} "
+        f"(the kernel make setup registers)")
