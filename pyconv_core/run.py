@@ -3,8 +3,10 @@
     python -m pyconv_core.run classification --arch pyconvresnet --depth 50 --data-dir /imagenet
     torchrun --nproc_per_node 8 -m pyconv_core.run classification --arch pyconvresnet --depth 50 --data-dir /imagenet
 
-The flags are the fields of the task's ``Params`` (the same names as the notebook's parameters).
-A notebook with ``gpus > 1`` starts this launcher under torchrun through :func:`launch`.
+The flags are the fields of the task's ``Params`` (the same names as the notebook's parameters);
+``--help`` after the task shows each with the comment beside its field. A notebook with ``gpus > 1``
+starts this launcher under torchrun through :func:`launch`; a notebook's setup cell calls
+:func:`check_notebook_parameters`, so that papermill cannot pass a parameter it does not declare.
 Bad input (wrong paths, malformed data or checkpoints, invalid parameters, a diverged loss) ends
 with one ``error:`` line naming the problem and exit status 1; ``PYCONV_TRACEBACK=1`` shows the
 traceback instead.
@@ -12,11 +14,16 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import difflib
 import importlib
+import inspect
+import io
 import os
 import subprocess
 import sys
+import tokenize
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,8 +35,10 @@ from pyconv_core.engine.checkpoint import load_checkpoint
 from pyconv_core.engine.logging import workbook_path
 from pyconv_core.layers.pyconv import load_pyconv_plans, set_pyconv_plan
 from pyconv_core.registry import build
+from pyconv_core.tasks.base import check_value
 
-__all__ = ["TASKS", "launch", "parse_params", "params_to_argv", "load_run_model"]
+__all__ = ["TASKS", "launch", "parse_params", "params_to_argv", "load_run_model", "field_help",
+           "check_notebook_parameters"]
 
 TASKS = {"classification": "pyconv_core.tasks.classification", "detection": "pyconv_core.tasks.detection",
          "video": "pyconv_core.tasks.video", "segmentation": "pyconv_core.tasks.segmentation"}
@@ -57,14 +66,81 @@ def _to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _comments(source: str) -> dict[int, str]:
+    """Line number (1-based) -> the text of the ``#`` comment on that line of ``source``."""
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    return {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+
+
+def field_help(params_cls: type) -> dict[str, str]:
+    """Each field's help: the comment beside it in the class body (``epochs: int = 3  # passes``),
+    or the comment lines right above it; a subclass's comment wins over its base's."""
+    helps: dict[str, str] = {}
+    for cls in reversed(params_cls.__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        source = inspect.getsource(cls)
+        lines, comments = source.splitlines(), _comments(source)
+        body = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)).body
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                first = node.lineno
+                while first > 1 and lines[first - 2].lstrip().startswith("#"):
+                    first -= 1
+                above = " ".join(comments[n] for n in range(first, node.lineno))
+                text = comments.get(node.end_lineno or node.lineno) or above
+                if text:
+                    helps[node.target.id] = text
+    return helps
+
+
 def parse_params(task: str, argv: Sequence[str]) -> Any:
-    """The task's ``Params`` from command-line flags (``--data-dir /x --epochs 90``)."""
+    """The task's ``Params`` from command-line flags (``--data-dir /x --epochs 90``), checked."""
     params_cls = _task_module(task).Params
     parser = argparse.ArgumentParser(prog=f"python -m pyconv_core.run {task}")
+    helps = field_help(params_cls)
     for f in dataclasses.fields(params_cls):
         kind = _to_bool if f.type in (bool, "bool") else _FLAG_TYPES.get(f.type, str)
-        parser.add_argument(_flag(f.name), type=kind, default=f.default, help=f"(default: {f.default!r})")
+        text = f"{helps[f.name]} " if f.name in helps else ""
+        parser.add_argument(_flag(f.name), type=kind, default=f.default,
+                            help=f"{text}(default: {f.default!r})".replace("%", "%%"))
     return params_cls(**vars(parser.parse_args(list(argv))))
+
+
+def _assignments(source: str) -> dict[str, str]:
+    """Names that a cell's top-level statements assign -> their annotation's text ("" if none)."""
+    names = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names[node.target.id] = ast.unparse(node.annotation)
+        elif isinstance(node, ast.Assign):
+            names.update({t.id: "" for t in node.targets if isinstance(t, ast.Name)})
+    return names
+
+
+def check_notebook_parameters() -> None:
+    """In a notebook run by papermill: refuse a parameter that the notebook's ``parameters`` cell does
+    not declare, and a value of another type than the one declared (``epochs: int``).
+
+    Papermill only warns "Passed unknown parameter" and runs the notebook anyway, without the
+    misspelt setting. The notebook's setup cell calls this first: papermill's ``injected-parameters``
+    cell (it begins with ``# Parameters``) ran right after the ``parameters`` cell, and the kernel
+    keeps the source of every cell it ran (``In``). Without papermill there is nothing to check."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    ran = list(shell.user_ns.get("In", [])) if shell is not None else []
+    injected = [i for i, source in enumerate(ran) if i and source.startswith("# Parameters\n")]
+    if not injected:
+        return
+    declared = _assignments(ran[injected[-1] - 1])
+    for name in _assignments(ran[injected[-1]]):
+        if name not in declared:
+            close = difflib.get_close_matches(name, declared, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{name!r} is not a parameter of this notebook{hint}. Its parameters: "
+                             f"{', '.join(declared)} (papermill --help-notebook NOTEBOOK describes them)")
+        shell.user_ns[name] = check_value(name, shell.user_ns[name], declared[name])
 
 
 def params_to_argv(params: Any) -> list[str]:
@@ -101,9 +177,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__ + f"\nTasks: {', '.join(TASKS)}")
         return
-    params = parse_params(argv[0], argv[1:])
     try:
-        print(launch(argv[0], params))
+        print(launch(argv[0], parse_params(argv[0], argv[1:])))
     except (ValueError, OSError, FloatingPointError) as err:  # input errors: their message says the fix
         if os.environ.get("PYCONV_TRACEBACK") == "1":
             raise

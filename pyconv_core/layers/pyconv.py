@@ -18,8 +18,8 @@ from pyconv_core.layers import factory
 from pyconv_core.layers.factory import IntOrTuple
 from pyconv_core.layers.plans import Plan, format_plan, naive_plan, parse_plan, run_plan, signature, tune
 
-__all__ = ["PyConv", "LevelSet", "PYCONV_PRESETS", "PLAN_MODES", "split_channels", "set_pyconv_plan",
-           "pyconv_plans", "load_pyconv_plans"]
+__all__ = ["PyConv", "LevelSet", "PYCONV_PRESETS", "PLAN_MODES", "split_channels", "check_pyconv_plan",
+           "set_pyconv_plan", "pyconv_plans", "load_pyconv_plans"]
 
 # "auto": the fastest plan per input signature, measured once (layers/plans.py); "naive": the
 # authors' per-level convolutions; or an explicit partition such as "0|123" (3D: "taps:0|123" by
@@ -161,15 +161,20 @@ class PyConv(nn.Module):
         return f"dim={self.dim}, levels=[{desc}], plan={self.plan}"
 
 
-def set_pyconv_plan(model: nn.Module, plan: str) -> int:
-    """Set the execution plan of every PyConv in ``model`` (see :data:`PLAN_MODES`); returns how many.
-    Only the computation changes: parameters, outputs and gradients are the same to fp32 rounding."""
+def check_pyconv_plan(plan: str) -> None:
+    """Refuse a plan that is neither one of :data:`PLAN_MODES` nor a partition of level indices."""
     if plan not in PLAN_MODES:
         try:
             parse_plan(plan)
         except ValueError:
             raise ValueError(f"unknown PyConv plan {plan!r}: use one of {PLAN_MODES} or a partition of the "
                              f"level indices such as '0|123' (3D also 'taps:0|123')") from None
+
+
+def set_pyconv_plan(model: nn.Module, plan: str) -> int:
+    """Set the execution plan of every PyConv in ``model`` (see :data:`PLAN_MODES`); returns how many.
+    Only the computation changes: parameters, outputs and gradients are the same to fp32 rounding."""
+    check_pyconv_plan(plan)
     layers = [m for m in model.modules() if isinstance(m, PyConv)]
     for m in layers:
         m.plan = plan

@@ -1,18 +1,23 @@
 """What a task gives the Trainer: a training step and an evaluation, nothing else.
 
 The Trainer owns the loop (devices, AMP, DDP, schedules, checkpoints, logging); a task only
-says how one batch becomes a loss dict and how a loader becomes metrics.
+says how one batch becomes a loss dict and how a loader becomes metrics. The parameters of a
+task's run (``RunParams`` and its subclasses) are checked here, before any work.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+
+from pyconv_core.layers.pyconv import check_pyconv_plan
+from pyconv_core.registry import list_models
 
 
 class Task(Protocol):
@@ -39,10 +44,87 @@ class Task(Protocol):
         ...
 
 
+_TYPES = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string", "list": "a list"}
+
+
+def check_value(name: str, value: Any, kind: str) -> Any:
+    """``value`` as the parameter ``name`` annotated ``kind`` (int, float, bool, str or list; others
+    pass unchecked): an int is taken as a float, nothing else is converted, so papermill's
+    ``-p epochs abc`` (the string 'abc') ends in "epochs must be an integer, got 'abc'"."""
+    kind = kind.split("[")[0].strip()
+    valid = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+             "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+             "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+             "list": lambda v: isinstance(v, (list, tuple))}.get(kind)
+    if valid is None:
+        return value
+    if not valid(value):
+        hint = f" (papermill reads -p {name} {value} as a number; pass text with -r {name} {value})" if (
+            kind == "str" and isinstance(value, (int, float))) else ""
+        raise ValueError(f"{name} must be {_TYPES[kind]}, got {value!r}{hint}")
+    return float(value) if kind == "float" else value
+
+
+def at_least(name: str, value: float, minimum: float, why: str = "") -> None:
+    """Refuse ``value < minimum`` (and NaN) for the parameter ``name``; ``why`` explains the bound."""
+    if not value >= minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}{why}, got {value!r}")
+
+
+def between(name: str, value: float, low: float, high: float) -> None:
+    """Refuse ``value`` outside ``[low, high]`` (and NaN) for the parameter ``name``."""
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+
+
+def one_of(name: str, value: Any, choices: Sequence, why: str = "") -> None:
+    """Refuse a ``value`` outside ``choices``, listing them (and the closest, for a misspelt word)."""
+    if value not in choices:
+        close = difflib.get_close_matches(value, [str(c) for c in choices], n=1) if isinstance(value, str) else []
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}{why}, got {value!r}{hint}")
+
+
+def check_batch_size(batch_size: int, gpus: int, recipe_default: bool = False) -> None:
+    """A global batch of at least 2 per process: BatchNorm cannot train on a batch of one (its last
+    maps may be 1x1, so one sample leaves one value per channel). ``recipe_default``: 0 is allowed
+    and means the recipe's batch."""
+    if recipe_default and batch_size == 0:
+        return
+    if batch_size // max(gpus, 1) < 2:
+        zero = " (or 0: the recipe's)" if recipe_default else ""
+        raise ValueError(f"batch_size must be at least 2 per process{zero}: BatchNorm training needs 2 or more "
+                         f"samples per batch; got {batch_size} over gpus={gpus}")
+
+
+def check_model(name: str, arch: str, families: Sequence[str], depth: int, task: str,
+                full_names: bool = True) -> None:
+    """``arch`` is one of ``families`` with a registered ``task`` model ``<family><depth>`` (or
+    ``<family>_<depth>``), or (with ``full_names``) such a model's whole name; the error lists what
+    the parameter ``name`` and ``depth`` allow."""
+    def depth_of(model: str, family: str) -> int | None:
+        suffix = model[len(family):].lstrip("_")
+        return int(suffix) if model.startswith(family) and suffix.isdigit() else None
+
+    names = [n for n in list_models(task) if any(depth_of(n, f) is not None for f in families)]
+    if full_names and arch in names:
+        return
+    if arch not in families:
+        full = f", or a whole model name such as {names[-1]}" if full_names else ""
+        one_of(name, arch, families, f" (with depth){full}")
+    one_of("depth", depth, sorted(d for n in names if (d := depth_of(n, arch)) is not None), f" for {name} {arch!r}")
+
+
 @dataclass
 class RunParams:
     """The parameters every task's ``Params`` shares: how a run executes, not what it learns.
-    A task's ``Params`` subclasses this (redeclaring a field changes its default) and adds its own."""
+    A task's ``Params`` subclasses this (redeclaring a field changes its default) and adds its own.
+
+    Every value is checked when the parameters are made (:meth:`check`), before any data is read
+    or model built: a wrong type, range or choice raises a ValueError that says what is allowed.
+    """
+
+    AMP_CHOICES: ClassVar[tuple[str, ...]] = ("none", "bf16", "fp16")
 
     amp: str = "none"  # none | bf16 | fp16
     channels_last: bool = False  # NHWC / NDHWC memory format
@@ -57,6 +139,20 @@ class RunParams:
     progress: bool = True  # progress bars (off under papermill / CI)
     log_every: int = 10  # optimizer steps per training-loss row of metrics.jsonl (the loss curve)
     resume: bool = False  # continue runs/<run_name>/last.pt
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse wrong types, ranges and choices (a task's ``Params`` extends it with its fields);
+        ints given for float fields become floats."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_value(f.name, getattr(self, f.name), str(f.type)))
+        one_of("amp", self.amp, self.AMP_CHOICES)
+        check_pyconv_plan(self.pyconv_plan)
+        at_least("gpus", self.gpus, 1)
+        at_least("num_workers", self.num_workers, 0)
+        at_least("log_every", self.log_every, 1, " optimizer step")
 
     def run_args(self) -> dict[str, Any]:
         """The ``TrainConfig`` fields these parameters set as given (the task adds its recipe), with

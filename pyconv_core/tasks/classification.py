@@ -20,7 +20,7 @@ from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.logging import read_metrics, workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, fit, seed_everything
 from pyconv_core.registry import build
-from pyconv_core.tasks.base import RunParams
+from pyconv_core.tasks.base import RunParams, at_least, between, check_batch_size, check_model, one_of
 
 __all__ = ["ClassificationTask", "Params", "RECIPES", "run", "datasets", "predict", "demo_backbone", "DEMO_BACKBONE",
            "resolve_backbone_weights"]
@@ -119,6 +119,20 @@ class Params(RunParams):
     augment: bool = False  # Fashion-MNIST: padded random crop and flip (slows the few-epoch demo); ImageNet: always
     dropout: float = 0.0
     zero_init_residual: bool = False
+
+    AMP_CHOICES = (*RunParams.AMP_CHOICES, "recipe")
+    ARCHS = ("resnet", "pyconvresnet", "pyconvhgresnet")  # arch families, completed by depth
+
+    def check(self) -> None:
+        super().check()
+        check_model("arch", self.arch, self.ARCHS, self.depth, "classification")
+        one_of("recipe", self.recipe, ("", *RECIPES), " ('': standard with data_dir, else demo)")
+        at_least("epochs", self.epochs, 1)
+        check_batch_size(self.batch_size, self.gpus)
+        for name in ("lr", "crop", "test_crop", "train_subset", "val_subset"):
+            at_least(name, getattr(self, name), 0, " (0: the default)")
+        at_least("image_size", self.image_size, 1)
+        between("dropout", self.dropout, 0, 1)
 
     @property
     def recipe_name(self) -> str:

@@ -24,9 +24,9 @@ from pyconv_core.data.demo_detection import DemoDetectionConfig, make_demo_coco
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.logging import workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, fit, seed_everything
-from pyconv_core.models.ssd import SSD, load_backbone_checkpoint, match, multibox_loss, postprocess
+from pyconv_core.models.ssd import HEADS, SSD, load_backbone_checkpoint, map_sizes, match, multibox_loss, postprocess
 from pyconv_core.registry import build
-from pyconv_core.tasks.base import RunParams
+from pyconv_core.tasks.base import RunParams, at_least, between, check_batch_size, check_model, one_of
 from pyconv_core.tasks.classification import resolve_backbone_weights
 
 __all__ = ["DetectionTask", "Params", "RECIPES", "COCO_METRICS", "PAPER_METRICS", "run", "datasets",
@@ -169,6 +169,28 @@ class Params(RunParams):
     nms_iou: float = 0.5
     top_k: int = 200  # detections kept per image
     eval_every: int = 3  # evaluate every this many epochs (and after the last)
+
+    AMP_CHOICES = (*RunParams.AMP_CHOICES, "recipe")
+    ARCHS = tuple(HEADS)  # arch families, completed by depth
+
+    def check(self) -> None:
+        super().check()
+        check_model("arch", self.arch, self.ARCHS, self.depth, "detection")
+        one_of("recipe", self.recipe, tuple(RECIPES))
+        at_least("epochs", self.epochs, 1)
+        check_batch_size(self.batch_size, self.gpus)
+        head = HEADS[self.model_name.rstrip("0123456789")]
+        if len(map_sizes(self.image_size, head)) < 2:
+            smallest = next(side for side in range(1, 1024) if len(map_sizes(side, head)) >= 2)
+            raise ValueError(f"image_size must be >= {smallest} (SSD needs at least two detection maps), "
+                             f"got {self.image_size}")
+        if self.max_expand != 0:
+            at_least("max_expand", self.max_expand, 1, " (or 0: the recipe's)")
+        at_least("lr", self.lr, 0, " (0: the recipe's)")
+        for name in ("demo_train", "demo_val", "demo_image_size", "top_k", "eval_every"):
+            at_least(name, getattr(self, name), 1)
+        between("score_threshold", self.score_threshold, 0, 1)
+        between("nms_iou", self.nms_iou, 0, 1)
 
     @property
     def model_name(self) -> str:

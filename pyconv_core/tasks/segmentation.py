@@ -23,8 +23,9 @@ from pyconv_core.data.ade20k import ADE20K, IGNORE_INDEX, TrainTransform, denorm
 from pyconv_core.data.demo_segmentation import make_demo_ade20k
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.trainer import FitResult, TrainConfig, fit, seed_everything
+from pyconv_core.models.segmentation import MODEL_HEADS
 from pyconv_core.registry import build
-from pyconv_core.tasks.base import RunParams
+from pyconv_core.tasks.base import RunParams, at_least, check_batch_size, check_model, one_of
 from pyconv_core.tasks.classification import resolve_backbone_weights
 
 __all__ = ["SegmentationTask", "Params", "RECIPES", "NEW_MODULES", "MULTI_SCALES", "run", "datasets", "train_config",
@@ -200,6 +201,18 @@ class Params(RunParams):
     # classifier checkpoint of the backbone (authors', torchvision or workbook layout); "fashion-mnist": the
     # classification demo's run (trained if missing); "": from scratch
     backbone_weights: str = ""
+
+    def check(self) -> None:
+        super().check()
+        check_model("head", self.head, tuple(MODEL_HEADS), self.depth, "segmentation", full_names=False)
+        one_of("backbone", self.backbone, ("resnet", "pyconvresnet"))
+        one_of("output_stride", self.output_stride, (8, 16))
+        one_of("recipe", self.recipe, tuple(RECIPES))
+        at_least("epochs", self.epochs, 1)
+        check_batch_size(self.batch_size, self.gpus, recipe_default=True)
+        for name in ("lr", "head_lr_scale", "crop", "test_crop", "train_subset", "val_subset"):
+            at_least(name, getattr(self, name), 0, " (0: the default)")
+        at_least("base_size", self.base_size, -1, " (-1: the recipe's)")
 
     @property
     def model_name(self) -> str:

@@ -34,8 +34,8 @@ from pyconv_core.engine.trainer import FitResult, TrainConfig, evaluate, fit, se
 from pyconv_core.models.official import load_official_checkpoint
 from pyconv_core.models.video import inflate_2d
 from pyconv_core.profile import count_flops, count_params, profile_rows
-from pyconv_core.registry import build
-from pyconv_core.tasks.base import RunParams
+from pyconv_core.registry import build, list_models
+from pyconv_core.tasks.base import RunParams, at_least, between, check_batch_size, one_of
 
 __all__ = ["VideoTask", "Params", "RECIPES", "PAPER_ERRORS", "run", "datasets", "sampling", "train_config",
            "build_model", "multiview_test", "predict_videos", "show_clips", "normalize", "paper_profile", "model_cost"]
@@ -142,6 +142,21 @@ class Params(RunParams):
     demo_dir: str = "data/demo_kinetics"  # demo set folder (reused if already there); relative to the workbook root
     demo_train_per_class: int = 32  # demo training videos per motion class
     demo_val_per_class: int = 8  # demo validation videos per motion class
+
+    def check(self) -> None:
+        super().check()
+        one_of("arch", self.arch, list_models("video"))
+        at_least("epochs", self.epochs, 1)
+        check_batch_size(self.batch_size, self.gpus, recipe_default=True)
+        blocks = self.stage_blocks.split(",") if self.stage_blocks else ["1"] * 4
+        if len(blocks) != 4 or not all(b.strip().isdigit() and int(b) >= 1 for b in blocks):
+            raise ValueError(f"stage_blocks must be 4 block counts >= 1, one per stage (e.g. '1,1,1,1'; empty: the "
+                             f"default), got {self.stage_blocks!r}")
+        for name in ("lr", "frames", "crop", "test_clips", "test_videos"):
+            at_least(name, getattr(self, name), 0, " (0: the default)")
+        for name in ("stride", "test_crops", "test_batch_size", "demo_train_per_class", "demo_val_per_class"):
+            at_least(name, getattr(self, name), 1)
+        between("dropout", self.dropout, 0, 1)
 
     @property
     def demo(self) -> bool:

@@ -1,0 +1,141 @@
+"""Parameters are checked before any work, and each error says what is allowed: every task's Params,
+the launcher (whose --help shows the fields' comments) and the notebooks under papermill."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from pyconv_core.run import field_help
+from pyconv_core.tasks import classification, detection, segmentation, video
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYCONV_PROGRESS": "0"}
+
+
+REFUSED = [
+    (classification, dict(epochs="abc"), r"^epochs must be an integer, got 'abc'$"),
+    (classification, dict(epochs=0), r"^epochs must be >= 1, got 0$"),
+    (classification, dict(arch="pyconvrenset"),
+     r"arch must be one of 'resnet', 'pyconvresnet', 'pyconvhgresnet' \(with depth\).*did you mean 'pyconvresnet'"),
+    (classification, dict(arch="pyconvhgresnet", depth=18),
+     r"depth must be one of 50, 101, 152 for arch 'pyconvhgresnet'"),
+    (classification, dict(recipe="standart"), r"recipe must be one of '', 'standard', 'augment', 'demo'"),
+    (classification, dict(amp="fp32"), r"amp must be one of 'none', 'bf16', 'fp16', 'recipe', got 'fp32'"),
+    (classification, dict(lr="0.1"), r"lr must be a number, got '0.1'"),
+    (classification, dict(resume="yes"), r"resume must be True or False, got 'yes'"),
+    (classification, dict(pyconv_plan="fastest"), r"unknown PyConv plan 'fastest'"),
+    (detection, dict(batch_size=1), r"batch_size must be at least 2 per process: BatchNorm training needs 2 or more"),
+    (detection, dict(batch_size=8, gpus=8), r"at least 2 per process.*got 8 over gpus=8"),
+    (detection, dict(depth=34), r"depth must be one of 18, 50, 101 for arch 'pyconvssd', got 34"),
+    (detection, dict(image_size=8), r"image_size must be >= 9 \(SSD needs at least two detection maps\)"),
+    (video, dict(arch="pyconvresnet3d"), r"arch must be one of 'resnet3d50', 'pyconvresnet3d50'.*did you mean"),
+    (video, dict(stage_blocks="1,1,1"), r"stage_blocks must be 4 block counts >= 1, one per stage"),
+    (video, dict(amp="recipe"), r"amp must be one of 'none', 'bf16', 'fp16', got 'recipe'"),
+    (video, dict(batch_size=1), r"at least 2 per process \(or 0: the recipe's\)"),
+    (segmentation, dict(head="pspnte"),
+     r"head must be one of 'pyconvsegnet', 'pspnet', 'deeplabv3', 'fcn'.*did you mean 'pspnet'"),
+    (segmentation, dict(head="deeplabv3", depth=34), r"depth must be one of 18, 50, 101, 152 for head 'deeplabv3'"),
+    (segmentation, dict(output_stride=32), r"output_stride must be one of 8, 16, got 32"),
+    (segmentation, dict(epochs=-1), r"epochs must be >= 1, got -1"),
+]
+
+
+@pytest.mark.parametrize("module, values, message", REFUSED,
+                         ids=[f"{m.__name__.split('.')[-1]}-{next(iter(v))}" for m, v, _ in REFUSED])
+def test_a_wrong_value_is_refused_naming_what_is_allowed(module, values, message):
+    with pytest.raises(ValueError, match=message):
+        module.Params(**values)
+
+
+def test_an_arch_typo_lists_the_arch_values_not_every_model():
+    with pytest.raises(ValueError) as caught:
+        classification.Params(arch="resnt")
+    assert "pyconvresnet3d50" not in str(caught.value) and "pspnet50" not in str(caught.value)
+
+
+def test_defaults_and_allowed_values_pass_and_ints_become_floats():
+    for module in (classification, detection, video, segmentation):
+        module.Params()
+    assert classification.Params(arch="pyconvresnet50", lr=1).lr == 1.0 and isinstance(classification.Params(lr=1).lr,
+                                                                                        float)
+    assert video.Params(stage_blocks="2,2,2,2", batch_size=0).blocks == (2, 2, 2, 2)
+    assert segmentation.Params(head="deeplabv3", depth=50).model_name == "deeplabv3_50"
+
+
+def test_launcher_refuses_before_reading_or_generating_data(tmp_path):
+    demo = tmp_path / "demo_coco"
+    launched = subprocess.run([sys.executable, "-m", "pyconv_core.run", "detection", "--batch-size", "1",
+                               "--demo-dir", str(demo), "--runs-dir", str(tmp_path)], env=_env(),
+                              capture_output=True, text=True)
+    assert launched.returncode == 1 and "Traceback" not in launched.stderr
+    assert launched.stderr.strip().splitlines()[-1].startswith("error: batch_size must be at least 2 per process")
+    assert not demo.exists() and not list(tmp_path.glob("*/config.json"))
+
+
+def test_launcher_help_shows_each_fields_comment():
+    helps = field_help(detection.Params)
+    assert helps["max_expand"].startswith("SSD's zoom-out augmentation up to this factor")
+    assert helps["num_workers"] == "DataLoader worker processes"  # from the shared RunParams
+    assert helps["amp"].startswith("none | bf16 | fp16; \"recipe\"")  # the task's own comment wins
+    assert field_help(segmentation.Params)["backbone_weights"].startswith("classifier checkpoint of the backbone")
+    shown = subprocess.run([sys.executable, "-m", "pyconv_core.run", "video", "--help"], env=_env(),
+                           capture_output=True, text=True, check=True).stdout
+    assert "demo training videos per motion class" in " ".join(shown.split())
+
+
+def _papermill(notebook: Path, out: Path, *params: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "papermill", str(notebook), str(out), *params], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def _error(executed: Path) -> tuple[str, str]:
+    """The error a papermill-executed notebook stopped with (its ename: evalue) and that cell's source."""
+    for cell in json.loads(executed.read_text())["cells"]:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                return f"{output['ename']}: {output['evalue']}", "".join(cell["source"])
+    return "", ""
+
+
+@pytest.fixture(scope="module")
+def small_notebook(tmp_path_factory):
+    """A notebook laid out as the workbook's: a parameters cell, then a setup cell that checks."""
+    path = tmp_path_factory.mktemp("nb") / "small.ipynb"
+    params = nbformat.v4.new_code_cell('epochs: int = 3  # passes\nlr: float = 0.1  # rate\nheads: list = ["fcn"]')
+    params.metadata["tags"] = ["parameters"]
+    setup = nbformat.v4.new_code_cell("from pyconv_core.run import check_notebook_parameters\n"
+                                      "check_notebook_parameters()\nprint('checked', epochs, repr(lr), heads)")
+    notebook = nbformat.v4.new_notebook(cells=[params, setup])
+    notebook.metadata["kernelspec"] = nbformat.read(ROOT / "notebooks" / "00_quickstart.ipynb", 4).metadata.kernelspec
+    nbformat.write(notebook, path)
+    return path
+
+
+def test_papermill_parameters_the_notebook_declares_pass(small_notebook, tmp_path):
+    out = tmp_path / "out.ipynb"
+    done = _papermill(small_notebook, out, "-p", "epochs", "5", "-p", "lr", "1", "-y", "heads: [fcn, pspnet]")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "checked 5 1.0 ['fcn', 'pspnet']" in out.read_text()
+
+
+@pytest.mark.parametrize("notebook, params, message", [
+    ("00_quickstart", ("-p", "batchsize", "4"),
+     "'batchsize' is not a parameter of this notebook (did you mean 'batch'?)"),
+    ("01_classification", ("-p", "epochs", "-1"), "epochs must be >= 1, got -1"),
+    ("02_detection", ("-p", "epochs", "abc"), "epochs must be an integer, got 'abc'"),
+    ("03_video", ("-p", "stage_blocks", "1,1,1"), "stage_blocks must be 4 block counts"),
+    ("04_segmentation", ("-p", "heads", "fcn"), "heads must be a list, got 'fcn'"),
+])
+def test_every_notebook_stops_in_its_setup_cell_on_a_bad_parameter(tmp_path, notebook, params, message):
+    out = tmp_path / f"{notebook}.ipynb"
+    done = _papermill(ROOT / "notebooks" / f"{notebook}.ipynb", out, *params)
+    error, source = _error(out)
+    assert done.returncode != 0 and message in error, error
+    assert "check_notebook_parameters()" in source  # the setup cell: no data read, nothing trained or shown
