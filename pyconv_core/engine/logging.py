@@ -1,4 +1,5 @@
-"""Run records: config.json with provenance, metrics.jsonl rows, and reading them back."""
+"""Run records: config.json with provenance, metrics.jsonl rows, and reading them back (and comparing
+a folder's recorded parameters with a new run's)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["workbook_path", "environment", "write_json", "append_jsonl", "write_jsonl", "read_metrics", "git_commit"]
+__all__ = ["workbook_path", "environment", "write_json", "append_jsonl", "write_jsonl", "read_metrics", "git_commit",
+           "EXECUTION_FIELDS", "read_config", "changed_parameters"]
 
 _PACKAGES = ("torch", "torchvision", "numpy", "pycocotools", "av", "papermill", "seaborn")
 
@@ -82,7 +84,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+# Fields (of TrainConfig and of the tasks' Params) that say how a run executes, not what it learns:
+# two runs that differ only in these are the same experiment.
+EXECUTION_FIELDS = ("gpus", "run_name", "runs_dir", "num_workers", "progress", "resume", "pyconv_plan",
+                    "channels_last", "compile", "log_every")
+
+
+def read_config(run_dir: str | os.PathLike) -> dict | None:
+    """A run folder's ``config.json``, or None where the folder holds no run."""
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def changed_parameters(recorded: dict, train: dict) -> dict[str, tuple[Any, Any]]:
+    """What differs between a recorded ``config.json`` "train" entry and a new one (a TrainConfig as a
+    dict), as name -> (recorded, new): the task parameters (its ``extra``) where they differ, else the
+    TrainConfig fields. :data:`EXECUTION_FIELDS` and names that only one side has do not count."""
+    train = json.loads(json.dumps(train, default=str))  # as config.json holds it: tuples as lists
+
+    def differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+        return {k: (old[k], new[k]) for k in new if k in old and k != "extra" and k not in EXECUTION_FIELDS
+                and old[k] != new[k]}
+
+    return differences(recorded.get("extra", {}), train.get("extra", {})) or differences(recorded, train)
+
+
 def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:
+
     """Rows of ``runs/<name>/metrics.jsonl`` (only those of ``kind``, if given: "train" per epoch,
     "eval" per evaluation, "step" every few optimizer steps; see ``engine/trainer.py``)."""
     path = Path(run_dir) / "metrics.jsonl"

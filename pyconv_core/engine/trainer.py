@@ -34,12 +34,20 @@ from tqdm.auto import tqdm
 
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from pyconv_core.engine.logging import append_jsonl, environment, workbook_path, write_json, write_jsonl
+from pyconv_core.engine.logging import (
+    append_jsonl,
+    changed_parameters,
+    environment,
+    read_config,
+    workbook_path,
+    write_json,
+    write_jsonl,
+)
 from pyconv_core.engine.schedules import lr_multiplier, scaled_lr
 from pyconv_core.layers.pyconv import PyConv, load_pyconv_plans, pyconv_plans, set_pyconv_plan
 
 __all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "seed_everything", "param_groups", "tune_plans_eagerly",
-           "NonFiniteLossError"]
+           "check_run_dir", "NonFiniteLossError"]
 
 
 @dataclass
@@ -177,6 +185,29 @@ def _loader(dataset: Dataset, batch_size: int, cfg: TrainConfig, collate_fn, epo
                       persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
+def check_run_dir(cfg: TrainConfig) -> dict[str, tuple[Any, Any]] | None:
+    """What ``runs/<run_name>/`` holds, compared with ``cfg``: None (no run), ``{}`` (a run of the same
+    parameters) or the parameters that differ (name -> (recorded, new)), which only ``resume=True``
+    with a ``last.pt`` to continue may change. A folder of another run is refused otherwise, so a run
+    never silently reuses or overwrites another. Execution-only fields do not count
+    (``engine.logging.EXECUTION_FIELDS``)."""
+    run_dir = workbook_path(cfg.runs_dir) / cfg.run_name
+    recorded = read_config(run_dir)
+    if recorded is None:
+        return None
+    changed = changed_parameters(recorded["train"], dataclasses.asdict(cfg))
+    if changed and not (cfg.resume and (run_dir / "last.pt").is_file()):
+        fix = ("it has no last.pt to resume: pick another run_name or delete the folder" if cfg.resume else
+               "pick another run_name (notebooks: run_prefix) for this run, or pass resume=True to continue "
+               "that run with these parameters")
+        raise ValueError(f"{run_dir} holds another run: its config.json records {_describe(changed)}; {fix}")
+    return changed
+
+
+def _describe(changed: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{name}={old!r} (now {new!r})" for name, (old, new) in changed.items())
+
+
 def _autocast(device: torch.device, amp: str | None):
     if amp not in (None, "bf16", "fp16"):
         raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
@@ -185,8 +216,14 @@ def _autocast(device: torch.device, amp: str | None):
 
 
 def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig) -> FitResult:
-    """Train ``model`` on ``train_set`` with ``task``'s step, evaluating on ``val_set``; see module doc."""
+    """Train ``model`` on ``train_set`` with ``task``'s step, evaluating on ``val_set``; see module doc.
+    A folder that holds a run of the same parameters is trained again from scratch unless ``resume``."""
+    previous = check_run_dir(cfg)
     device = dist.init()
+    steps_per_epoch = _len(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, 0, train=True).batch_sampler)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{_len(train_set)} training samples give no full batch of {cfg.batch_size}: "
+                         f"lower batch_size or add data")
     run_dir = workbook_path(cfg.runs_dir) / cfg.run_name
     ckpt_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if dist.is_main():
@@ -204,10 +241,6 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
     base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch)
     optimizer = torch.optim.SGD(param_groups(model, base_lr, cfg.lr_multipliers), lr=base_lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    steps_per_epoch = _len(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, 0, train=True).batch_sampler)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{_len(train_set)} training samples give no full batch of {cfg.batch_size}: "
-                         f"lower batch_size or add data")
     if cfg.log_every < 1:
         raise ValueError(f"log_every must be at least 1 optimizer step, got {cfg.log_every}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(
@@ -217,6 +250,8 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
     partial: tuple | None  # the loss sums and counters of an epoch stopped midway
     start_epoch, skip, history, best, partial, pending_eval = 0, 0, [], None, None, False
     if cfg.resume and ckpt_path.is_file():
+        if previous:
+            print(f"resuming {run_dir} with changed parameters: {_describe(previous)}")
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -226,8 +261,15 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
         partial, pending_eval = state["partial_epoch"], state.get("pending_eval", False)
         set_rng_state(state["rng"])
         load_pyconv_plans(model, state.get("pyconv_plans", {}))
-    elif cfg.resume:
-        print(f"resume=True but {ckpt_path} does not exist: starting run {cfg.run_name!r} from scratch")
+    else:
+        if cfg.resume:
+            print(f"resume=True but {ckpt_path} does not exist: starting run {cfg.run_name!r} from scratch")
+        elif previous is not None:
+            print(f"{run_dir} holds a run of the same parameters: training it again from scratch "
+                  f"(resume=True continues it instead)")
+        if dist.is_main():  # no checkpoint of an earlier run may outlive this one's start
+            ckpt_path.unlink(missing_ok=True)
+            best_path.unlink(missing_ok=True)
     record = {"train": dataclasses.asdict(cfg), "task": task.name, "model_args": getattr(model, "model_args", None),
               "resumed_at": [start_epoch, skip] if start_epoch or skip else None, "lr_effective": base_lr,
               "environment": environment(device)}

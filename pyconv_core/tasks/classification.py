@@ -6,7 +6,6 @@ call, so a notebook run and a torchrun job with the same parameters are the same
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pyconv_core.data.classification import FashionMNIST, collate_skipping_bad, imagenet_datasets
 from pyconv_core.engine import distributed as dist
-from pyconv_core.engine.logging import read_metrics, workbook_path
-from pyconv_core.engine.trainer import FitResult, TrainConfig, fit, seed_everything
+from pyconv_core.engine.logging import changed_parameters, read_config, read_metrics, workbook_path
+from pyconv_core.engine.trainer import FitResult, TrainConfig, check_run_dir, fit, seed_everything
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import RunParams, at_least, between, check_batch_size, check_model, one_of
 
@@ -166,16 +165,11 @@ def train_config(p: Params) -> TrainConfig:
 
 def run(p: Params) -> FitResult:
     """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
+    check_run_dir(train_config(p))  # before the data is read
     train, val, classes = datasets(p)
     seed_everything(p.seed)
     model = build(p.model_name, num_classes=len(classes), dropout=p.dropout, zero_init_residual=p.zero_init_residual)
     return fit(model, ClassificationTask(RECIPES[p.recipe_name]["cutmix_alpha"]), train, val, train_config(p))
-
-
-# Fields that say how a run executes, not what it learns: a finished run that differs only in these
-# is the same pretrained backbone.
-_EXECUTION_FIELDS = ("gpus", "run_name", "runs_dir", "num_workers", "progress", "resume", "pyconv_plan",
-                     "channels_last", "compile", "log_every")
 
 
 DEMO_BACKBONE = "fashion-mnist"  # backbone_weights value of detection and segmentation: demo_backbone()
@@ -192,12 +186,14 @@ def demo_backbone(family: str, depth: int, runs_dir: str = "runs") -> Path:
     segmentation from one): ``best.pt`` of the classification notebook's default Fashion-MNIST run of
     ``family``/``depth``. A finished run with exactly those parameters is reused; otherwise it is
     trained now (a few minutes on a CPU) and kept under ``runs/``. A different experiment already under
-    that name is left alone: the backbone then goes to ``<name>-backbone``."""
+    that name is left alone: the backbone then goes to ``<name>-backbone``. Runs that differ only in
+    how they executed (``engine.logging.EXECUTION_FIELDS``) are the same backbone."""
     p = Params(arch=family, depth=depth, runs_dir=runs_dir, progress=False)
-    name = train_config(p).run_name
-    wanted = _learning_fields(dataclasses.asdict(p))
+    wanted = dataclasses.asdict(train_config(p))
+    name = wanted["run_name"]
     folders = [workbook_path(runs_dir) / candidate for candidate in (name, f"{name}-backbone")]
-    run_dir = next((d for d in folders if _recorded_params(d) in (None, wanted)), None)
+    run_dir = next((d for d in folders if (recorded := read_config(d)) is None
+                    or not changed_parameters(recorded["train"], wanted)), None)
     if run_dir is None:
         raise ValueError(f"{folders[0]} and {folders[1]} hold other experiments than the Fashion-MNIST "
                          f"backbone of {p.model_name}: rename one, or pass backbone_weights explicitly")
@@ -206,16 +202,6 @@ def demo_backbone(family: str, depth: int, runs_dir: str = "runs") -> Path:
         print(f"training the Fashion-MNIST backbone {p.model_name} into {run_dir} (once; later runs reuse it)")
         run(dataclasses.replace(p, run_name=run_dir.name, resume=True))
     return run_dir / "best.pt"
-
-
-def _recorded_params(run_dir: Path) -> dict | None:
-    """The learning parameters a run folder records, or None for a folder without a run."""
-    config = run_dir / "config.json"
-    return _learning_fields(json.loads(config.read_text())["train"]["extra"]) if config.is_file() else None
-
-
-def _learning_fields(params: dict) -> dict:
-    return {k: v for k, v in params.items() if k not in _EXECUTION_FIELDS}
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from pyconv_core.data.coco import CocoDetection, detection_collate
 from pyconv_core.data.demo_detection import DemoDetectionConfig, make_demo_coco
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.logging import workbook_path
-from pyconv_core.engine.trainer import FitResult, TrainConfig, fit, seed_everything
+from pyconv_core.engine.trainer import FitResult, TrainConfig, check_run_dir, fit, seed_everything
 from pyconv_core.models.ssd import HEADS, SSD, load_backbone_checkpoint, map_sizes, match, multibox_loss, postprocess
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import RunParams, at_least, between, check_batch_size, check_model, one_of
@@ -249,8 +249,9 @@ def build_model(p: Params, num_classes: int) -> SSD:
 
 def run(p: Params) -> FitResult:
     """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
-    train, val = datasets(p)
     p = dataclasses.replace(p, backbone_weights=_backbone_weights(p))  # may train it: before seeding
+    check_run_dir(train_config(p))  # before the data is read
+    train, val = datasets(p)
     seed_everything(p.seed)
     model = build_model(p, len(train.class_names))
     task = DetectionTask(p.score_threshold, p.nms_iou, p.top_k)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from pyconv_core.data.ade20k import ADE20K, IGNORE_INDEX, TrainTransform, denormalize
 from pyconv_core.data.demo_segmentation import make_demo_ade20k
 from pyconv_core.engine import distributed as dist
-from pyconv_core.engine.trainer import FitResult, TrainConfig, fit, seed_everything
+from pyconv_core.engine.trainer import FitResult, TrainConfig, check_run_dir, fit, seed_everything
 from pyconv_core.models.segmentation import MODEL_HEADS
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import RunParams, at_least, check_batch_size, check_model, one_of
@@ -264,9 +264,10 @@ def build_model(p: Params, num_classes: int) -> nn.Module:
 
 def run(p: Params) -> FitResult:
     """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
-    train, val, classes = datasets(p)
     p = dataclasses.replace(p, backbone_weights=resolve_backbone_weights(p.backbone_weights, p.backbone, p.depth,
                                                                           p.runs_dir))  # may train it: before seeding
+    check_run_dir(train_config(p))  # before the data is read
+    train, val, classes = datasets(p)
     seed_everything(p.seed)
     return fit(build_model(p, len(classes)), task_for(p, len(classes)), train, val, train_config(p))
 

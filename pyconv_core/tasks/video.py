@@ -30,7 +30,7 @@ from pyconv_core.data.kinetics import (
 )
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.logging import workbook_path
-from pyconv_core.engine.trainer import FitResult, TrainConfig, evaluate, fit, seed_everything
+from pyconv_core.engine.trainer import FitResult, TrainConfig, check_run_dir, evaluate, fit, seed_everything
 from pyconv_core.models.official import load_official_checkpoint
 from pyconv_core.models.video import inflate_2d
 from pyconv_core.profile import count_flops, count_params, profile_rows
@@ -243,6 +243,7 @@ def model_cost(p: Params, num_classes: int) -> dict[str, float]:
 
 def run(p: Params) -> FitResult:
     """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
+    check_run_dir(train_config(p))  # before the data is read
     train, val, classes = datasets(p)
     seed_everything(p.seed)
     return fit(build_model(p, len(classes)), VideoTask(), train, val, train_config(p))
