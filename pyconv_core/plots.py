@@ -19,7 +19,7 @@ from pyconv_core.engine.logging import read_metrics
 from pyconv_core.layers.pyconv import PyConv
 
 __all__ = ["plot_params_vs_flops", "draw_pyconv_pyramid", "metric_label", "plot_curves", "plot_confusion",
-           "show_misclassified"]
+           "gallery_indices", "show_misclassified"]
 
 _FAMILY_ORDER = ("resnet", "pyconvresnet", "pyconvhgresnet")
 
@@ -134,6 +134,13 @@ def plot_confusion(predicted: torch.Tensor, truth: torch.Tensor, classes: Sequen
     ax.set(xlabel="predicted", ylabel="true",
            title=f"{title}: confusion matrix (row-normalised)" if title else "Confusion matrix (row-normalised)")
     return ax
+
+
+def gallery_indices(available: int, count: int) -> list[int]:
+    """``min(count, available)`` indices spread evenly over ``range(available)`` (all of them when
+    ``count`` covers the data): the items a gallery draws, whatever the size of its data set."""
+    shown = min(count, available)
+    return [round(i * (available - 1) / max(shown - 1, 1)) for i in range(shown)]
 
 
 def show_misclassified(dataset, predicted: torch.Tensor, truth: torch.Tensor, classes: Sequence[str],
