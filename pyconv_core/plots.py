@@ -124,7 +124,10 @@ def plot_curves(runs: Mapping[str, str | os.PathLike | Sequence[Mapping]],
 def plot_confusion(predicted: torch.Tensor, truth: torch.Tensor, classes: Sequence[str],
                    title: str | None = None) -> plt.Axes:
     """Row-normalised confusion matrix (rows: true class); ``title`` names the model (e.g.
-    "PyConvResNet-18") so that matrices of several models can be told apart."""
+    "PyConvResNet-18") so that matrices of several models can be told apart. Entries of -1 (items
+    that could not be read, as ``tasks.classification.predict`` marks them) are left out."""
+    readable = (truth >= 0) & (predicted >= 0)
+    predicted, truth = predicted[readable], truth[readable]
     n = len(classes)
     counts = torch.bincount(truth * n + predicted, minlength=n * n).reshape(n, n).double()
     rates = (counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy()
@@ -145,8 +148,9 @@ def gallery_indices(available: int, count: int) -> list[int]:
 
 def show_misclassified(dataset, predicted: torch.Tensor, truth: torch.Tensor, classes: Sequence[str],
                        count: int = 12) -> plt.Figure:
-    """A gallery of misclassified images with true and predicted class."""
-    wrong = torch.nonzero(predicted != truth).flatten()[:count].tolist()
+    """A gallery of misclassified images with true and predicted class; ``predicted`` and ``truth``
+    are indexed by dataset index (``tasks.classification.predict``), -1 for unreadable items."""
+    wrong = torch.nonzero((predicted != truth) & (truth >= 0)).flatten()[:count].tolist()
     cols = min(6, max(1, len(wrong)))
     rows = (len(wrong) + cols - 1) // cols or 1
     fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.3 * rows), squeeze=False)
@@ -178,15 +182,21 @@ def _draw_boxes(ax: plt.Axes, image: np.ndarray, boxes: torch.Tensor, labels: to
 
 def show_detections(samples: Sequence[Mapping], class_names: Sequence[str], pairs_per_row: int = 3) -> plt.Figure:
     """Ground truth beside predictions for each sample (``image`` HWC uint8, ``truth`` and ``pred``
-    with pixel ``boxes`` and ``labels``, ``pred`` also ``scores``)."""
+    with pixel ``boxes`` and ``labels``, ``pred`` also ``scores``; ``name``, if given, titles the
+    pair), as ``tasks.detection.predict`` makes them; a sample whose image could not be decoded
+    (``image`` None) keeps its place, marked as skipped."""
     rows = (len(samples) + pairs_per_row - 1) // pairs_per_row or 1
     fig, axes = plt.subplots(rows, 2 * pairs_per_row, figsize=(4.4 * pairs_per_row, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for k, sample in enumerate(samples):
         left, right = axes.flat[2 * k], axes.flat[2 * k + 1]
+        name = f"{sample['name']}: " if sample.get("name") else ""
+        if sample["image"] is None:
+            left.set_title(f"{name}unreadable, skipped", fontsize=9)
+            continue
         _draw_boxes(left, sample["image"], sample["truth"]["boxes"], sample["truth"]["labels"], class_names,
-                    title="ground truth")
+                    title=f"{name}ground truth")
         _draw_boxes(right, sample["image"], sample["pred"]["boxes"], sample["pred"]["labels"], class_names,
                     sample["pred"]["scores"], title="predicted")
     fig.tight_layout()
@@ -230,20 +240,25 @@ def show_segmentation(samples: Sequence[Mapping], palette: np.ndarray,
     """One row per sample: image | ground truth | each model's prediction, masks coloured with
     ``palette`` (training ids; ignored pixels black), and below them a legend of the classes present
     (named by ``classes``, e.g. the data set's ``classes``). A sample has ``image`` (HWC uint8),
-    ``truth`` and ``preds`` (model name -> mask), as ``tasks.segmentation.segmentation_sample`` makes them."""
+    ``truth`` and ``preds`` (model name -> mask), as ``tasks.segmentation.segmentation_sample`` makes them;
+    a sample that could not be decoded (``image`` None) keeps its row, marked as skipped, under its ``name``."""
     from pyconv_core.data.ade20k import colorize
 
-    legend = _class_legend([m for s in samples for m in (s["truth"], *s["preds"].values())], palette, classes)
+    masks = [m for s in samples if s["image"] is not None for m in (s["truth"], *s["preds"].values())]
+    legend = _class_legend(masks, palette, classes) if masks else []
     cols = 2 + max(len(s["preds"]) for s in samples)
     columns = min(len(legend), max(3, cols * 2)) or 1
     legend_height = 0.25 * ((len(legend) + columns - 1) // columns) + 0.2  # inches: legend rows + margin
     fig, axes = plt.subplots(len(samples), cols, figsize=(2.3 * cols, 2.3 * len(samples) + legend_height),
                              squeeze=False)
     for row, sample in zip(axes, samples):
-        panels = [("image", sample["image"]), ("ground truth", colorize(sample["truth"], palette))]
-        panels += [(name, colorize(mask, palette)) for name, mask in sample["preds"].items()]
         for ax in row:
             ax.axis("off")
+        if sample["image"] is None:
+            row[0].set_title(f"{sample.get('name', '')}: unreadable, skipped", fontsize=9)
+            continue
+        panels = [("image", sample["image"]), ("ground truth", colorize(sample["truth"], palette))]
+        panels += [(name, colorize(mask, palette)) for name, mask in sample["preds"].items()]
         for ax, (title, picture) in zip(row, panels):
             ax.imshow(picture, interpolation="nearest")
             ax.set_title(title, fontsize=9)

@@ -1,6 +1,8 @@
-"""COCO layout reading, SSD augmentation, the embedded demo set, COCOeval metrics, and one tiny run."""
+"""COCO layout reading (as COCO writes it and as other tools do), SSD augmentation, the embedded demo
+set, COCOeval metrics, unreadable images, and one tiny run."""
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
+from pyconv_core import plots
 from pyconv_core.data.coco import CocoDetection, SSDRandomCrop, detection_collate
 from pyconv_core.data.demo_detection import DEMO_CATEGORY_IDS, DemoDetectionConfig, make_demo_coco
 from pyconv_core.engine.logging import read_metrics
@@ -28,6 +31,7 @@ def _write_coco(root, images, annotations, categories=({"id": 3, "name": "car"},
     (root / "annotations").mkdir(exist_ok=True)
     entries = []
     for name, (image_id, width, height) in images.items():
+        (root / "val2017" / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (width, height), (120, 110, 100)).save(root / "val2017" / name)
         entries.append({"id": image_id, "file_name": name, "width": width, "height": height})
     data = {"images": entries, "annotations": annotations, "categories": list(categories)}
@@ -82,7 +86,8 @@ def test_dataset_maps_categories_and_normalizes_boxes(demo_root):
 def test_training_augmentation_keeps_boxes_valid(demo_root):
     train = CocoDetection(demo_root, "train2017", train=True, size=96, skip_empty=True)
     torch.manual_seed(0)
-    images, targets = detection_collate([train[i % len(train)] for i in range(40)])
+    images, targets, skipped = detection_collate([train[i % len(train)] for i in range(40)])
+    assert skipped == 0
     assert images.shape == (40, 3, 96, 96)
     for t in targets:
         boxes = t["boxes"]
@@ -181,3 +186,128 @@ def test_tiny_run_records_the_twelve_coco_numbers(demo_root, tmp_path):
     assert set(D.COCO_METRICS) <= set(evals[0]) and evals[0]["num_images"] == TINY.num_val
     table = D.paper_table(evals[0], "pyconvssd50")
     assert list(table.index) == list(D.COCO_METRICS) and table.loc["AP", "paper pyconvssd50"] == 29.16
+
+
+# ---- COCO files as other tools write them ----------------------------------------------------
+
+def _edit_json(root, edit):
+    """Apply ``edit`` to the parsed instances_val2017.json of ``root`` and write it back; its path."""
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _cut(path):
+    """Truncate a real image file to half its bytes, as an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_labelme_export_with_folders_and_without_area_iscrowd_or_id_is_read_and_evaluated(tmp_path, caplog):
+    root = _write_coco(tmp_path, {"JPEGImages/a.jpg": (1, 200, 200), "JPEGImages/b.jpg": (2, 200, 200),
+                                  "JPEGImages/gone.jpg": (3, 200, 200)}, [
+        {"image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 30]},
+        {"image_id": 1, "category_id": 9, "bbox": [50, 40, 60, 80]},
+        {"image_id": 2, "category_id": 3, "bbox": [20, 100, 150, 90]}])
+    (root / "val2017" / "JPEGImages" / "gone.jpg").unlink()
+    _edit_json(root, lambda d: d["images"][1].update(file_name="JPEGImages\\b.jpg"))  # as labelme writes on Windows
+    with caplog.at_level(logging.WARNING):
+        val = CocoDetection(root, "val2017", size=32)
+    assert [item[:2] for item in val.items] == [(1, "JPEGImages/a.jpg"), (2, "JPEGImages/b.jpg")]
+    assert caplog.text.count("annotations have no area") == 1  # once per file, not per annotation
+    assert "3 of 3 annotations have no iscrowd, taken as 0" in caplog.text
+    assert str(root / "val2017" / "JPEGImages" / "gone.jpg") in caplog.text  # the missing file is named
+    assert sorted(a["id"] for a in val.coco.dataset["annotations"]) == [1, 2, 3]
+    assert val.coco.anns[3]["area"] == 150 * 90
+    perfect = D.coco_metrics(val, _perfect(val))  # COCOeval reads area and iscrowd of every annotation
+    assert perfect["AP"] == pytest.approx(100.0) and perfect["APs"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("section, index, key, fix", [
+    ("images", 1, "height", "its width and height in pixels"),
+    ("images", 0, "file_name", "its file_name relative to the split folder"),
+    ("annotations", 1, "bbox", "a bbox [x, y, width, height] in pixels"),
+    ("annotations", 0, "image_id", "the image_id of its image"),
+    ("annotations", 1, "category_id", "a category_id listed in categories"),
+    ("categories", 1, "name", "a category needs a unique id and a name"),
+    ("categories", 0, "id", "a category needs a unique id and a name"),
+])
+def test_an_entry_without_a_required_field_is_named_with_its_file_and_the_fix(tmp_path, section, index, key, fix):
+    root = _write_coco(tmp_path, {"a.jpg": (1, 80, 60), "b.jpg": (2, 80, 60)},
+                       [_ann(1, 1, [1, 1, 5, 5]), _ann(2, 2, [1, 1, 5, 5], category_id=9)])
+    path = _edit_json(root, lambda d: d[section][index].pop(key))
+    with pytest.raises(ValueError) as raised:
+        CocoDetection(root, "val2017")
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ") and f"(entry {index} of {section}) lacks {key};" in message
+    assert fix in message and "Fix or remove the entry." in message
+
+
+def test_malformed_values_duplicate_ids_and_unlisted_categories_are_errors_before_training(tmp_path):
+    root = _write_coco(tmp_path, {"a.jpg": (1, 80, 60), "b.jpg": (2, 80, 60)},
+                       [_ann(1, 1, [10, 10, 20, 30]), _ann(7, 2, [5, 5, 20, 20], category_id=42)])
+    with pytest.raises(ValueError, match=r"instances_val2017.json: annotation 7 \(entry 1 of annotations\) has "
+                                         r"category_id 42, which categories does not list \(its ids: \[3, 9\]\)"):
+        CocoDetection(root, "val2017")
+    _edit_json(root, lambda d: d["annotations"][1].update(category_id=9, bbox=["5", 5, 20, 20]))
+    with pytest.raises(ValueError, match=r"annotation 7 \(entry 1 of annotations\) has bbox \['5', 5, 20, 20\]"):
+        CocoDetection(root, "val2017")
+    _edit_json(root, lambda d: (d["annotations"][1].update(bbox=[5, 5, 20, 20]), d["images"][1].update(id=1)))
+    with pytest.raises(ValueError, match=r"image 1 \(entry 0 of images\) shares its id with 1 other entries"):
+        CocoDetection(root, "val2017")
+
+
+def test_the_decoded_image_size_wins_over_the_json_and_a_disagreement_is_logged_once(tmp_path, caplog):
+    root = _write_coco(tmp_path, {"a.jpg": (1, 160, 120), "b.jpg": (2, 160, 120)},
+                       [_ann(1, 1, [100, 80, 40, 30]), _ann(2, 2, [10, 10, 170, 100])])
+    _edit_json(root, lambda d: [image.update(width=80, height=60) for image in d["images"]])  # a resized export
+    val = CocoDetection(root, "val2017", size=32)
+    with caplog.at_level(logging.WARNING):
+        (_, first), (_, second) = val[0], val[1]
+    assert first["orig_size"] == second["orig_size"] == (120, 160)
+    torch.testing.assert_close(first["boxes"], torch.tensor([[100 / 160, 80 / 120, 140 / 160, 110 / 120]]))
+    torch.testing.assert_close(second["boxes"], torch.tensor([[10 / 160, 10 / 120, 1.0, 110 / 120]]))  # clipped
+    assert caplog.text.count("boxes are clipped to the image's own size") == 1
+    assert "says image 1 is 80x60" in caplog.text and "a.jpg is 160x120" in caplog.text
+
+
+def test_train_and_val_files_must_list_the_same_categories(demo_root, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(demo_root, root)
+    _edit_json(root, lambda d: d["categories"][0].update(name="renamed"))
+    p = D.Params(data_dir=str(root), image_size=64)
+    with pytest.raises(ValueError, match=r"instances_val2017.json and .*instances_train2017.json list different "
+                                         r"categories .*'renamed'"):
+        D.datasets(p)
+
+
+def test_truncated_images_are_skipped_counted_and_keep_their_place(demo_root, tmp_path, caplog):
+    root = tmp_path / "coco"
+    shutil.copytree(demo_root, root)
+    _cut(root / "train2017" / "000000000005.jpg")
+    _cut(root / "val2017" / "000000000002.jpg")
+    train_size = len(CocoDetection(root, "train2017", skip_empty=True))
+    p = D.Params(arch="ssd", depth=18, image_size=64, epochs=1, batch_size=train_size,  # one step sees every image
+                 data_dir=str(root), runs_dir=str(tmp_path / "runs"), run_name="cut")
+    result = D.run(p)  # the epoch and its evaluation finish
+    train, evals = read_metrics(result.run_dir, "train"), read_metrics(result.run_dir, "eval")
+    assert train[0]["num_skipped"] == 1 and np.isfinite(train[0]["train_loss"])
+    assert evals[0]["num_skipped"] == 1 and evals[0]["num_images"] == TINY.num_val - 1
+
+    caplog.clear()
+    val = CocoDetection(root, "val2017", size=64)
+    bad = [name for _, name, _, _ in val.items].index("000000000002.jpg")
+    with caplog.at_level(logging.WARNING):
+        images, targets, skipped = detection_collate([val[i] for i in range(4)])
+        samples = D.predict(result.model, val, [bad - 1, bad, bad + 1])
+    assert skipped == 1 and len(images) == len(targets) == 3
+    assert [t["image_id"] for t in targets] == [val.items[i][0] for i in range(4) if i != bad]
+    assert caplog.text.count(str(root / "val2017" / "000000000002.jpg")) == 1  # logged once, by path
+    assert [s["index"] for s in samples] == [bad - 1, bad, bad + 1] and samples[1]["image"] is None
+    assert [s["name"] for s in samples] == [val.items[i][1] for i in (bad - 1, bad, bad + 1)]
+    assert torch.equal(samples[2]["truth"]["labels"], val.items[bad + 1][3])
+    titles = [ax.get_title() for ax in plots.show_detections(samples, val.class_names).axes]
+    assert titles[:5] == [f"{val.items[bad - 1][1]}: ground truth", "predicted",
+                          "000000000002.jpg: unreadable, skipped", "", f"{val.items[bad + 1][1]}: ground truth"]

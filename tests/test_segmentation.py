@@ -1,6 +1,7 @@
 """Segmentation: metrics on crafted masks, sliding-window inference, ADE20K reading and
 augmentation, the demo set, the dilated backbone, the four heads, paper figures, and a short fit."""
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -8,8 +9,9 @@ import torch
 import torchvision
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
-from pyconv_core import build, list_models
+from pyconv_core import build, list_models, plots
 from pyconv_core.data.ade20k import (
     ADE20K,
     ADE20K_CLASSES,
@@ -36,6 +38,7 @@ from pyconv_core.tasks.segmentation import (
     confusion_matrix,
     predict,
     scores,
+    segmentation_sample,
     train_config,
 )
 
@@ -302,7 +305,7 @@ def _shard_confusion(rank, world, init_file, out):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     images, masks, model = _eval_fixture()
     shard = [(images[i], masks[i]) for i in range(rank, len(images), world)]
-    confusion = SegmentationTask(4, crop=33, base_size=0).confusion(model, [collate(shard)], torch.device("cpu"))
+    confusion, _ = SegmentationTask(4, crop=33, base_size=0).confusion(model, [collate(shard)], torch.device("cpu"))
     if rank == 0:
         torch.save(confusion, out)
     torch.distributed.destroy_process_group()
@@ -322,9 +325,10 @@ def _eval_fixture():
 def test_confusion_is_summed_over_processes(tmp_path):
     torch.multiprocessing.spawn(_shard_confusion, args=(2, tmp_path / "init", tmp_path / "conf.pt"), nprocs=2)
     images, masks, model = _eval_fixture()
-    single = SegmentationTask(4, crop=33, base_size=0).confusion(model, [collate(list(zip(images, masks)))],
-                                                                 torch.device("cpu"))
+    single, skipped = SegmentationTask(4, crop=33, base_size=0).confusion(model, [collate(list(zip(images, masks)))],
+                                                                          torch.device("cpu"))
     assert torch.equal(torch.load(tmp_path / "conf.pt"), single) and single.sum() == sum(m.numel() for m in masks)
+    assert skipped == 0
 
 
 def test_train_step_adds_the_auxiliary_loss_at_weight_0_4():
@@ -337,7 +341,7 @@ def test_train_step_adds_the_auxiliary_loss_at_weight_0_4():
     losses = task.train_step(model, collate(list(zip(images, masks))), torch.device("cpu"))
     assert torch.isclose(losses["loss"], losses["main_loss"] + 0.4 * losses["aux_loss"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.isfinite(task.train_step(model, (images, masks), torch.device("cpu"))["loss"])
+        assert torch.isfinite(task.train_step(model, (images, masks, 0), torch.device("cpu"))["loss"])
 
 
 def test_short_fit_on_the_demo_layout_records_miou(tmp_path):
@@ -373,3 +377,55 @@ def test_backbone_starts_from_a_workbook_classification_checkpoint(tmp_path):
     assert shared and all(torch.equal(ours[k], theirs[k]) for k in shared)
     with pytest.raises(ValueError, match=r"best\.pt"):  # the error names the file
         build("pyconvsegnet50", num_classes=3, backbone="pyconvresnet", backbone_weights=str(tmp_path / "best.pt"))
+
+
+# ---- unreadable images and masks -------------------------------------------------------------
+
+def _cut(path):
+    """Truncate a real image file to half its bytes, as an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_a_truncated_image_or_mask_is_skipped_logged_once_counted_and_keeps_its_place(tmp_path, caplog):
+    root = _write_ade(tmp_path, sizes=((40, 30), (36, 36), (30, 30), (33, 20)), split="validation")
+    _cut(root / "images" / "validation" / "ADE_valid_00000002.jpg")
+    _cut(root / "annotations" / "validation" / "ADE_valid_00000003.png")
+    ds = ADE20K(root, "validation")
+    with caplog.at_level(logging.WARNING):
+        assert ds[1] is None and ds[2] is None and ds[1] is None
+    assert caplog.text.count("ADE_valid_00000002.jpg") == 1 and caplog.text.count("ADE_valid_00000003.png") == 1
+    images, masks, skipped = collate([ds[i] for i in range(4)])
+    assert skipped == 2 and [tuple(m.shape) for m in masks] == [(30, 40), (20, 33)]
+
+    torch.manual_seed(0)
+    model, task = nn.Conv2d(3, 150, 1).eval(), SegmentationTask(150, crop=33, base_size=0)
+    metrics = task.evaluate(model, DataLoader(ds, batch_size=2, collate_fn=collate), torch.device("cpu"))
+    readable = task.evaluate(model, DataLoader(Subset(ds, [0, 3]), batch_size=2, collate_fn=collate),
+                             torch.device("cpu"))
+    assert metrics == {**readable, "num_skipped": 2.0} and readable["num_skipped"] == 0.0
+
+    samples = [segmentation_sample(ds, i, {"conv": model}, task) for i in range(4)]
+    assert [s["name"] for s in samples] == [f"ADE_valid_{i:08d}.jpg" for i in range(1, 5)]
+    assert samples[1]["image"] is None and samples[2]["image"] is None
+    assert samples[3]["image"].shape == (20, 33, 3) and samples[3]["truth"].shape == (20, 33)
+    axes = plots.show_segmentation(samples, ds.palette, ds.classes).axes
+    assert [ax.get_title() for ax in axes[3:10:3]] == ["ADE_valid_00000002.jpg: unreadable, skipped",
+                                                       "ADE_valid_00000003.jpg: unreadable, skipped", "image"]
+
+
+def test_an_epoch_with_truncated_files_runs_and_records_the_count(tmp_path):
+    root = make_demo_ade20k(tmp_path / "demo", num_train=8, num_val=3)
+    _cut(sorted((root / "images" / "training").iterdir())[2])
+    _cut(sorted((root / "annotations" / "validation").iterdir())[1])
+    train = ADE20K(root, "training", TrainTransform(crop_size=33, scale=(0.75, 1.25)))
+    val = ADE20K(root, "validation")
+    model = build("fcn18", num_classes=len(train.classes), output_stride=16)
+    task = SegmentationTask(len(train.classes), crop=73, base_size=0)
+    result = fit(model, task, train, val, TrainConfig(run_name="cut", epochs=1, batch_size=4, lr=0.01,
+                                                      lr_reference_batch=16, schedule="poly", pyconv_plan="naive",
+                                                      runs_dir=str(tmp_path / "runs"), progress=False))
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_row, eval_row = [r for r in rows if r["kind"] == "train"][0], [r for r in rows if r["kind"] == "eval"][0]
+    assert train_row["num_skipped"] == 1 and np.isfinite(train_row["train_loss"])
+    assert eval_row["num_skipped"] == 1 and 0 <= eval_row["miou"] <= 100

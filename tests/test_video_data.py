@@ -19,7 +19,7 @@ from pyconv_core.data.kinetics import (
     decode_frames,
 )
 from pyconv_core.engine.logging import read_metrics
-from pyconv_core.tasks.video import Params, VideoTask, run
+from pyconv_core.tasks.video import Params, VideoTask, predict_videos, run, show_clips
 
 SMALL = ClipSampling(frames=4, stride=3, train_short_side=(40, 48), test_short_side=40, crop=32, test_clips=3,
                      test_crops=3)
@@ -195,3 +195,19 @@ def test_an_epoch_with_bad_videos_runs_and_logs_the_count(kinetics_dir, tmp_path
     train, evals = read_metrics(result.run_dir, "train"), read_metrics(result.run_dir, "eval")
     assert train[0]["num_skipped"] == 1 and evals[0]["num_skipped"] == 1 and evals[0]["num_videos"] == 5
     assert np.isfinite(train[0]["train_loss"])
+
+
+def test_predictions_and_frame_strips_keep_their_rows_past_a_bad_video(kinetics_dir):
+    (kinetics_dir / "val" / "vidv00000001_000010_000020.mp4").write_bytes(b"garbage")
+    train = KineticsDataset(kinetics_dir, "train", sampling=SMALL)
+    val = KineticsDataset(kinetics_dir, "val", sampling=SMALL, classes=train.classes)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(3, 2))
+    probs = predict_videos(model, val, [0, 1, 2])
+    assert probs.shape == (3, 2) and probs[1].isnan().all() and not probs[[0, 2]].isnan().any()
+    torch.testing.assert_close(probs[[0, 2]], predict_videos(model, val, [0, 2]))
+    titles = [ax.get_title(loc="left") for ax in show_clips(val, [0, 1, 2], train.classes, {"m": probs}).axes]
+    assert titles[1] == "video 1: unreadable, skipped"
+    for row in (0, 2):
+        guess = train.classes[int(probs[row].argmax())]
+        assert titles[row] == f"true: {train.classes[val.samples[row][1]]} | m: {guess} ({float(probs[row].max()):.0%})"

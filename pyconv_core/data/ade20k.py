@@ -11,7 +11,9 @@ Annotation value 0 ("other") becomes the ignore index 255 and classes 1..150 bec
 The training transform is the recipe's (docs/paper.md s.6): random scale 0.5-2.0, rotation +-10
 degrees, horizontal flip, and a random crop of 473 padded with the mean colour (image) and the
 ignore label (mask). The embedded demo set (:mod:`pyconv_core.data.demo_segmentation`) is
-written in this same layout and read by this same code.
+written in this same layout and read by this same code. An image or mask that cannot be decoded
+(e.g. truncated) is logged by path and skipped when it is met, and counted (``num_skipped``,
+:mod:`pyconv_core.data.unreadable`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
+
+from pyconv_core.data.unreadable import UnreadableFileError, UnreadableFiles
 
 __all__ = ["ADE20K", "ADE20K_CLASSES", "ADE20K_PALETTE", "IGNORE_INDEX", "MEAN", "STD", "TrainTransform",
            "normalize", "denormalize", "colorize", "palette_for", "read_class_names", "to_train_ids"]
@@ -140,7 +144,8 @@ class ADE20K(Dataset):
 
     Without ``transform`` an item is the normalized float image ``[3, H, W]`` and the int64 mask
     ``[H, W]`` (training ids, 255 ignored) at full size, as evaluation wants them; ``transform``
-    receives the uint8 image and uint8 mask (e.g. :class:`TrainTransform`).
+    receives the uint8 image and uint8 mask (e.g. :class:`TrainTransform`). An item whose image or
+    mask cannot be decoded is ``None`` (the task's collate drops and counts it).
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "training",
@@ -165,7 +170,7 @@ class ADE20K(Dataset):
             raise FileNotFoundError(f"{len(missing)} of {len(images)} images have no annotation mask, e.g. "
                                     f"{missing[0][1]} for {missing[0][0]}: every image needs a PNG of the same "
                                     f"name in {mask_dir} (re-extract the data set, or remove the image)")
-        self.root, self.split, self.transform = root, split, transform
+        self.root, self.split, self.transform, self.unreadable = root, split, transform, UnreadableFiles()
         self.samples = list(zip(images, masks))
         self.classes = read_class_names(root)
         self.palette = palette_for(self.classes)
@@ -174,15 +179,21 @@ class ADE20K(Dataset):
         return len(self.samples)
 
     def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The raw pair: uint8 image ``[3, H, W]`` and uint8 training-id mask ``[H, W]``."""
+        """The raw pair: uint8 image ``[3, H, W]`` and uint8 training-id mask ``[H, W]``. Raises
+        :class:`UnreadableFileError` (an OSError) naming the file that cannot be decoded."""
         image_path, mask_path = self.samples[index]
-        with Image.open(image_path) as img:
-            image = np.asarray(img.convert("RGB"))
-        with Image.open(mask_path) as m:
-            if m.mode not in ("L", "P"):
-                raise ValueError(f"{mask_path} is a {m.mode} image; ADE20K annotations are 8-bit single-channel "
-                                 f"PNGs of class indices (0 = other), not colour masks")
-            label = np.asarray(m)
+        path = image_path
+        try:
+            with Image.open(image_path) as img:
+                image = np.asarray(img.convert("RGB"))
+            path = mask_path
+            with Image.open(mask_path) as m:
+                if m.mode not in ("L", "P"):
+                    raise ValueError(f"{mask_path} is a {m.mode} image; ADE20K annotations are 8-bit single-channel "
+                                     f"PNGs of class indices (0 = other), not colour masks")
+                label = np.asarray(m)
+        except OSError as err:
+            raise UnreadableFileError(path, err, "replace the file, or remove the image and its mask") from err
         if label.shape != image.shape[:2]:
             raise ValueError(f"{image_path} is {image.shape[1]}x{image.shape[0]} but its mask {mask_path} is "
                              f"{label.shape[1]}x{label.shape[0]}: image and mask must have the same size")
@@ -191,8 +202,12 @@ class ADE20K(Dataset):
                              f"classes (1..{len(self.classes)}, 0 = other): is it an ADEChallengeData2016 mask?")
         return torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(to_train_ids(label))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.read(index)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        try:
+            image, mask = self.read(index)
+        except UnreadableFileError as err:
+            self.unreadable.skip(err.path, err.reason)
+            return None
         if self.transform is not None:
             return self.transform(image, mask)
         return normalize(image), mask.long()

@@ -1,14 +1,17 @@
 """Classification data: the ImageNet folder layout, its transforms, and Fashion-MNIST as default.
 
-ImageNet: ``<data_dir>/train/<wnid>/*.JPEG`` and ``<data_dir>/val/<wnid>/*.JPEG``. A corrupt or
+ImageNet: ``<data_dir>/train/<wnid>/*.JPEG`` and ``<data_dir>/val/<wnid>/*.JPEG``. The training
+folders define the label space: the validation set takes the training set's class list and
+indices, so a class folder missing from ``val/`` only leaves that class out (a warning names it),
+and a ``val/`` folder unknown to training is an error before any training. A corrupt or
 unreadable image never stops an epoch: it is logged by path, skipped, and counted
-(``num_skipped`` in the run's metrics).
+(``num_skipped`` in the run's metrics; :mod:`pyconv_core.data.unreadable`).
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
 from pyconv_core.data.fashion_mnist import CLASSES as FASHION_CLASSES, load_fashion_mnist
+from pyconv_core.data.unreadable import UnreadableFiles
 
 __all__ = ["ImageFolder", "FashionMNIST", "imagenet_datasets", "train_transform", "eval_transform",
            "collate_skipping_bad", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -42,21 +46,41 @@ def eval_transform(crop: int = 224) -> Callable:
 
 
 class ImageFolder(Dataset):
-    """``root/<class>/<image>`` with classes sorted by folder name; bad files yield ``None``."""
+    """``root/<class>/<image>``; bad files yield ``None``.
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None) -> None:
+    Without ``classes`` the label space is the sorted folder names (hidden folders such as
+    ``.ipynb_checkpoints`` left out). With ``classes`` (a validation or test set given the training
+    set's ``classes``) labels are indices into that list: a listed class without a folder is a
+    warning naming it, a folder that is not listed an error naming it."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
+                 classes: Sequence[str] | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist; expected the ImageNet layout "
                                     f"<data_dir>/train/<wnid>/*.JPEG and <data_dir>/val/<wnid>/*.JPEG")
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
-        self.samples = [(p, i) for i, c in enumerate(self.classes) for p in sorted((self.root / c).iterdir())
+        folders = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        self.classes = list(classes) if classes is not None else folders
+        unknown = sorted(set(folders) - set(self.classes))
+        if unknown:
+            raise ValueError(f"{self.root} has class folder(s) {', '.join(unknown[:5])}"
+                             f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''} (e.g. "
+                             f"{self.root / unknown[0]}) that the training set does not have: the labels are the "
+                             f"training folders' ({len(self.classes)} classes); remove the folder or add its class "
+                             f"to train/")
+        absent = [c for c in self.classes if c not in set(folders)]
+        if absent:
+            log.warning("%s has no folder for %d of the %d training classes (%s%s): they are left out of its "
+                        "metrics; the other classes keep their training labels", self.root, len(absent),
+                        len(self.classes), ", ".join(absent[:10]), " ..." if len(absent) > 10 else "")
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.samples = [(p, index[c]) for c in folders for p in sorted((self.root / c).iterdir())
                         if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not self.samples:
             raise FileNotFoundError(f"no images found under {self.root}: expected one folder per class holding "
                                     f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), e.g. "
                                     f"{self.root}/n01440764/n01440764_10026.JPEG")
-        self.transform = transform
+        self.transform, self.unreadable = transform, UnreadableFiles()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -67,7 +91,7 @@ class ImageFolder(Dataset):
             with Image.open(path) as img:
                 image = img.convert("RGB")
         except (OSError, UnidentifiedImageError, ValueError) as err:
-            log.warning("skipping unreadable image %s (%s)", path, err)
+            self.unreadable.skip(path, err)
             return None
         return (self.transform(image) if self.transform else image), label
 
@@ -84,15 +108,16 @@ def collate_skipping_bad(samples: list) -> tuple[torch.Tensor, torch.Tensor, int
 
 def imagenet_datasets(data_dir: str | os.PathLike, crop: int = 224,
                       test_crop: int | None = None) -> tuple[ImageFolder, ImageFolder]:
-    """Train and val sets of an ImageNet-layout folder, with the standard transforms."""
+    """Train and val sets of an ImageNet-layout folder, with the standard transforms; val takes
+    train's classes (one label space)."""
     data_dir = Path(data_dir)
     missing = [s for s in ("train", "val") if not (data_dir / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"data_dir {data_dir} lacks {' and '.join(missing)}/: expected the ImageNet layout "
                                 f"{data_dir}/train/<wnid>/*.JPEG and {data_dir}/val/<wnid>/*.JPEG (val sorted into "
                                 f"class folders); leave data_dir empty to use the embedded Fashion-MNIST")
-    return (ImageFolder(data_dir / "train", train_transform(crop)),
-            ImageFolder(data_dir / "val", eval_transform(test_crop or crop)))
+    train = ImageFolder(data_dir / "train", train_transform(crop))
+    return train, ImageFolder(data_dir / "val", eval_transform(test_crop or crop), classes=train.classes)
 
 
 class FashionMNIST(Dataset):

@@ -2,10 +2,21 @@
 
     <root>/train2017/*.jpg   <root>/val2017/*.jpg   <root>/annotations/instances_{train,val}2017.json
 
-Annotations are read with pycocotools. Category ids (1..90 with gaps for COCO) map to contiguous
-labels 1..K; 0 is the background. Crowd boxes are left out of the training targets (COCOeval
-treats them as ignore regions on its own); degenerate boxes and images whose file is missing
-are skipped with a logged count; images without annotations are kept (unless ``skip_empty``)
+Annotations are read with pycocotools and checked when the data set is made, before any training:
+an entry without a required field (image ``id``, ``file_name``, ``width``, ``height``; annotation
+``image_id``, ``bbox``, ``category_id``; category ``id``, ``name``), a duplicate id or an annotation
+of a category that ``categories`` does not list is an error naming the file, the entry and the fix.
+What other tools' COCO exports often leave out is filled in and logged once per file: an
+annotation's ``area`` (its box's), ``iscrowd`` (0) and ``id``. ``file_name`` is relative to
+``<root>/<split>/`` and may hold folders (labelme writes ``JPEGImages/x.jpg``). Boxes are clipped
+to the decoded image, whose size wins over the json's ``width``/``height`` (a disagreement is
+logged once per file).
+
+Category ids (1..90 with gaps for COCO) map to contiguous labels 1..K; 0 is the background. Crowd
+boxes are left out of the training targets (COCOeval treats them as ignore regions on its own);
+degenerate boxes and images whose file is missing are skipped with a logged count; an image that
+cannot be decoded is logged by path and skipped when it is met, and counted (``num_skipped``,
+:mod:`pyconv_core.data.unreadable`); images without annotations are kept (unless ``skip_empty``)
 since COCOeval scores false positives on them.
 """
 from __future__ import annotations
@@ -19,12 +30,14 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import box_iou
 from torchvision.transforms import v2
+
+from pyconv_core.data.unreadable import UnreadableFileError, UnreadableFiles
 
 __all__ = ["CocoDetection", "SSDRandomCrop", "ssd_transform", "detection_collate", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -77,7 +90,8 @@ def ssd_transform(train: bool, size: int = 300, max_expand: float = 4.0) -> v2.C
 
 
 class CocoDetection(Dataset):
-    """One split of a COCO-layout folder; items are ``(image, target)``.
+    """One split of a COCO-layout folder; items are ``(image, target)``, or ``None`` for an image
+    file that cannot be decoded (:func:`detection_collate` drops and counts it).
 
     ``image`` is the transformed ``[3, size, size]`` tensor; ``target`` holds ``boxes`` ``[K, 4]``
     (xyxy, normalized to [0, 1]), ``labels`` ``[K]`` (1..K contiguous), ``image_id`` and
@@ -96,7 +110,7 @@ class CocoDetection(Dataset):
                  skip_empty: bool = False, max_expand: float = 4.0) -> None:
         self.root, self.split = Path(root), split
         self.image_dir = self.root / split
-        ann_file = self.root / "annotations" / f"instances_{split}.json"
+        self.ann_file = ann_file = self.root / "annotations" / f"instances_{split}.json"
         self.coco = _load_coco(ann_file)
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image folder {self.image_dir} is missing; the COCO layout is "
@@ -106,60 +120,88 @@ class CocoDetection(Dataset):
         self.label_to_cat = {i: c for c, i in self.cat_to_label.items()}
         self.class_names = ("background", *(self.coco.cats[c]["name"] for c in cat_ids))
         self.transform = ssd_transform(train, size, max_expand)
-        present = set(os.listdir(self.image_dir))
+        self.unreadable, self._size_logged = UnreadableFiles(), False
         self.skipped: Counter = Counter()
         self.items: list[tuple[int, str, torch.Tensor, torch.Tensor]] = []
+        missing = []
         for image_id in sorted(self.coco.getImgIds()):
-            info = self.coco.imgs[image_id]
-            if info["file_name"] not in present:
+            file_name = self._file_name(self.coco.imgs[image_id]["file_name"])
+            if file_name is None:
                 self.skipped["missing_image"] += 1
+                missing.append(self.image_dir / self.coco.imgs[image_id]["file_name"])
                 continue
-            boxes, labels = self._targets(image_id, info)
+            boxes, labels = self._targets(image_id)
             if skip_empty and not len(labels):
                 self.skipped["empty_image"] += 1
                 continue
-            self.items.append((image_id, info["file_name"], boxes, labels))
+            self.items.append((image_id, file_name, boxes, labels))
         problems = {k: v for k, v in self.skipped.items() if k in ("missing_image", "degenerate_box")}
+        where = (f"; no file at {missing[0]}{' and others' if len(missing) > 1 else ''} (file_name is taken "
+                 f"relative to {self.image_dir})" if missing else "")
         if problems:
-            log.warning("%s: skipped %s", ann_file, problems)
+            log.warning("%s: skipped %s%s", ann_file, problems, where)
         log.info("%s: %d images (%d without boxes left out), %d crowd boxes left to COCOeval", ann_file,
                  len(self.items), self.skipped["empty_image"], self.skipped["crowd_box"])
         if not self.items:
-            raise ValueError(f"{ann_file} lists no usable image in {self.image_dir} (skipped: {dict(self.skipped)})")
+            raise ValueError(f"{ann_file} lists no usable image in {self.image_dir} (skipped: "
+                             f"{dict(self.skipped)}){where}")
 
-    def _targets(self, image_id: int, info: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Non-crowd boxes (xyxy pixels, clipped to the image) and their labels."""
+    def _file_name(self, name: str) -> str | None:
+        """``name`` (relative to the image folder, folders allowed; written on Windows with backslashes)
+        as a path that exists there, else None."""
+        for candidate in dict.fromkeys((name, name.replace("\\", "/"))):
+            if (self.image_dir / candidate).is_file():
+                return candidate
+        return None
+
+    def _targets(self, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-crowd boxes (xyxy pixels, as annotated: :meth:`read` clips them to the image) and their labels."""
         boxes, labels = [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
-            if ann.get("iscrowd", 0):
+            if ann["iscrowd"]:
                 self.skipped["crowd_box"] += 1
                 continue
             x, y, w, h = ann["bbox"]
-            x0, y0 = max(x, 0.0), max(y, 0.0)
-            x1, y1 = min(x + w, info["width"]), min(y + h, info["height"])
-            if x1 - x0 < 1 or y1 - y0 < 1 or ann["category_id"] not in self.cat_to_label:
+            if w < 1 or h < 1:
                 self.skipped["degenerate_box"] += 1
                 continue
-            boxes.append([x0, y0, x1, y1])
+            boxes.append([x, y, x + w, y + h])
             labels.append(self.cat_to_label[ann["category_id"]])
         return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def read_image(self, index: int) -> torch.Tensor:
-        """The untransformed ``uint8 [3, H, W]`` image (for drawing)."""
-        path = self.image_dir / self.items[index][1]
+    def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The untransformed ``uint8 [3, H, W]`` image, its boxes (xyxy pixels, clipped to the decoded
+        image; boxes left under a pixel wide or high are dropped) and their labels. Raises
+        :class:`UnreadableFileError` (an OSError) naming the file when it cannot be decoded."""
+        image_id, file_name, boxes, labels = self.items[index]
+        path = self.image_dir / file_name
         try:
-            with Image.open(path) as image:
-                return v2.functional.pil_to_tensor(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as err:
-            raise OSError(f"cannot decode image {path} ({err}); replace the file or remove its entry "
-                          f"from the annotation json") from err
+            with Image.open(path) as img:
+                image = v2.functional.pil_to_tensor(img.convert("RGB"))
+        except OSError as err:
+            raise UnreadableFileError(path, err, f"replace the file or remove its entry from {self.ann_file}") from err
+        height, width = image.shape[-2:]
+        info = self.coco.imgs[image_id]
+        if (info["width"], info["height"]) != (width, height) and not self._size_logged:
+            self._size_logged = True
+            log.warning("%s says image %s is %sx%s but %s is %dx%d: boxes are clipped to the image's own size "
+                        "(logged for the first such image of the file only)", self.ann_file, image_id, info["width"],
+                        info["height"], path, width, height)
+        boxes = torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
+                             boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], 1)
+        keep = ((boxes[:, 2:] - boxes[:, :2]) >= 1).all(1)
+        return image, boxes[keep], labels[keep]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        image_id, _, boxes, labels = self.items[index]
-        image = self.read_image(index)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
+        try:
+            image, boxes, labels = self.read(index)
+        except UnreadableFileError as err:
+            self.unreadable.skip(err.path, err.reason)
+            return None
+        image_id = self.items[index][0]
         height, width = image.shape[-2:]
         target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
                   "labels": labels}
@@ -170,8 +212,86 @@ class CocoDetection(Dataset):
             "image_id": image_id, "orig_size": (int(height), int(width))}
 
 
+# The fields every entry of an instances file needs (COCO's data format), per list: the entry's
+# name in messages, and what a correct entry holds.
+_REQUIRED = {
+    "images": (("id", "file_name", "width", "height"), "image",
+               "an image needs a unique id, its file_name relative to the split folder, and its width and "
+               "height in pixels"),
+    "annotations": (("image_id", "bbox", "category_id"), "annotation",
+                    "an annotation needs the image_id of its image, a bbox [x, y, width, height] in pixels "
+                    "and a category_id listed in categories"),
+    "categories": (("id", "name"), "category", "a category needs a unique id and a name"),
+}
+# Fields COCOeval reads that exports of other tools often leave out, and what stands in for them.
+_FILLED = {"area": "the box's area", "iscrowd": "0, not a crowd", "id": "numbered after the largest id"}
+
+
+def _entry(noun: str, section: str, index: int, entry) -> str:
+    """How a message names an entry: ``annotation 7 (entry 3 of annotations)``."""
+    has_id = isinstance(entry, dict) and "id" in entry
+    return f"{noun} {entry['id'] if has_id else 'without id'} (entry {index} of {section})"
+
+
+def _check_entries(ann_file: Path, data: dict) -> None:
+    """Refuse the first entry of ``data`` lacking a required field, with a duplicate id, a malformed
+    image or bbox, or an unlisted category: one error naming the file, the entry and the fix."""
+    def refuse(section: str, bad: list[tuple[int, dict, str]], fix: str = "") -> None:
+        if bad:
+            _, noun, needs = _REQUIRED[section]
+            index, entry, problem = bad[0]
+            more = f" ({len(bad) - 1} more {section} entries have this problem)" if len(bad) > 1 else ""
+            raise ValueError(f"{ann_file}: {_entry(noun, section, index, entry)} {problem}{more}; {fix or needs}. "
+                             f"Fix or remove the entry.")
+
+    for section, (keys, _, _) in _REQUIRED.items():
+        if not isinstance(data[section], list):
+            raise ValueError(f"{ann_file}: {section} is a {type(data[section]).__name__}, not a list of entries")
+        entries = list(enumerate(data[section]))
+        refuse(section, [(i, e, f"lacks {', '.join(missing)}") for i, e in entries
+                         if (missing := [k for k in keys if not isinstance(e, dict) or k not in e])])
+        ids = Counter(e["id"] for _, e in entries if "id" in e)
+        refuse(section, [(i, e, f"shares its id with {ids[e['id']] - 1} other entries") for i, e in entries
+                         if ids[e.get("id")] > 1])
+    refuse("images", [(i, e, f"has file_name {e['file_name']!r}, width {e['width']!r} and height {e['height']!r}")
+                      for i, e in enumerate(data["images"])
+                      if not (isinstance(e["file_name"], str) and _is_number(e["width"]) and _is_number(e["height"]))])
+    anns = list(enumerate(data["annotations"]))
+    refuse("annotations", [(i, a, f"has bbox {a['bbox']!r}") for i, a in anns if not _is_box(a["bbox"])])
+    known = sorted(c["id"] for c in data["categories"])
+    listed, known_set = f"{known[:20]}{'...' if len(known) > 20 else ''}", set(known)
+    refuse("annotations", [(i, a, f"has category_id {a['category_id']!r}, which categories does not list (its ids: "
+                                  f"{listed})") for i, a in anns if a["category_id"] not in known_set],
+           "add the category to categories, or correct the annotation's category_id")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_box(bbox) -> bool:
+    return isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+
+
+def _fill_optional(ann_file: Path, annotations: list[dict]) -> None:
+    """Give every annotation the ``area``, ``iscrowd`` and ``id`` COCOeval reads (see ``_FILLED``);
+    one log line per file says how many were filled in."""
+    filled: Counter = Counter()
+    next_id = max((a["id"] for a in annotations if isinstance(a.get("id"), int)), default=0) + 1
+    for ann in annotations:
+        for key in _FILLED:
+            if key not in ann:
+                filled[key] += 1
+                ann[key] = {"area": float(ann["bbox"][2] * ann["bbox"][3]), "iscrowd": 0, "id": next_id}[key]
+                next_id += key == "id"
+    if filled:
+        log.warning("%s: %s", ann_file, "; ".join(f"{n} of {len(annotations)} annotations have no {key}, "
+                                                  f"taken as {_FILLED[key]}" for key, n in filled.items()))
+
+
 def _load_coco(ann_file: Path) -> COCO:
-    """pycocotools' COCO index of ``ann_file``, with clear errors for a missing or malformed file."""
+    """pycocotools' COCO index of ``ann_file``, checked (see the module doc), with clear errors for a
+    missing or malformed file."""
     if not ann_file.is_file():
         raise FileNotFoundError(f"annotation file {ann_file} is missing; COCO's layout is "
                                 f"<root>/annotations/instances_<split>.json (download annotations_trainval2017.zip)")
@@ -183,11 +303,8 @@ def _load_coco(ann_file: Path) -> COCO:
     if missing:
         raise ValueError(f"{ann_file} is not a COCO instances file: no {', '.join(missing)} list; "
                          f"use annotations/instances_<split>.json")
-    for ann in data["annotations"]:
-        bbox = ann.get("bbox")
-        if not ("image_id" in ann and "category_id" in ann and isinstance(bbox, list) and len(bbox) == 4):
-            raise ValueError(f"{ann_file}: annotation {ann.get('id', '?')} needs image_id, category_id and a bbox "
-                             f"[x, y, w, h]; got keys {sorted(ann)}. Fix or remove it.")
+    _check_entries(ann_file, data)
+    _fill_optional(ann_file, data["annotations"])
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -195,7 +312,11 @@ def _load_coco(ann_file: Path) -> COCO:
     return coco
 
 
-def detection_collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
-    """Stack the images; keep the per-image targets (varying numbers of boxes) as a list."""
-    images, targets = zip(*batch)
-    return torch.stack(images), list(targets)
+def detection_collate(batch: list[tuple[torch.Tensor, dict] | None]) -> tuple[torch.Tensor, list[dict], int]:
+    """Stack the readable images and keep their targets (varying numbers of boxes) as a list; the
+    third element counts the unreadable items (``None``) left out."""
+    good = [sample for sample in batch if sample is not None]
+    if not good:
+        return torch.empty(0, 3, 0, 0), [], len(batch)
+    images, targets = zip(*good)
+    return torch.stack(images), list(targets), len(batch) - len(good)

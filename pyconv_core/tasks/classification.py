@@ -6,8 +6,10 @@ call, so a notebook run and a torchrun job with the same parameters are the same
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -206,11 +208,18 @@ def demo_backbone(family: str, depth: int, runs_dir: str = "runs") -> Path:
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted and true labels over ``dataset`` (for confusion matrices and error galleries)."""
+    """Predicted and true labels of the items of ``dataset``, position i for item i (for confusion
+    matrices and error galleries). Both are -1 for an item that cannot be read, so a skipped item
+    never shifts another; ``truth >= 0`` selects the readable ones."""
     model.eval()
-    preds, labels = [], []
-    for images, y, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping_bad):
-        if len(y):
-            preds.append(model(images).argmax(1))
-            labels.append(y)
-    return torch.cat(preds), torch.cat(labels)
+    size = len(cast(Sized, dataset))  # torch's Dataset type does not declare __len__
+    preds = torch.full((size,), -1, dtype=torch.long)
+    labels = preds.clone()
+    for start in range(0, size, batch_size):
+        indices = range(start, min(start + batch_size, size))
+        samples = [dataset[i] for i in indices]
+        readable = [i for i, sample in zip(indices, samples) if sample is not None]
+        if readable:
+            images, y, _ = collate_skipping_bad(samples)
+            preds[readable], labels[readable] = model(images).argmax(1).cpu(), y
+    return preds, labels

@@ -84,13 +84,18 @@ class DetectionTask:
         self.score_threshold, self.nms_iou, self.top_k, self.neg_ratio = score_threshold, nms_iou, top_k, neg_ratio
 
     def train_step(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
-        images, targets = batch
+        images, targets, skipped = batch
+        skipped_t = torch.tensor(float(skipped))
+        if not targets:
+            zero = torch.stack([p.sum() for p in model.parameters()]).sum() * 0.0
+            return {"loss": zero, "num_skipped": skipped_t}
         priors = _unwrap(model).priors
         matched = [match(t["boxes"].to(device), t["labels"].to(device), priors) for t in targets]
         boxes, labels = (torch.stack(m) for m in zip(*matched))
         loc, logits = model(images.to(device, non_blocking=True))
         losses = multibox_loss(loc, logits, boxes, labels, priors, self.neg_ratio)
         losses["num_positives"] = (labels > 0).sum().float()
+        losses["num_skipped"] = skipped_t
         return losses
 
     def detect(self, model: nn.Module, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -101,10 +106,15 @@ class DetectionTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
         """COCOeval over the loader's images; under DDP every process gathers all detections first
-        (keyed by image id, so the sampler's padding duplicates count once)."""
+        (keyed by image id, so the sampler's padding duplicates count once). Unreadable images are
+        left out of COCOeval and counted as ``num_skipped``."""
         dataset = _coco_dataset(loader)
         results: dict[int, list[dict]] = {}
-        for images, targets in loader:
+        skipped = 0
+        for images, targets, num_skipped in loader:
+            skipped += num_skipped
+            if not targets:
+                continue
             for target, det in zip(targets, self.detect(model, images.to(device))):
                 height, width = target["orig_size"]
                 boxes = det["boxes"].cpu().double() * torch.tensor([width, height, width, height])
@@ -116,7 +126,8 @@ class DetectionTask:
             gathered: list[dict] = [{} for _ in range(dist.world_size())]
             torch.distributed.all_gather_object(gathered, results)
             results = {k: v for part in gathered for k, v in part.items()}
-        return coco_metrics(dataset, results)
+        total_skipped = float(dist.all_reduce_sum(torch.tensor([float(skipped)], device=device))[0])
+        return {**coco_metrics(dataset, results), "num_skipped": total_skipped}
 
 
 def coco_metrics(dataset: CocoDetection, results: dict[int, list[dict]]) -> dict[str, float]:
@@ -203,12 +214,20 @@ class Params(RunParams):
 
 
 def datasets(p: Params) -> tuple[CocoDetection, CocoDetection]:
-    """Train and validation sets: COCO (train2017/val2017) or the generated demo set."""
+    """Train and validation sets: COCO (train2017/val2017) or the generated demo set. Both annotation
+    files are checked here, before training; they must list the same categories (the model's labels
+    are the training file's)."""
     root = p.data_dir or make_demo_coco(workbook_path(p.demo_dir), DemoDetectionConfig(
         num_train=p.demo_train, num_val=p.demo_val, image_size=p.demo_image_size))
     expand = p.max_expand or _recipe(p)["max_expand"]
     train = CocoDetection(root, "train2017", train=p.augment, size=p.image_size, skip_empty=True, max_expand=expand)
     val = CocoDetection(root, "val2017", train=False, size=p.image_size)
+    listed = [{(c, data.coco.cats[c]["name"]) for c in data.cat_to_label} for data in (train, val)]
+    if listed[0] != listed[1]:
+        differ = sorted(listed[0] ^ listed[1])
+        raise ValueError(f"{val.ann_file} and {train.ann_file} list different categories (id, name), e.g. "
+                         f"{differ[:5]}: the model's labels are the training file's, so give both files the same "
+                         f"categories list")
     return train, val
 
 
@@ -262,19 +281,25 @@ def run(p: Params) -> FitResult:
 def predict(model: nn.Module, dataset: CocoDetection, indices: list[int], score_threshold: float = 0.3,
             task: DetectionTask | None = None) -> list[dict]:
     """Detections above ``score_threshold`` and ground truth, in the original image's pixels, for
-    drawing: one dict per index with ``image`` (uint8 HWC), ``pred`` and ``truth`` (boxes, labels[, scores])."""
+    drawing: one dict per index (in order) with ``index``, ``name`` (the file), ``image`` (uint8 HWC),
+    ``pred`` and ``truth`` (boxes, labels[, scores]); for an image that cannot be decoded ``image`` is
+    None and there are no boxes, so the other samples keep their places."""
     task = task or DetectionTask()
     model.eval()
     out = []
     for i in indices:
-        image, target = dataset[i]
+        name = dataset.items[i][1]
+        sample = dataset[i]
+        if sample is None:
+            out.append({"index": i, "name": name, "image": None})
+            continue
+        image, target = sample
         height, width = target["orig_size"]
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         det = task.detect(model, image[None])[0]
         keep = det["scores"] >= score_threshold
-        raw = dataset.read_image(i)
-        _, _, truth_boxes, truth_labels = dataset.items[i]
-        out.append({"image": raw.permute(1, 2, 0).numpy(),
+        raw, truth_boxes, truth_labels = dataset.read(i)
+        out.append({"index": i, "name": name, "image": raw.permute(1, 2, 0).numpy(),
                     "pred": {"boxes": det["boxes"][keep] * scale, "labels": det["labels"][keep],
                              "scores": det["scores"][keep]},
                     "truth": {"boxes": truth_boxes, "labels": truth_labels}})

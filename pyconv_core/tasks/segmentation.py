@@ -49,10 +49,11 @@ NEW_MODULES = ("head.", "classifier.", "aux.")  # SegmentationNet's parameters o
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
-def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Lists of images and masks: training crops share a size, full validation images do not."""
-    images, masks = zip(*batch)
-    return list(images), list(masks)
+def collate(batch: list) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """``(image, mask)`` items (``None`` for an unreadable one) as lists of images and masks (training
+    crops share a size, full validation images do not) and the count of unreadable items left out."""
+    good = [sample for sample in batch if sample is not None]
+    return [image for image, _ in good], [mask for _, mask in good], len(batch) - len(good)
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -150,31 +151,42 @@ class SegmentationTask:
         self.crop, self.base_size, self.scales, self.flip = crop, base_size, tuple(scales), flip
 
     def train_step(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
-        images, masks = (torch.stack(b).to(device, non_blocking=True) for b in batch)
+        images, masks, skipped = batch
+        skipped_t = torch.tensor(float(skipped))
+        if not images:
+            zero = torch.stack([p.sum() for p in model.parameters()]).sum() * 0.0
+            return {"loss": zero, "num_skipped": skipped_t}
+        images, masks = (torch.stack(b).to(device, non_blocking=True) for b in (images, masks))
         out = model(images)
         logits, aux = (out["out"], out["aux"]) if isinstance(out, dict) else (out, None)
         main_loss = F.cross_entropy(logits, masks, ignore_index=self.ignore_index)
         if aux is None:
-            return {"loss": main_loss, "main_loss": main_loss.detach()}
+            return {"loss": main_loss, "main_loss": main_loss.detach(), "num_skipped": skipped_t}
         aux_loss = F.cross_entropy(aux, masks, ignore_index=self.ignore_index)
         return {"loss": main_loss + self.aux_weight * aux_loss, "main_loss": main_loss.detach(),
-                "aux_loss": aux_loss.detach()}
+                "aux_loss": aux_loss.detach(), "num_skipped": skipped_t}
 
     @torch.no_grad()
-    def confusion(self, model: nn.Module, loader: DataLoader, device: torch.device) -> torch.Tensor:
-        """The confusion matrix over ``loader``, summed over all processes."""
+    def confusion(self, model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, int]:
+        """The confusion matrix over ``loader`` and the number of unreadable items skipped, both
+        summed over all processes."""
         total = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=device)
-        for images, masks in loader:
+        skipped = torch.zeros((), dtype=torch.int64, device=device)
+        for images, masks, num_skipped in loader:
+            skipped += num_skipped
             for image, mask in zip(images, masks):
                 probs = predict(model, image.to(device), self.num_classes, self.crop, self.base_size, self.scales,
                                 self.flip)
                 total += confusion_matrix(probs.argmax(0), mask.to(device), self.num_classes, self.ignore_index)
-        return dist.all_reduce_sum(total)
+        return dist.all_reduce_sum(total), int(dist.all_reduce_sum(skipped))
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-        """mIoU, pixel accuracy and mean class accuracy (%) over ``loader`` and all processes."""
-        s = scores(self.confusion(model, loader, device))
-        return {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"]}
+        """mIoU, pixel accuracy and mean class accuracy (%) over ``loader`` and all processes, and
+        ``num_skipped`` (unreadable images or masks)."""
+        confusion, skipped = self.confusion(model, loader, device)
+        s = scores(confusion)
+        return {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"],
+                "num_skipped": float(skipped)}
 
 
 @dataclass
@@ -274,25 +286,32 @@ def run(p: Params) -> FitResult:
 
 def evaluate_dataset(model: nn.Module, dataset: Dataset, task: SegmentationTask,
                      device: torch.device | str = "cpu") -> tuple[dict[str, float], torch.Tensor]:
-    """Metrics and confusion matrix of ``model`` on ``dataset`` (e.g. an untrained model, or a
-    finished run's best checkpoint) with the task's test protocol."""
+    """Metrics (with ``num_skipped``) and confusion matrix of ``model`` on ``dataset`` (e.g. an
+    untrained model, or a finished run's best checkpoint) with the task's test protocol."""
     model.to(device).eval()
-    confusion = task.confusion(model, DataLoader(dataset, batch_size=8, collate_fn=collate), torch.device(device))
+    loader = DataLoader(dataset, batch_size=8, collate_fn=collate)
+    confusion, skipped = task.confusion(model, loader, torch.device(device))
     s = scores(confusion)
-    return {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"]}, confusion
+    metrics = {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"], "num_skipped": float(skipped)}
+    return metrics, confusion
 
 
 @torch.no_grad()
 def segmentation_sample(dataset: ADE20K, index: int, models: dict[str, nn.Module], task: SegmentationTask) -> dict:
-    """One validation image for :func:`pyconv_core.plots.show_segmentation`: the image (HWC uint8),
-    its ground truth and each model's prediction (training-id masks)."""
-    image, mask = dataset[index]
+    """One validation image for :func:`pyconv_core.plots.show_segmentation`: its ``name`` (file),
+    the image (HWC uint8), its ground truth and each model's prediction (training-id masks); for an
+    image or mask that cannot be decoded ``image`` is None, so the sample keeps its place."""
+    file_name = dataset.samples[index][0].name
+    item = dataset[index]
+    if item is None:
+        return {"name": file_name, "image": None, "truth": None, "preds": {}}
+    image, mask = item
     preds = {}
     for name, model in models.items():
         model.eval()
         preds[name] = predict(model, image, task.num_classes, task.crop, task.base_size, task.scales,
                               task.flip).argmax(0)
-    return {"image": denormalize(image), "truth": mask, "preds": preds}
+    return {"name": file_name, "image": denormalize(image), "truth": mask, "preds": preds}
 
 
 def head_to_head(run_dirs: dict[str, str | Path], output_stride: int = 8) -> list[dict]:

@@ -260,21 +260,35 @@ def multiview_test(model: nn.Module, p: Params, classes: Sequence[str]) -> dict[
 
 @torch.no_grad()
 def predict_videos(model: nn.Module, dataset: Dataset, indices: Sequence[int]) -> torch.Tensor:
-    """Per-video softmax averages ``[len(indices), C]`` (over the dataset's views) on the CPU."""
+    """Per-video softmax averages ``[len(indices), C]`` (over the dataset's views) on the CPU, row k
+    for ``indices[k]``; the row of a video that cannot be decoded is NaN (no other row moves)."""
     model.eval().cpu()
-    return VideoTask().scores(model, collate_clips([dataset[i] for i in indices]), torch.device("cpu"))[1]
+    items = [dataset[i] for i in indices]
+    readable = [row for row, item in enumerate(items) if item is not None]
+    if not readable:
+        return torch.full((len(indices), 0), float("nan"))
+    probs = VideoTask().scores(model, collate_clips(items), torch.device("cpu"))[1]
+    out = probs.new_full((len(indices), probs.shape[1]), float("nan"))
+    out[readable] = probs
+    return out
 
 
 def show_clips(dataset: Dataset, indices: Sequence[int], classes: Sequence[str],
                predictions: Mapping[str, torch.Tensor] | None = None) -> plt.Figure:
-    """One frame strip per video (its first view), titled with the truth and each model's top guess."""
+    """One frame strip per video (its first view), titled with the truth and each model's top guess
+    (``predictions``: model name -> :func:`predict_videos` of the same ``indices``); a video that
+    cannot be decoded keeps its row, marked as skipped."""
     fig, axes = plt.subplots(len(indices), 1, figsize=(12, 1.6 * len(indices)), squeeze=False)
     for row, (ax, i) in enumerate(zip(axes[:, 0], indices)):
-        clips, label = dataset[i]
+        ax.axis("off")
+        item = dataset[i]
+        if item is None:
+            ax.set_title(f"video {i}: unreadable, skipped", fontsize=9, loc="left")
+            continue
+        clips, label = item
         ax.imshow(torch.cat(list(clips[0].permute(1, 2, 3, 0)), dim=1).numpy())
         guesses = [f"{name}: {classes[int(probs[row].argmax())]} ({float(probs[row].max()):.0%})"
-                   for name, probs in (predictions or {}).items()]
+                   for name, probs in (predictions or {}).items() if not probs[row].isnan().any()]
         ax.set_title(" | ".join([f"true: {classes[label]}", *guesses]), fontsize=9, loc="left")
-        ax.axis("off")
     fig.tight_layout()
     return fig
