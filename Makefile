@@ -35,8 +35,9 @@ $(FASHION_MNIST):
 
 demo: setup
 	mkdir -p runs/demo
-	$(PY) -m papermill --log-output notebooks/00_quickstart.ipynb runs/demo/00_quickstart.ipynb
-	$(PY) -m papermill --log-output notebooks/01_classification.ipynb runs/demo/01_classification.ipynb
+	for notebook in notebooks/0*.ipynb; do \
+		$(PY) -m papermill --log-output $$notebook runs/demo/$$(basename $$notebook) || exit 1; \
+	done
 
 lint: $(DEV_INSTALLED)
 	$(PY) -m ruff check pyconv_core tests

@@ -3,6 +3,9 @@
 Executed copies belong in runs/ (papermill writes them there); a notebook saved after running it in
 JupyterLab would otherwise carry its outputs into the diff. The kernel name is the one `make setup`
 registers (Makefile: KERNEL_NAME), which papermill starts for `make demo`.
+
+The one exception: a cell marked ``# NBVAL_CHECK_OUTPUT`` keeps the output that nbval compares (a
+demo's expected-result lines, see ``engine.logging.expectation``), and only that output.
 """
 import json
 from pathlib import Path
@@ -17,11 +20,17 @@ def test_there_are_notebooks():
     assert NOTEBOOKS
 
 
+def _checked(cell: dict) -> bool:
+    """A cell whose stored output nbval compares, holding nothing but stdout text."""
+    return "".join(cell["source"]).startswith("# NBVAL_CHECK_OUTPUT") and all(
+        out.get("output_type") == "stream" and out.get("name") == "stdout" for out in cell["outputs"])
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_committed_clean(path):
     notebook = json.loads(path.read_text(encoding="utf-8"))
     dirty = [i for i, cell in enumerate(notebook["cells"]) if cell["cell_type"] == "code"
-             and (cell.get("outputs") or cell.get("execution_count") is not None)]
+             and ((cell.get("outputs") and not _checked(cell)) or cell.get("execution_count") is not None)]
     assert not dirty, (f"{path.name}: code cells {dirty} carry outputs or execution counts; clear them "
                        f"(JupyterLab: Edit > Clear Outputs of All Cells) before committing")
     assert notebook["metadata"]["kernelspec"]["name"] == KERNEL_NAME, (

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 __all__ = ["workbook_path", "environment", "write_json", "append_jsonl", "write_jsonl", "read_metrics", "git_commit",
-           "EXECUTION_FIELDS", "read_config", "changed_parameters"]
+           "EXECUTION_FIELDS", "read_config", "changed_parameters",
+           "expectation"]
 
 _PACKAGES = ("torch", "torchvision", "numpy", "pycocotools", "av", "papermill", "seaborn")
 
@@ -110,7 +111,6 @@ def changed_parameters(recorded: dict, train: dict) -> dict[str, tuple[Any, Any]
 
 
 def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:
-
     """Rows of ``runs/<name>/metrics.jsonl`` (only those of ``kind``, if given: "train" per epoch,
     "eval" per evaluation, "step" every few optimizer steps; see ``engine/trainer.py``)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -118,3 +118,19 @@ def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[di
         raise FileNotFoundError(f"{path} does not exist: has the run {Path(run_dir).name!r} been trained?")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def expectation(what: str, value: float, at_least: float | None = None, at_most: float | None = None) -> str:
+    """One line saying whether ``value`` meets a demo's expected result, e.g. ``"AP50 >= 50: met"``.
+
+    The line names the bound but not the value when it is met, so it is the same text run after
+    run: the notebooks print these lines in a cell whose output nbval compares (``NBVAL_CHECK_OUTPUT``),
+    and a demo that stops learning turns the notebook test red. Not met, the line shows the value."""
+    if (at_least is None) == (at_most is None):
+        raise ValueError("give exactly one of at_least and at_most")
+    if at_least is not None:
+        bound, met = f">= {at_least:g}", value >= at_least
+    else:
+        assert at_most is not None
+        bound, met = f"<= {at_most:g}", value <= at_most
+    return f"{what} {bound}: met" if met else f"{what} {bound}: NOT met (got {value:.2f})"

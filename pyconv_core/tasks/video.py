@@ -168,6 +168,15 @@ class Params(RunParams):
         text = self.stage_blocks or ("1,1,1,1" if self.demo else "")
         return tuple(int(b) for b in text.split(",")) if text else None
 
+    @property
+    def model_name(self) -> str:
+        """What is built, counted as the paper counts layers: the stem, three convolutions per
+        bottleneck block and the classifier. ``pyconvresnet3d50`` with one block per stage is
+        ``pyconvresnet3d14``: the demo network is not called by the paper's name."""
+        if self.blocks is None:
+            return self.arch
+        return f"{self.arch.rstrip('0123456789')}{2 + 3 * sum(self.blocks)}"
+
 
 def sampling(p: Params) -> ClipSampling:
     """Clip sampling of the experiment; short sides keep the paper's ratios to the crop (256-320 : 224).
@@ -206,7 +215,7 @@ def train_config(p: Params) -> TrainConfig:
     """The TrainConfig of an experiment: S-Section 2's recipe, overridden by explicit parameters."""
     r = RECIPES["kinetics"]
     return TrainConfig(
-        run_name=p.run_name or f"{p.arch}-{'demo' if p.demo else 'kinetics'}-s{p.seed}", epochs=p.epochs,
+        run_name=p.run_name or f"{p.model_name}-{'demo' if p.demo else 'kinetics'}-s{p.seed}", epochs=p.epochs,
         batch_size=p.batch_size or (16 if p.demo else r["batch_size"]), lr=p.lr or (0.02 if p.demo else r["lr"]),
         lr_reference_batch=r["lr_reference_batch"], momentum=r["momentum"], weight_decay=r["weight_decay"],
         schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
