@@ -21,7 +21,8 @@ def _env():
 
 REFUSED = [
     (classification, dict(epochs="abc"), r"^epochs must be an integer, got 'abc'$"),
-    (classification, dict(epochs=0), r"^epochs must be >= 1, got 0$"),
+    (classification, dict(epochs=0), r"^epochs must be >= 1, got 0; epochs 0 evaluates without training and needs "
+                                     r"weights \(a run's best.pt or last.pt, or the authors' released file\)$"),
     (classification, dict(arch="pyconvrenset"),
      r"arch must be one of 'resnet', 'pyconvresnet', 'pyconvhgresnet' \(with depth\).*did you mean 'pyconvresnet'"),
     (classification, dict(arch="pyconvhgresnet", depth=18),

@@ -5,7 +5,8 @@ device, AMP (bf16, or fp16 with a grad scaler), channels_last, the PyConv execut
 once per layer shape, recorded in config.json and checkpoints), torch.compile, DDP under
 torchrun (sharded sampler, optional SyncBatchNorm, metrics reduced, rank 0 writes), linear lr
 scaling, warmup + multistep/cosine/poly schedules, ``runs/<name>/`` records, atomic
-checkpoints every epoch plus ``best.pt``, exact resume, and a clean stop on NaN or a signal.
+checkpoints every epoch plus ``best.pt``, exact resume, and a clean stop on NaN or a signal. A run may
+start from ``weights`` (any checkpoint of the whole model); with ``epochs`` 0 it only evaluates them.
 
 ``metrics.jsonl`` rows (also kept in the checkpoints' ``history``): ``"train"`` once per epoch (means
 over the epoch's steps), ``"eval"`` per evaluation, and ``"step"`` for the training-loss curve: after
@@ -45,6 +46,7 @@ from pyconv_core.engine.logging import (
 )
 from pyconv_core.engine.schedules import lr_multiplier, scaled_lr
 from pyconv_core.layers.pyconv import PyConv, load_pyconv_plans, pyconv_plans, set_pyconv_plan
+from pyconv_core.models.official import load_model_weights
 
 __all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "seed_everything", "param_groups", "tune_plans_eagerly",
            "check_run_dir", "NonFiniteLossError"]
@@ -74,6 +76,7 @@ class TrainConfig:
     sync_bn: bool = False
     seed: int = 0
     resume: bool = False
+    weights: str = ""  # checkpoint of the whole model to start from (models.official.load_model_weights)
     num_workers: int = 0
     eval_every: int = 1
     log_every: int = 10  # optimizer steps per "step" row of metrics.jsonl (the training-loss curve)
@@ -221,7 +224,7 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
     previous = check_run_dir(cfg)
     device = dist.init()
     steps_per_epoch = _len(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, 0, train=True).batch_sampler)
-    if steps_per_epoch == 0:
+    if steps_per_epoch == 0 and cfg.epochs:
         raise ValueError(f"{_len(train_set)} training samples give no full batch of {cfg.batch_size}: "
                          f"lower batch_size or add data")
     run_dir = workbook_path(cfg.runs_dir) / cfg.run_name
@@ -267,9 +270,13 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
         elif previous is not None:
             print(f"{run_dir} holds a run of the same parameters: training it again from scratch "
                   f"(resume=True continues it instead)")
+        if cfg.weights:  # before the folder is cleared (they may be an earlier run's checkpoint)
+            load_model_weights(model, cfg.weights)
         if dist.is_main():  # no checkpoint of an earlier run may outlive this one's start
             ckpt_path.unlink(missing_ok=True)
             best_path.unlink(missing_ok=True)
+    if cfg.epochs == 0 and not any(row["kind"] == "eval" for row in history):
+        pending_eval = val_set is not None  # epochs 0: only evaluate the weights the run starts from
     record = {"train": dataclasses.asdict(cfg), "task": task.name, "model_args": getattr(model, "model_args", None),
               "resumed_at": [start_epoch, skip] if start_epoch or skip else None, "lr_effective": base_lr,
               "environment": environment(device)}

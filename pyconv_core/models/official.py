@@ -16,11 +16,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from pyconv_core.engine.checkpoint import refused_as_code
-from pyconv_core.layers.pyconv import PyConv
+from pyconv_core.engine.checkpoint import load_checkpoint, refused_as_code
+from pyconv_core.layers.pyconv import PyConv, load_pyconv_plans
 
-__all__ = ["CheckpointMismatchError", "load_official_checkpoint", "load_backbone_weights", "to_official_state_dict",
-           "official_key_map"]
+__all__ = ["CheckpointMismatchError", "load_official_checkpoint", "load_backbone_weights", "load_model_weights",
+           "to_official_state_dict", "official_key_map"]
 
 _SHOWN = 12
 
@@ -95,6 +95,15 @@ def load_official_checkpoint(model: nn.Module, source: str | os.PathLike | Mappi
     BN ``num_batches_tracked`` buffers absent from old checkpoints are not counted as missing.
     """
     state, where = _read_state_dict(source)
+    return _load_official(model, state, where, label)
+
+
+def _name(model: nn.Module) -> str:
+    return getattr(model, "model_args", {}).get("name", type(model).__name__)
+
+
+def _load_official(model: nn.Module, state: dict, where: str, label: str | None) -> nn.Module:
+    """:func:`load_official_checkpoint` of a state_dict read from ``where``."""
     mapping = official_key_map(model)
     own = model.state_dict()
     by_official = {official: ours for ours, official in mapping.items()}
@@ -103,8 +112,7 @@ def load_official_checkpoint(model: nn.Module, source: str | os.PathLike | Mappi
     misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[by_official[k]].shape)}"
                  for k in state if k in by_official and state[k].shape != own[by_official[k]].shape]
     if missing or unexpected or misshaped:
-        name = label or getattr(model, "model_args", {}).get("name", type(model).__name__)
-        parts = [f"checkpoint {where} does not match model {name}:"]
+        parts = [f"checkpoint {where} does not match model {label or _name(model)}:"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if keys:
                 more = f" ... and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
@@ -128,7 +136,7 @@ def load_backbone_weights(backbone: nn.Module, source: str | os.PathLike | Mappi
     or a state_dict. Keys starting with ``drop`` (the classifier; stages the backbone does not have)
     are skipped and ``rename`` maps key prefixes; everything else must fit exactly."""
     state, where = _read_state_dict(source)
-    label = label or getattr(backbone, "model_args", {}).get("name", type(backbone).__name__)
+    label = label or _name(backbone)
     kept = {}
     for key, value in state.items():
         if key.startswith(drop):
@@ -140,15 +148,46 @@ def load_backbone_weights(backbone: nn.Module, source: str | os.PathLike | Mappi
         kept[key] = value
     if not any(".levels." in k for k in kept):
         return load_official_checkpoint(backbone, kept, label=label)
-    own = backbone.state_dict()
-    missing = [k for k in own if k not in kept and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in kept if k not in own]
-    misshaped = [k for k in kept if k in own and kept[k].shape != own[k].shape]
+    return _load_own_layout(backbone, kept, where, f"the backbone {label}",
+                            "Use a classifier checkpoint of the same family and depth.")
+
+
+def _load_own_layout(model: nn.Module, state: Mapping[str, torch.Tensor], where: str, what: str,
+                     fix: str) -> nn.Module:
+    """Load a state_dict in this workbook's layout exactly into ``model`` (``num_batches_tracked`` may be absent)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [k for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or misshaped:
         raise CheckpointMismatchError(
-            f"checkpoint {where} does not fit the backbone {label}: {len(missing)} missing "
+            f"checkpoint {where} does not fit {what}: {len(missing)} missing "
             f"({', '.join(missing[:5])}), {len(unexpected)} unexpected ({', '.join(unexpected[:5])}), "
-            f"{len(misshaped)} mis-shaped ({', '.join(misshaped[:5])}). Use a classifier checkpoint of the "
-            f"same family and depth.")
-    backbone.load_state_dict({**own, **kept})
-    return backbone
+            f"{len(misshaped)} mis-shaped ({', '.join(misshaped[:5])}). {fix}")
+    model.load_state_dict({**own, **state})
+    return model
+
+
+def load_model_weights(model: nn.Module, source: str | os.PathLike) -> nn.Module:
+    """Load a whole model's weights (the ``weights`` parameter of every task) from ``source``, read
+    weights-only (``engine.checkpoint.load_checkpoint``): a workbook run's ``best.pt`` / ``last.pt``
+    (its ``model`` entry; the PyConv plans its run chose come along, so the model computes as it did
+    there), a plain state_dict in this workbook's layout, or the authors' released file (classification
+    networks, PyConvSegNet; ``module.`` prefix and ``state_dict`` wrapper accepted). Everything must fit
+    exactly; a checkpoint of another model is refused naming both."""
+    where = os.fspath(source)
+    checkpoint = load_checkpoint(where)
+    recorded = checkpoint.get("model_args")
+    if isinstance(recorded, Mapping) and recorded.get("name") != _name(model):
+        raise CheckpointMismatchError(
+            f"checkpoint {where} holds a {recorded.get('name')} ({dict(recorded)}), but this run builds "
+            f"{_name(model)}: pass weights of a {_name(model)}, or set the model parameters (arch, depth, head, "
+            f"...) to those of the checkpoint's run")
+    state, _ = _read_state_dict(checkpoint)
+    if any(".levels." in k for k in state):
+        _load_own_layout(model, state, where, f"model {_name(model)}",
+                         "Use weights of the same model (architecture, depth, number of classes).")
+    else:
+        _load_official(model, state, where, None)
+    load_pyconv_plans(model, checkpoint.get("pyconv_plans") or {})
+    return model

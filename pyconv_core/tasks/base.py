@@ -10,12 +10,14 @@ import dataclasses
 import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pyconv_core.engine.logging import workbook_path
 from pyconv_core.layers.pyconv import check_pyconv_plan
 from pyconv_core.registry import list_models
 
@@ -97,6 +99,16 @@ def check_batch_size(batch_size: int, gpus: int, recipe_default: bool = False) -
                          f"samples per batch; got {batch_size} over gpus={gpus}")
 
 
+def check_epochs(epochs: int, weights: str) -> None:
+    """``epochs >= 1``, or 0 together with ``weights``: then the run only evaluates those weights."""
+    if epochs == 0 and weights:
+        return
+    if not epochs >= 1:
+        hint = "" if epochs < 0 else ("; epochs 0 evaluates without training and needs weights (a run's best.pt or "
+                                      "last.pt, or the authors' released file)")
+        raise ValueError(f"epochs must be >= 1, got {epochs!r}{hint}")
+
+
 def check_model(name: str, arch: str, families: Sequence[str], depth: int, task: str,
                 full_names: bool = True) -> None:
     """``arch`` is one of ``families`` with a registered ``task`` model ``<family><depth>`` (or
@@ -117,8 +129,8 @@ def check_model(name: str, arch: str, families: Sequence[str], depth: int, task:
 
 @dataclass
 class RunParams:
-    """The parameters every task's ``Params`` shares: how a run executes, not what it learns.
-    A task's ``Params`` subclasses this (redeclaring a field changes its default) and adds its own.
+    """The parameters every task's ``Params`` shares: how a run executes, its epochs and the weights it
+    starts from. A task's ``Params`` subclasses this (redeclaring a field changes its default) and adds its own.
 
     Every value is checked when the parameters are made (:meth:`check`), before any data is read
     or model built: a wrong type, range or choice raises a ValueError that says what is allowed.
@@ -139,6 +151,10 @@ class RunParams:
     progress: bool = True  # progress bars (off under papermill / CI)
     log_every: int = 10  # optimizer steps per training-loss row of metrics.jsonl (the loss curve)
     resume: bool = False  # continue runs/<run_name>/last.pt
+    epochs: int = 1  # passes over the training data; 0 with weights: only evaluate them
+    # the whole model's starting weights: a run's best.pt / last.pt or the authors' released file (relative to the
+    # workbook root; it replaces backbone weights); with epochs 0 the run only evaluates them
+    weights: str = ""
 
     def __post_init__(self) -> None:
         self.check()
@@ -153,6 +169,21 @@ class RunParams:
         at_least("gpus", self.gpus, 1)
         at_least("num_workers", self.num_workers, 0)
         at_least("log_every", self.log_every, 1, " optimizer step")
+        check_epochs(self.epochs, self.weights)
+        if self.weights and not workbook_path(self.weights).is_file():
+            raise FileNotFoundError(f"weights {self.weights!r} is not a file ({workbook_path(self.weights)}): give a "
+                                    f"run's best.pt or last.pt, or the authors' released checkpoint")
+
+    @property
+    def weights_tag(self) -> str:
+        """What the default run name adds for a run from ``weights``: ``-eval-<source>`` (epochs 0) or
+        ``-from-<source>``, where ``<source>`` is the file's name, or ``<run>-best`` for a run's ``best.pt``:
+        an evaluation or a fine-tuning never lands in the folder of the run its weights come from."""
+        if not self.weights:
+            return ""
+        path = Path(self.weights)
+        source = f"{path.parent.name}-{path.stem}" if path.name in ("best.pt", "last.pt") else path.stem
+        return f"-{'eval' if self.epochs == 0 else 'from'}-{source}"
 
     def run_args(self) -> dict[str, Any]:
         """The ``TrainConfig`` fields these parameters set as given (the task adds its recipe), with
@@ -160,5 +191,5 @@ class RunParams:
         return dict(amp=None if self.amp in ("none", "", None) else self.amp, channels_last=self.channels_last,
                     compile=self.compile, pyconv_plan=self.pyconv_plan, sync_bn=self.sync_bn, seed=self.seed,
                     resume=self.resume, num_workers=self.num_workers, runs_dir=self.runs_dir, progress=self.progress,
-                    log_every=self.log_every,
+                    log_every=self.log_every, weights=str(workbook_path(self.weights)) if self.weights else "",
                     extra=dataclasses.asdict(self))

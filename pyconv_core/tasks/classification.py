@@ -128,7 +128,6 @@ class Params(RunParams):
         super().check()
         check_model("arch", self.arch, self.ARCHS, self.depth, "classification")
         one_of("recipe", self.recipe, ("", *RECIPES), " ('': standard with data_dir, else demo)")
-        at_least("epochs", self.epochs, 1)
         check_batch_size(self.batch_size, self.gpus)
         for name in ("lr", "crop", "test_crop", "train_subset", "val_subset"):
             at_least(name, getattr(self, name), 0, " (0: the default)")
@@ -159,7 +158,8 @@ def train_config(p: Params) -> TrainConfig:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {p.recipe!r}")
     r = RECIPES[p.recipe_name]
     return TrainConfig(
-        run_name=p.run_name or f"{p.model_name}-{p.recipe_name}-s{p.seed}", epochs=p.epochs, batch_size=p.batch_size,
+        run_name=p.run_name or f"{p.model_name}-{p.recipe_name}-s{p.seed}{p.weights_tag}", epochs=p.epochs,
+        batch_size=p.batch_size,
         lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"], weight_decay=r["weight_decay"],
         schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
         **{**p.run_args(), **({"amp": r["amp"]} if p.amp == "recipe" else {})})

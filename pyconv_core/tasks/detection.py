@@ -188,7 +188,6 @@ class Params(RunParams):
         super().check()
         check_model("arch", self.arch, self.ARCHS, self.depth, "detection")
         one_of("recipe", self.recipe, tuple(RECIPES))
-        at_least("epochs", self.epochs, 1)
         check_batch_size(self.batch_size, self.gpus)
         head = HEADS[self.model_name.rstrip("0123456789")]
         if len(map_sizes(self.image_size, head)) < 2:
@@ -241,7 +240,8 @@ def train_config(p: Params) -> TrainConfig:
     """The TrainConfig of an experiment: the recipe, overridden by explicit parameters."""
     r = _recipe(p)
     return TrainConfig(
-        run_name=p.run_name or f"{p.model_name}-{p.recipe}-s{p.seed}", epochs=p.epochs, batch_size=p.batch_size,
+        run_name=p.run_name or f"{p.model_name}-{p.recipe}-s{p.seed}{p.weights_tag}", epochs=p.epochs,
+        batch_size=p.batch_size,
         lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"], weight_decay=r["weight_decay"],
         schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
         warmup_epochs=min(r["warmup_epochs"], p.epochs), eval_every=p.eval_every,
@@ -259,16 +259,18 @@ def _backbone_weights(p: Params) -> str:
 
 
 def build_model(p: Params, num_classes: int) -> SSD:
-    """The registered SSD for the parameters, with its backbone's ImageNet weights if given."""
+    """The registered SSD for the parameters, with its backbone's ImageNet weights if given (not with
+    ``weights``: the run then loads the whole model)."""
     model = cast(SSD, build(p.model_name, num_classes=num_classes, image_size=p.image_size))
-    if p.backbone_weights:
+    if p.backbone_weights and not p.weights:
         load_backbone_checkpoint(model, _backbone_weights(p))
     return model
 
 
 def run(p: Params) -> FitResult:
     """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
-    p = dataclasses.replace(p, backbone_weights=_backbone_weights(p))  # may train it: before seeding
+    if not p.weights:
+        p = dataclasses.replace(p, backbone_weights=_backbone_weights(p))  # may train it: before seeding
     check_run_dir(train_config(p))  # before the data is read
     train, val = datasets(p)
     seed_everything(p.seed)

@@ -220,7 +220,6 @@ class Params(RunParams):
         one_of("backbone", self.backbone, ("resnet", "pyconvresnet"))
         one_of("output_stride", self.output_stride, (8, 16))
         one_of("recipe", self.recipe, tuple(RECIPES))
-        at_least("epochs", self.epochs, 1)
         check_batch_size(self.batch_size, self.gpus, recipe_default=True)
         for name in ("lr", "head_lr_scale", "crop", "test_crop", "train_subset", "val_subset"):
             at_least(name, getattr(self, name), 0, " (0: the default)")
@@ -252,7 +251,8 @@ def train_config(p: Params) -> TrainConfig:
     r = _recipe(p)
     head_scale = p.head_lr_scale or r["head_lr_scale"]
     return TrainConfig(
-        run_name=p.run_name or f"{p.model_name}-os{p.output_stride}-{p.recipe}-s{p.seed}", epochs=p.epochs,
+        run_name=p.run_name or f"{p.model_name}-os{p.output_stride}-{p.recipe}-s{p.seed}{p.weights_tag}",
+        epochs=p.epochs,
         batch_size=p.batch_size or r["batch_size"], lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"],
         lr_multipliers={prefix: head_scale for prefix in NEW_MODULES} if head_scale != 1 else {},
         momentum=r["momentum"], weight_decay=r["weight_decay"], schedule=r["schedule"], poly_power=r["poly_power"],
@@ -268,16 +268,18 @@ def task_for(p: Params, num_classes: int) -> SegmentationTask:
 
 
 def build_model(p: Params, num_classes: int) -> nn.Module:
-    """The registered model of ``p`` (``model_args`` recorded, so checkpoints rebuild it)."""
-    weights = resolve_backbone_weights(p.backbone_weights, p.backbone, p.depth, p.runs_dir)
+    """The registered model of ``p`` (``model_args`` recorded, so checkpoints rebuild it); with ``weights``
+    the run loads the whole model, so no backbone weights are read."""
+    weights = "" if p.weights else resolve_backbone_weights(p.backbone_weights, p.backbone, p.depth, p.runs_dir)
     extra = {"backbone_weights": weights} if weights else {}
     return build(p.model_name, num_classes=num_classes, output_stride=p.output_stride, backbone=p.backbone, **extra)
 
 
 def run(p: Params) -> FitResult:
     """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
-    p = dataclasses.replace(p, backbone_weights=resolve_backbone_weights(p.backbone_weights, p.backbone, p.depth,
-                                                                          p.runs_dir))  # may train it: before seeding
+    if not p.weights:  # may train the backbone: before seeding
+        p = dataclasses.replace(p, backbone_weights=resolve_backbone_weights(p.backbone_weights, p.backbone, p.depth,
+                                                                              p.runs_dir))
     check_run_dir(train_config(p))  # before the data is read
     train, val, classes = datasets(p)
     seed_everything(p.seed)

@@ -146,7 +146,6 @@ class Params(RunParams):
     def check(self) -> None:
         super().check()
         one_of("arch", self.arch, list_models("video"))
-        at_least("epochs", self.epochs, 1)
         check_batch_size(self.batch_size, self.gpus, recipe_default=True)
         blocks = self.stage_blocks.split(",") if self.stage_blocks else ["1"] * 4
         if len(blocks) != 4 or not all(b.strip().isdigit() and int(b) >= 1 for b in blocks):
@@ -215,7 +214,8 @@ def train_config(p: Params) -> TrainConfig:
     """The TrainConfig of an experiment: S-Section 2's recipe, overridden by explicit parameters."""
     r = RECIPES["kinetics"]
     return TrainConfig(
-        run_name=p.run_name or f"{p.model_name}-{'demo' if p.demo else 'kinetics'}-s{p.seed}", epochs=p.epochs,
+        run_name=p.run_name or f"{p.model_name}-{'demo' if p.demo else 'kinetics'}-s{p.seed}{p.weights_tag}",
+        epochs=p.epochs,
         batch_size=p.batch_size or (16 if p.demo else r["batch_size"]), lr=p.lr or (0.02 if p.demo else r["lr"]),
         lr_reference_batch=r["lr_reference_batch"], momentum=r["momentum"], weight_decay=r["weight_decay"],
         schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
@@ -223,12 +223,13 @@ def train_config(p: Params) -> TrainConfig:
 
 
 def build_model(p: Params, num_classes: int) -> nn.Module:
-    """The registered network (optionally shallower), inflated from a 2D checkpoint if one is given."""
+    """The registered network (optionally shallower), inflated from a 2D checkpoint if one is given (not
+    with ``weights``: the run then loads the whole model)."""
     kwargs: dict[str, Any] = dict(num_classes=num_classes, dropout=p.dropout)
     if p.blocks:
         kwargs["stage_blocks"] = p.blocks
     model = build(p.arch, **kwargs)
-    if p.checkpoint_2d:
+    if p.checkpoint_2d and not p.weights:
         twin = build(p.arch.replace("3d", ""), **({"stage_blocks": p.blocks} if p.blocks else {}))
         inflate_2d(model, load_official_checkpoint(twin, p.checkpoint_2d))
     return model
