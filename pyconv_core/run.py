@@ -9,7 +9,9 @@ starts this launcher under torchrun through :func:`launch`; a notebook's setup c
 :func:`check_notebook_parameters`, so that papermill cannot pass a parameter it does not declare.
 Bad input (wrong paths, malformed data or checkpoints, invalid parameters, a diverged loss) ends
 with one ``error:`` line naming the problem and exit status 1; ``PYCONV_TRACEBACK=1`` shows the
-traceback instead.
+traceback instead. A run stopped by SIGTERM or SIGINT (a scheduler's
+preemption, Ctrl-C) saves ``last.pt`` mid-epoch and exits with :data:`EXIT_STOPPED` (75, sysexits'
+EX_TEMPFAIL: try again later); ``--resume true`` continues it.
 """
 from __future__ import annotations
 
@@ -37,8 +39,10 @@ from pyconv_core.layers.pyconv import load_pyconv_plans, set_pyconv_plan
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import check_value
 
-__all__ = ["TASKS", "launch", "parse_params", "params_to_argv", "load_run_model", "field_help",
+__all__ = ["TASKS", "EXIT_STOPPED", "launch", "parse_params", "params_to_argv", "load_run_model", "field_help",
            "check_notebook_parameters"]
+
+EXIT_STOPPED = 75  # exit status of a run stopped by SIGTERM/SIGINT after saving last.pt (EX_TEMPFAIL): resume it
 
 TASKS = {"classification": "pyconv_core.tasks.classification", "detection": "pyconv_core.tasks.detection",
          "video": "pyconv_core.tasks.video", "segmentation": "pyconv_core.tasks.segmentation"}
@@ -151,13 +155,20 @@ def params_to_argv(params: Any) -> list[str]:
 def launch(task: str, params: Any) -> Path:
     """Run an experiment and return its run folder: in this process, or under torchrun when
     ``params.gpus > 1`` (the notebook then reads the results from the run folder)."""
+    return _launch(task, params)[0]
+
+
+def _launch(task: str, params: Any) -> tuple[Path, int | None]:
+    """:func:`launch`, also returning the signal that stopped the run early in this process (None: it
+    finished, or it ran under torchrun)."""
     module = _task_module(task)
     if params.gpus <= 1 or dist.is_distributed():
-        return module.run(params).run_dir
+        result = module.run(params)
+        return result.run_dir, result.stopped_by
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={params.gpus}", "-m",
            "pyconv_core.run", task, *params_to_argv(params)]
     subprocess.run(cmd, check=True)
-    return workbook_path(params.runs_dir) / module.train_config(params).run_name
+    return workbook_path(params.runs_dir) / module.train_config(params).run_name, None
 
 
 def load_run_model(run_dir: str | Path, which: str = "best") -> nn.Module:
@@ -178,7 +189,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(__doc__ + f"\nTasks: {', '.join(TASKS)}")
         return
     try:
-        print(launch(argv[0], parse_params(argv[0], argv[1:])))
+        run_dir, stopped_by = _launch(argv[0], parse_params(argv[0], argv[1:]))
+        print(run_dir)
+        if stopped_by:
+            raise SystemExit(EXIT_STOPPED)
     except (ValueError, OSError, FloatingPointError) as err:  # input errors: their message says the fix
         if os.environ.get("PYCONV_TRACEBACK") == "1":
             raise

@@ -16,7 +16,7 @@ from pyconv_core.engine.checkpoint import load_checkpoint
 from pyconv_core.engine.logging import read_metrics
 from pyconv_core.engine.trainer import NonFiniteLossError, TrainConfig, fit, param_groups, tune_plans_eagerly
 from pyconv_core.layers.pyconv import PyConv, set_pyconv_plan
-from pyconv_core.run import load_run_model
+from pyconv_core.run import EXIT_STOPPED, load_run_model
 from pyconv_core.tasks.classification import ClassificationTask, Params, datasets, run, train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +42,10 @@ def test_loss_falls_and_accuracy_beats_chance(tmp_path):
     assert model.fc.out_features == 10
 
 
-def _launcher(tmp_path, run_name, epochs):
+def _launcher(tmp_path, run_name, epochs, **flags):
     args = [sys.executable, "-m", "pyconv_core.run", "classification", "--runs-dir", str(tmp_path),
             "--run-name", run_name, "--epochs", str(epochs)]
-    for key, value in TINY.items():
+    for key, value in {**TINY, **flags}.items():
         args += ["--" + key.replace("_", "-"), str(value)]
     return args
 
@@ -62,39 +62,61 @@ def _wait_for(path: Path, proc, timeout=300):
         time.sleep(0.2)
 
 
+def _wait_for_training(run_dir: Path, proc, timeout=300):
+    """Until the run's first training-loss row (log_every 1): its loop runs, with its workers started."""
+    deadline = time.time() + timeout
+    while not ((run_dir / "metrics.jsonl").is_file() and '"kind": "step"' in (run_dir / "metrics.jsonl").read_text()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{run_dir} never trained a step"
+        time.sleep(0.1)
+
+
 EPOCHS = 3
+AUGMENT = dict(augment=True)  # random crops and flips: a resumed epoch must draw the same ones
 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    """The uninterrupted reference run of the resume tests."""
+    """The uninterrupted reference run of the resume tests (no DataLoader workers)."""
     root = tmp_path_factory.mktemp("straight")
-    subprocess.run(_launcher(root, "straight", EPOCHS), env=_env(), check=True, capture_output=True)
+    subprocess.run(_launcher(root, "straight", EPOCHS, **AUGMENT), env=_env(), check=True, capture_output=True)
     return _final_state(root / "straight")
 
 
-@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+@pytest.mark.parametrize("how", ["sigkill", "sigterm", "sigterm to the process group, 2 workers"])
 def test_killed_run_resumes_to_the_same_weights(tmp_path, how, straight_run):
-    epochs = EPOCHS
-    proc = subprocess.Popen(_launcher(tmp_path, "killed", epochs), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    epochs, workers = EPOCHS, 2 if "workers" in how else 0
+    args = _launcher(tmp_path, "killed", epochs, **AUGMENT, num_workers=workers, log_every=1)
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: the launcher and its workers
     if how == "sigkill":
         _wait_for(tmp_path / "killed" / "last.pt", proc)
         proc.kill()
     else:
-        _wait_for(tmp_path / "killed" / "config.json", proc)
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)
+        _wait_for_training(tmp_path / "killed", proc)
+        if "group" in how:  # as a scheduler or Ctrl-C signals: every process, DataLoader workers included
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     interrupted = _final_state(tmp_path / "killed")
     assert (interrupted["epoch"], interrupted["step_in_epoch"]) != (epochs, 0), "the run finished before the kill"
-    if how == "sigterm":
-        assert proc.returncode == 0 and "rerun with resume=True" in out, err
-    subprocess.run(_launcher(tmp_path, "killed", epochs) + ["--resume", "true"], env=_env(), check=True,
-                   capture_output=True)
+    if how != "sigkill":
+        assert proc.returncode == EXIT_STOPPED and "rerun with resume=True" in out, err
+        assert interrupted["step_in_epoch"] > 0 and "Traceback" not in err, err  # saved mid-epoch; no worker died
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the workers end with the launcher
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("processes of the stopped run are still alive")
+    subprocess.run(args + ["--resume", "true"], env=_env(), check=True, capture_output=True)
     straight, resumed = straight_run, _final_state(tmp_path / "killed")
     for key, value in straight["model"].items():
-        torch.testing.assert_close(resumed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        assert torch.equal(resumed["model"][key], value), key  # bit-identical
     rows = read_metrics(tmp_path / "killed", "train")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 

@@ -11,8 +11,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "is_distributed", "rank", "world_size", "is_main", "all_reduce_sum", "broadcast_object", "barrier",
-           "cleanup"]
+__all__ = ["init", "is_distributed", "rank", "world_size", "is_main", "all_reduce_sum", "all_reduce_max",
+           "broadcast_object", "barrier", "cleanup"]
 
 
 def init() -> torch.device:
@@ -47,6 +47,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all processes (identity in a single process); returns the tensor."""
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of a tensor over all processes (identity in a single process); returns the tensor."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

@@ -91,6 +91,7 @@ class FitResult:
     history: list[dict]
     model: nn.Module
     best_metric: float | None
+    stopped_by: int | None = None  # the signal that stopped the run early (last.pt holds where), None if it finished
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -102,6 +103,9 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class _StopRequest:
@@ -122,9 +126,54 @@ class _StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
+    def requested(self, device: torch.device) -> int:
+        """The signal that asks the run to stop (0: none). Under DDP any process's: every process must stop
+        at the same step, since one that trains on waits forever for the others in its gradient all_reduce."""
+        if not dist.is_distributed():
+            return self.signal or 0
+        return int(dist.all_reduce_max(torch.tensor([self.signal or 0], device=device))[0])
+
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers never see SIGTERM/SIGINT: they start with both blocked (a worker inherits
+    the signal mask of the thread that starts it) and keep them blocked. A scheduler or Ctrl-C signals the
+    whole process group; the main process saves and stops, while a worker killed by the signal would fail
+    the step before the save (and print its traceback)."""
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _SeededBatches(Dataset):
+    """A training set whose random transforms draw, per batch, from torch's generator seeded by the run's
+    seed, the epoch and the batch's first index; the process's own generator is restored afterwards. A
+    batch's augmentation is then the same in any DataLoader worker or in the main process, and after a
+    resume that skips the batches trained before the stop (worker w of a resumed epoch would otherwise
+    continue another worker's random stream)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return _len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + indices[0])
+            return [self.dataset[i] for i in indices]
 
 
 def param_groups(model: nn.Module, base_lr: float, lr_multipliers: dict[str, float]) -> list[dict[str, Any]]:
@@ -183,9 +232,10 @@ def _loader(dataset: Dataset, batch_size: int, cfg: TrainConfig, collate_fn, epo
         sampler = range(dist.rank(), _len(dataset), dist.world_size())
     per_rank = max(1, batch_size // dist.world_size())
     batches = list(BatchSampler(sampler, per_rank, drop_last=train))[skip_batches:]
-    return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate_fn,
-                      generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return _Loader(_SeededBatches(dataset, cfg.seed * 1_000_003 + epoch) if train else dataset, batch_sampler=batches,
+                   num_workers=cfg.num_workers, collate_fn=collate_fn,
+                   generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
+                   persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
 def check_run_dir(cfg: TrainConfig) -> dict[str, tuple[Any, Any]] | None:
@@ -373,12 +423,13 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
                 if show:
                     bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}",
                                     img_s=f"{seen * dist.world_size() / (time.perf_counter() - tic):.0f}")
-                if stop.signal is not None:
+                stop_signal = stop.requested(device)
+                if stop_signal:
                     checkpoint(epoch, step + 1,
                                partial=(sums, count, seen, time.perf_counter() - tic, window, in_window))
-                    print(f"signal {stop.signal}: saved {ckpt_path} at epoch {epoch + 1}, step {step + 1}; "
-                          f"rerun with resume=True to continue")
-                    return FitResult(run_dir, history, model, best)
+                    print(f"signal {stop_signal}: saved {ckpt_path} at epoch {epoch + 1}, step {step + 1}; "
+                          f"rerun with resume=True (launcher: --resume true) to continue")
+                    return FitResult(run_dir, history, model, best, stopped_by=stop_signal)
             skip = 0
             row = {"kind": "train", "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
                    "seconds": time.perf_counter() - tic, **_reduce_means(sums, count, device)}
