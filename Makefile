@@ -12,7 +12,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ALLOW_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: setup data demo test lint lab clean-runs
+.PHONY: setup data demo test lint lab tensorboard clean-runs
 
 setup: $(INSTALLED) $(KERNEL) data
 
@@ -48,3 +48,7 @@ test: setup lint
 
 lab: setup
 	$(VENV)/bin/jupyter lab $(ALLOW_ROOT) --ServerApp.root_dir=$(CURDIR)
+
+# every run's scalars and parameters (runs/<name>/events.out.tfevents.*), on localhost only
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir runs

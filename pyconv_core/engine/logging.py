@@ -1,5 +1,5 @@
 """Run records: config.json with provenance, metrics.jsonl rows, and reading them back (and comparing
-a folder's recorded parameters with a new run's)."""
+a folder's recorded parameters with a new run's); the same rows as TensorBoard scalars."""
 from __future__ import annotations
 
 import json
@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 __all__ = ["workbook_path", "environment", "write_json", "append_jsonl", "write_jsonl", "read_metrics", "git_commit",
-           "EXECUTION_FIELDS", "read_config", "changed_parameters",
+           "EXECUTION_FIELDS", "read_config", "changed_parameters", "TensorBoardLog", "EVENT_FILES",
            "expectation"]
 
-_PACKAGES = ("torch", "torchvision", "numpy", "pycocotools", "av", "papermill", "seaborn")
+_PACKAGES = ("torch", "torchvision", "numpy", "pycocotools", "av", "papermill", "seaborn", "tensorboard")
 
 
 def workbook_path(path: str | os.PathLike) -> Path:
@@ -108,6 +108,69 @@ def changed_parameters(recorded: dict, train: dict) -> dict[str, tuple[Any, Any]
                 and old[k] != new[k]}
 
     return differences(recorded.get("extra", {}), train.get("extra", {})) or differences(recorded, train)
+
+
+EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's event files in a run folder
+
+
+class TensorBoardLog:
+    """A run's metrics.jsonl rows as TensorBoard scalars, and its parameters as TensorBoard hparams, in
+    ``runs/<name>/`` (``make tensorboard`` shows every run; metrics.jsonl stays the record).
+
+    Every number of a row goes in as ``<kind>/<key>`` (``step/train_loss``, ``step/lr``, ``train/samples_per_s``,
+    ``eval/top1``) at the optimizer step of the row: a step row's ``step``, a train or eval row's epoch times
+    ``steps_per_epoch``; each row is flushed at once, as metrics.jsonl is. Every start opens a TensorBoard
+    session (``purge_step``): a fresh run's at step 0, after removing the folder's earlier event files; a
+    resumed run's at its optimizer step (``resumed_at``), which drops what the killed run wrote from that
+    step on, and the checkpoint's rows from there are written again, so every row is there exactly once
+    (TensorBoard takes a session start after the first as a restart). Disabled (``enabled=False``, DDP ranks
+    other than 0), it writes nothing."""
+
+    def __init__(self, run_dir: Path, steps_per_epoch: int, history: list[dict], resumed_at: int | None,
+                 hparams: dict[str, Any], metric: str, enabled: bool = True) -> None:
+        """``hparams``: the run's TrainConfig as a dict (its task parameters, ``extra``, count one by one);
+        ``metric``: the tag of the run's main metric (``eval/top1``)."""
+        self.steps_per_epoch, self.writer = steps_per_epoch, None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        earlier = sorted(run_dir.glob(EVENT_FILES))
+        if resumed_at is None or not earlier:
+            for path in earlier:
+                path.unlink()
+            resumed_at = None
+        self.writer = SummaryWriter(str(run_dir), purge_step=resumed_at or 0)
+        if resumed_at is None:  # the parameters of the run as it started (task ones first); the metric: its main one
+            given = {**hparams.get("extra", {}), **{k: v for k, v in hparams.items() if k != "extra"}}
+            values = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str)
+                      for k, v in given.items()}
+            file_writer: Any = self.writer.file_writer  # SummaryWriter's own writer (typed Optional)
+            for summary in hparams_summaries(values, {metric: 0.0}):
+                file_writer.add_summary(summary)
+        for row in history:
+            if self._step(row) >= (resumed_at or 0):
+                self.add(row)
+
+    def _step(self, row: dict) -> int:
+        return int(row["step"]) if row["kind"] == "step" else round(row["epoch"] * self.steps_per_epoch)
+
+    def add(self, row: dict) -> None:
+        """Write one metrics.jsonl row."""
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key not in ("kind", "epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{row['kind']}/{key}", value, self._step(row))
+        self.writer.flush()
+
+    def __enter__(self) -> TensorBoardLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict]:

@@ -12,7 +12,8 @@ start from ``weights`` (any checkpoint of the whole model); with ``epochs`` 0 it
 over the epoch's steps), ``"eval"`` per evaluation, and ``"step"`` for the training-loss curve: after
 every ``log_every``-th step of an epoch and after its last step, the means over the steps since the
 previous step row, at the fractional epoch reached (so ``ceil(steps_per_epoch / log_every)`` per epoch,
-covering every step once).
+covering every step once). TensorBoard event files in the run folder hold the same rows as scalars
+(``engine.logging.TensorBoardLog``).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from pyconv_core.engine.logging import (
+    TensorBoardLog,
     append_jsonl,
     changed_parameters,
     environment,
@@ -302,7 +304,8 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
 
     partial: tuple | None  # the loss sums and counters of an epoch stopped midway
     start_epoch, skip, history, best, partial, pending_eval = 0, 0, [], None, None, False
-    if cfg.resume and ckpt_path.is_file():
+    resumed = cfg.resume and ckpt_path.is_file()
+    if resumed:
         if previous:
             print(f"resuming {run_dir} with changed parameters: {_describe(previous)}")
         state = load_checkpoint(ckpt_path)
@@ -333,6 +336,8 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
     if dist.is_main():
         write_json(run_dir / "config.json", record)
         write_jsonl(run_dir / "metrics.jsonl", history)
+    board = TensorBoardLog(run_dir, steps_per_epoch, history, start_epoch * steps_per_epoch + skip if resumed else None,
+                           record["train"], f"eval/{task.main_metric}", enabled=dist.is_main())
 
     if cfg.compile and any(isinstance(m, PyConv) and m.plan == "auto" and not m.chosen(True) for m in model.modules()):
         first = next(iter(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, start_epoch, train=True)))
@@ -356,6 +361,7 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
         history.append(row)
         if dist.is_main():
             append_jsonl(run_dir / "metrics.jsonl", row)
+            board.add(row)
 
     def evaluate_and_checkpoint(epochs_done: int) -> None:
         """Evaluate the epoch that ``last.pt`` already holds, then record it: ``best.pt`` is written
@@ -371,9 +377,9 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
             checkpoint(epochs_done, 0, best_path)
         checkpoint(epochs_done, 0)
 
-    if pending_eval:
-        evaluate_and_checkpoint(start_epoch)
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, board:
+        if pending_eval:
+            evaluate_and_checkpoint(start_epoch)
         for epoch in range(start_epoch, cfg.epochs):
             if not skip:
                 seed_everything(cfg.seed * 1_000_003 + epoch)
