@@ -7,9 +7,9 @@ The flags are the fields of the task's ``Params`` (the same names as the noteboo
 ``--help`` after the task shows each with the comment beside its field. A notebook with ``gpus > 1``
 starts this launcher under torchrun through :func:`launch`; a notebook's setup cell calls
 :func:`check_notebook_parameters`, so that papermill cannot pass a parameter it does not declare.
-Bad input (wrong paths, malformed data or checkpoints, invalid parameters, a diverged loss) ends
-with one ``error:`` line naming the problem and exit status 1; ``PYCONV_TRACEBACK=1`` shows the
-traceback instead. A run stopped by SIGTERM or SIGINT (a scheduler's
+Bad input (wrong paths, malformed data or checkpoints, invalid parameters, a diverged loss, a run
+folder in use, a full disk) ends with one ``error:`` line naming the problem and exit status 1;
+``PYCONV_TRACEBACK=1`` shows the traceback instead. A run stopped by SIGTERM or SIGINT (a scheduler's
 preemption, Ctrl-C) saves ``last.pt`` mid-epoch and exits with :data:`EXIT_STOPPED` (75, sysexits'
 EX_TEMPFAIL: try again later); ``--resume true`` continues it.
 """

@@ -1,14 +1,24 @@
-"""Checkpoints are data, never code; a trained epoch is saved before it is evaluated; best.pt never lags."""
+"""Checkpoints are data, never code; a trained epoch is saved before it is evaluated; best.pt never lags; a
+damaged checkpoint is refused, never loaded; a full disk leaves the previous checkpoint."""
+import os
 import random
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pyconv_core import build, load_official_checkpoint
-from pyconv_core.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from pyconv_core.data.classification import FashionMNIST
+from pyconv_core.engine import files
+from pyconv_core.engine.checkpoint import checksum_path, load_checkpoint, rng_state, save_atomic, set_rng_state
 from pyconv_core.engine.logging import read_metrics
-from pyconv_core.engine.trainer import fit
+from pyconv_core.engine.trainer import TrainConfig, fit
 from pyconv_core.models import ssd as S
 from pyconv_core.run import load_run_model
 from pyconv_core.tasks.classification import ClassificationTask, Params, datasets, train_config
@@ -107,3 +117,101 @@ def test_a_failing_evaluation_keeps_the_trained_epoch_and_resume_evaluates_it(tm
             torch.testing.assert_close(resumed["model"][key], value, msg=f"{name} {key}")
     assert [(r["epoch"], r["top1"]) for r in read_metrics(tmp_path / "broken", "eval")] == [
         (r["epoch"], r["top1"]) for r in read_metrics(tmp_path / "straight", "eval")]
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "last.pt"
+    save_atomic({"weights": torch.arange(4096, dtype=torch.float32)}, path)
+    data = bytearray(path.read_bytes())
+    data[data.find(struct.pack("<f", 1000.0)) + 3] ^= 0x01  # one bit of one weight, as a disk error flips it
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["weights"][1000] != 1000.0  # torch itself loads it silently
+    with pytest.raises(OSError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert f"checkpoint {path} is damaged" in message and checksum_path(path).name in message
+    assert "restore both files from a copy, or delete them and start the run again" in message
+
+
+def test_a_kill_between_the_checksum_record_and_the_rename_leaves_a_checkpoint_that_loads(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_atomic({"epoch": 1}, path)
+    real_replace = os.replace
+
+    def killed_at_the_rename(src, dst):
+        if Path(dst) == path:
+            raise KeyboardInterrupt  # the process dies here: no cleanup runs
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1  # its record already names the new file, and still the old one
+    assert list(tmp_path.glob(".last.pt.*.tmp"))
+    with files.hold_run_dir(tmp_path):  # the next run in the folder removes the temp file the killed one left
+        assert not list(tmp_path.glob(".*.tmp"))
+    save_atomic({"epoch": 3}, path)
+    assert load_checkpoint(path)["epoch"] == 3
+
+
+def _launcher(tmp_path, *flags):
+    args = [sys.executable, "-m", "pyconv_core.run", "classification", "--runs-dir", str(tmp_path),
+            "--run-name", "full", *flags]
+    return args + [arg for key, value in TINY.items() for arg in ("--" + key.replace("_", "-"), str(value))]
+
+
+def test_a_checkpoint_over_the_file_size_limit_is_one_line_and_the_old_one_still_loads(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "PYCONV_PROGRESS": "0"}
+    subprocess.run(_launcher(tmp_path, "--epochs", "1"), env=env, check=True, capture_output=True)
+    last = tmp_path / "full" / "last.pt"
+    limit = last.stat().st_size // 2  # room for config.json and metrics, not for the next checkpoint
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    launched = subprocess.run(_launcher(tmp_path, "--epochs", "2", "--resume", "true"), env=env, capture_output=True,
+                              text=True, preexec_fn=limited)
+    assert launched.returncode == 1 and "Traceback" not in launched.stderr, launched.stderr[-3000:]
+    line = launched.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot write {last}: it exceeds this process's file-size limit of ")
+    assert "it needs about" in line and "MB" in line and "rerun with resume=True" in line
+    assert not list(last.parent.glob(".*.tmp")), "a partial temp file was left"
+    assert load_checkpoint(last)["epoch"] == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (mounting needs root: skipped otherwise)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def _small_fit(runs_dir, epochs, resume=False):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 10))
+    cfg = TrainConfig(run_name="full", epochs=epochs, batch_size=16, lr=0.1, lr_reference_batch=16,
+                      schedule="constant", runs_dir=str(runs_dir), progress=False, resume=resume)
+    return fit(model, ClassificationTask(), FashionMNIST("train", 16, 64), FashionMNIST("test", 16, 32), cfg)
+
+
+def test_a_full_disk_is_one_line_saying_so_and_the_old_checkpoint_still_loads(small_disk):
+    _small_fit(small_disk, epochs=1)
+    last = small_disk / "full" / "last.pt"
+    need = last.stat().st_size
+    with open(small_disk / "filler", "wb") as filler:  # leave half of what the next checkpoint needs
+        filler.write(b"\0" * (shutil.disk_usage(small_disk).free - need // 2))
+    with pytest.raises(OSError) as caught:
+        _small_fit(small_disk, epochs=2, resume=True)
+    message = str(caught.value)
+    assert message.startswith(f"cannot write {last}: the disk is full ({last.parent} has ") and "\n" not in message
+    assert "this file needs about" in message and "free space there or point runs_dir at a larger disk" in message
+    assert not list(last.parent.glob(".*.tmp")), "a partial temp file was left"
+    assert load_checkpoint(last)["epoch"] == 1

@@ -1,14 +1,19 @@
 """A run never silently reuses or overwrites another: runs/<name>/ of other parameters is refused
-(execution-only fields aside), the same parameters start again from scratch, resume continues."""
+(execution-only fields aside), the same parameters start again from scratch, resume continues, and a
+folder another process trains in is refused at once."""
 import dataclasses
 import os
+import platform
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from pyconv_core import build
+from pyconv_core.engine.checkpoint import load_checkpoint
 from pyconv_core.engine.logging import read_metrics, write_json, write_jsonl
 from pyconv_core.engine.trainer import NonFiniteLossError, fit
 from pyconv_core.tasks.classification import ClassificationTask, Params, datasets, demo_backbone, run, train_config
@@ -88,3 +93,31 @@ def test_demo_backbone_reuses_its_run_and_steps_aside_for_another(tmp_path):
     _record(tmp_path / f"{name}-backbone", dataclasses.replace(p, lr=0.3), p.epochs)
     with pytest.raises(ValueError, match="hold other experiments"):
         demo_backbone("resnet", 18, str(tmp_path))
+
+
+def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_keeps_its_files(tmp_path):
+    args = [sys.executable, "-m", "pyconv_core.run", "classification", "--runs-dir", str(tmp_path), "--run-name",
+            "busy", "--epochs", "2", *[arg for k, v in TINY.items() for arg in ("--" + k.replace("_", "-"), str(v))]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock, deadline = tmp_path / "busy" / ".lock", time.time() + 300
+    while not (lock.is_file() and lock.read_text().startswith(f"pid {first.pid} ")):
+        assert first.poll() is None and time.time() < deadline, first.communicate()
+        time.sleep(0.1)
+    first.send_signal(signal.SIGSTOP)  # it holds the folder, however long the second one takes to start
+    try:
+        started = time.monotonic()
+        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        took = time.monotonic() - started
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'busy'} is in use by another run (pid {first.pid} on "
+                           f"{platform.node()}, since ")
+    assert took < 60, f"the second run took {took:.0f} s to be refused"
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "busy", "train")] == [1, 2]
+    assert load_checkpoint(tmp_path / "busy" / "last.pt")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "busy" / "best.pt")["epoch"] in (1, 2)

@@ -1,38 +1,111 @@
-"""Training checkpoints: written atomically (temp file + rename), read weights-only with clear errors.
+"""Training checkpoints: written atomically (``engine.files``), checksummed, read weights-only with clear errors.
 
 A checkpoint holds tensors and plain Python values only (numbers, strings, lists, tuples, dicts),
 so it is read with ``torch.load(weights_only=True)``: a file cannot run code when it is loaded,
-whoever made it.
+whoever made it. Beside each, ``<name>.sha256.json`` records the file's sha256 when it was written;
+a file that no longer matches (a partial copy, a disk error) is refused by name, never loaded. The
+record is written before the rename and also lists the file it replaces, so a kill at any instant
+leaves a file the record accepts. A file without a record (older runs, downloaded weights) loads
+unchecked.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
 
-__all__ = ["save_atomic", "load_checkpoint", "rng_state", "set_rng_state", "refused_as_code"]
+from pyconv_core.engine.files import AtomicFile, write_atomic
+
+__all__ = ["save_atomic", "load_checkpoint", "remove_checkpoint", "checksum_path", "rng_state", "set_rng_state",
+           "refused_as_code"]
+
+
+def checksum_path(path: str | os.PathLike) -> Path:
+    """Where the sha256 record of the checkpoint ``path`` lives: ``<name>.sha256.json`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.sha256.json")
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename: a kill never leaves half a file."""
+    """``torch.save`` to a temp file in the same folder, fsync, record its sha256, then rename: a kill
+    never leaves half a file, and a full disk leaves the previous file (see ``engine.files``)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    record = checksum_path(path)
+    replaced = _accepted(path) if record.is_file() else [_sha256(path)] if path.is_file() else []
+    with AtomicFile(path, need=_nbytes(obj)) as out:
+        torch.save(obj, cast(IO[bytes], out))  # torch.save only calls write (and flush)
+        out.sync()
+        write_atomic(record, json.dumps({"sha256": [out.sha256, *replaced]}).encode())
+    write_atomic(record, json.dumps({"sha256": [out.sha256]}).encode())
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a checkpoint and its sha256 record (where they exist)."""
+    Path(path).unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+
+
+def _nbytes(obj: Any) -> int:
+    """About what ``torch.save(obj)`` writes: the bytes of its tensors (shared storages once), plus 64 KB."""
+    storages: dict[int, int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(obj)
+    return sum(storages.values()) + 2**16
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _accepted(path: Path) -> list[str]:
+    """The digests that ``path``'s record accepts (the file written, and during a save the one it replaces)."""
+    record = checksum_path(path)
+    try:
+        return list(json.loads(record.read_text())["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise OSError(f"checksum record {record} cannot be read ({err}); delete it to load {path.name} "
+                      f"unchecked") from None
+
+
+def _verify(path: Path) -> None:
+    if not checksum_path(path).is_file():
+        return
+    if _sha256(path) not in _accepted(path):
+        raise OSError(f"checkpoint {path} is damaged: its sha256 differs from the one {checksum_path(path).name} "
+                      f"recorded when it was written (a partial copy, a disk error or an edit); restore both files "
+                      f"from a copy, or delete them and start the run again")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by :func:`save_atomic` weights-only; a missing, unreadable or
-    code-carrying file is named with what to do."""
+    """Read a checkpoint written by :func:`save_atomic` weights-only; a missing, damaged (its sha256
+    record differs), unreadable or code-carrying file is named with what to do."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; start without resume, or point run_name "
                                 f"at the run folder that holds last.pt")
+    _verify(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

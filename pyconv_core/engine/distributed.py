@@ -11,8 +11,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "is_distributed", "rank", "world_size", "is_main", "all_reduce_sum", "all_reduce_max",
-           "broadcast_object", "barrier", "cleanup"]
+__all__ = ["init", "is_distributed", "rank", "launched_rank", "world_size", "is_main", "all_reduce_sum",
+           "all_reduce_max", "broadcast_object", "barrier", "cleanup"]
 
 
 def init() -> torch.device:
@@ -32,6 +32,11 @@ def is_distributed() -> bool:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def launched_rank() -> int:
+    """This process's rank, also before it joins the process group (torchrun's ``RANK``)."""
+    return rank() if is_distributed() else int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from pyconv_core.engine.files import write_atomic
+
 __all__ = ["workbook_path", "environment", "write_json", "append_jsonl", "write_jsonl", "read_metrics", "git_commit",
            "EXECUTION_FIELDS", "read_config", "changed_parameters", "TensorBoardLog", "EVENT_FILES",
            "expectation"]
@@ -63,10 +65,9 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Replace a json file atomically and durably (``engine.files.write_atomic``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, default=str).encode())
 
 
 def append_jsonl(path: Path, row: dict) -> None:
@@ -80,9 +81,7 @@ def append_jsonl(path: Path, row: dict) -> None:
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Rewrite a metrics file whole (on resume: exactly the rows of the checkpoint's history)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, default=float) + "\n" for r in rows).encode())
 
 
 # Fields (of TrainConfig and of the tasks' Params) that say how a run executes, not what it learns:

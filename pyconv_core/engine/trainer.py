@@ -17,6 +17,7 @@ covering every step once). TensorBoard event files in the run folder hold the sa
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -35,7 +36,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from tqdm.auto import tqdm
 
 from pyconv_core.engine import distributed as dist
-from pyconv_core.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from pyconv_core.engine.checkpoint import load_checkpoint, remove_checkpoint, rng_state, save_atomic, set_rng_state
+from pyconv_core.engine.files import check_run_dir_free, hold_run_dir
 from pyconv_core.engine.logging import (
     TensorBoardLog,
     append_jsonl,
@@ -245,8 +247,10 @@ def check_run_dir(cfg: TrainConfig) -> dict[str, tuple[Any, Any]] | None:
     parameters) or the parameters that differ (name -> (recorded, new)), which only ``resume=True``
     with a ``last.pt`` to continue may change. A folder of another run is refused otherwise, so a run
     never silently reuses or overwrites another. Execution-only fields do not count
-    (``engine.logging.EXECUTION_FIELDS``)."""
+    (``engine.logging.EXECUTION_FIELDS``). A folder in which another process trains is refused too."""
     run_dir = workbook_path(cfg.runs_dir) / cfg.run_name
+    if dist.launched_rank() == 0:  # only rank 0 holds the lock (and writes)
+        check_run_dir_free(run_dir)
     recorded = read_config(run_dir)
     if recorded is None:
         return None
@@ -272,17 +276,23 @@ def _autocast(device: torch.device, amp: str | None):
 
 def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig) -> FitResult:
     """Train ``model`` on ``train_set`` with ``task``'s step, evaluating on ``val_set``; see module doc.
-    A folder that holds a run of the same parameters is trained again from scratch unless ``resume``."""
-    previous = check_run_dir(cfg)
+    A folder that holds a run of the same parameters is trained again from scratch unless ``resume``.
+    One process at a time trains in a folder: rank 0 holds its lock (``engine.files.hold_run_dir``)."""
+    check_run_dir(cfg)  # before the process group starts: a folder in use is refused at once
     device = dist.init()
+    with hold_run_dir(workbook_path(cfg.runs_dir) / cfg.run_name) if dist.is_main() else contextlib.nullcontext():
+        return _fit(model, task, train_set, val_set, cfg, device)
+
+
+def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
+         device: torch.device) -> FitResult:
+    previous = check_run_dir(cfg)  # again under the lock: what the folder holds now
     steps_per_epoch = _len(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, 0, train=True).batch_sampler)
     if steps_per_epoch == 0 and cfg.epochs:
         raise ValueError(f"{_len(train_set)} training samples give no full batch of {cfg.batch_size}: "
                          f"lower batch_size or add data")
     run_dir = workbook_path(cfg.runs_dir) / cfg.run_name
     ckpt_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     seed_everything(cfg.seed)
@@ -326,8 +336,8 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
         if cfg.weights:  # before the folder is cleared (they may be an earlier run's checkpoint)
             load_model_weights(model, cfg.weights)
         if dist.is_main():  # no checkpoint of an earlier run may outlive this one's start
-            ckpt_path.unlink(missing_ok=True)
-            best_path.unlink(missing_ok=True)
+            remove_checkpoint(ckpt_path)
+            remove_checkpoint(best_path)
     if cfg.epochs == 0 and not any(row["kind"] == "eval" for row in history):
         pending_eval = val_set is not None  # epochs 0: only evaluate the weights the run starts from
     record = {"train": dataclasses.asdict(cfg), "task": task.name, "model_args": getattr(model, "model_args", None),
