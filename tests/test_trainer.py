@@ -195,6 +195,53 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     assert _final_state(tmp_path / "nan")["epoch"] == 1
 
 
+class _NaNGradientAt(ClassificationTask):
+    """A finite loss whose gradient is NaN at the ``at``-th step (as an overflow in the backward pass gives
+    it): that step writes NaN into every weight, though no loss the loop sees is NaN."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.steps, self.at = 0, at
+
+    def train_step(self, model, batch, device):
+        out = super().train_step(model, batch, device)
+        self.steps += 1
+        if self.steps == self.at:  # value + 0, gradient inf * 0 = NaN
+            out["loss"] = out["loss"] + torch.sqrt(out["loss"] * 0)
+        return out
+
+
+def test_weights_that_diverge_on_an_epochs_last_step_are_never_checkpointed(tmp_path):
+    p = Params(**TINY, epochs=3, runs_dir=str(tmp_path), run_name="nan-weights")
+    train, val, _ = datasets(p)
+    steps = TINY["train_subset"] // TINY["batch_size"]
+    with pytest.raises(NonFiniteLossError, match=r"weights are not finite after epoch 2 .*last.pt is kept"):
+        fit(build("resnet18", num_classes=10), _NaNGradientAt(2 * steps), train, val, train_config(p))
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(tmp_path / "nan-weights" / name)
+        assert state["epoch"] == 1, name  # the last good epoch
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), name
+
+
+class _EvaluationDiverges(ClassificationTask):
+    calls = 0
+
+    def evaluate(self, model, loader, device):
+        self.calls += 1
+        metrics = super().evaluate(model, loader, device)
+        return {**metrics, "val_loss": float("inf")} if self.calls == 2 else metrics
+
+
+def test_an_evaluation_loss_that_is_not_finite_stops_the_run_before_it_is_recorded(tmp_path):
+    p = Params(**TINY, epochs=3, runs_dir=str(tmp_path), run_name="inf-eval")
+    train, val, _ = datasets(p)
+    with pytest.raises(NonFiniteLossError, match=r"evaluation after epoch 2 gives \{'val_loss': inf\}.*best.pt, "
+                                                 r"the best evaluated epoch, is kept"):
+        fit(build("resnet18", num_classes=10), _EvaluationDiverges(), train, val, train_config(p))
+    assert load_checkpoint(tmp_path / "inf-eval" / "best.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "inf-eval" / "last.pt")["pending_eval"]  # epoch 2, never recorded as good
+
+
 def test_unreadable_checkpoint_is_named_with_the_fix(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "last.pt").write_bytes(b"not a checkpoint: the run was copied half-way")

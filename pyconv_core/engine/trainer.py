@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import random
 import signal
@@ -178,6 +179,13 @@ class _SeededBatches(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + indices[0])
             return [self.dataset[i] for i in indices]
+
+
+def _first_nonfinite(model: nn.Module) -> str | None:
+    """The first parameter or buffer holding a NaN or inf (None: all finite), with one device sync."""
+    state = {name: value for name, value in model.state_dict().items() if value.is_floating_point()}
+    finite = torch.stack([torch.isfinite(value).all() for value in state.values()]).tolist()
+    return next((name for name, ok in zip(state, finite) if not ok), None)
 
 
 def param_groups(model: nn.Module, base_lr: float, lr_multipliers: dict[str, float]) -> list[dict[str, Any]]:
@@ -356,8 +364,20 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
     step_fn = torch.compile(net) if cfg.compile else net
     show = cfg.progress and dist.is_main() and not os.environ.get("CI") and os.environ.get("PYCONV_PROGRESS") != "0"
 
+    def diverged(what: str, kept: str = "", then: str = "rerun with resume=True") -> NonFiniteLossError:
+        kept = kept or (f"The last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else
+                        "No checkpoint exists yet (the first epoch did not finish)")
+        return NonFiniteLossError(
+            f"run {cfg.run_name!r}: {what}. {kept}: lower lr (now {scheduler.get_last_lr()[0]:.4g}), add "
+            f"warmup_epochs, or use amp='bf16' instead of 'fp16', then {then}.")
+
     def checkpoint(epoch: int, step_in_epoch: int, path: Path = ckpt_path, partial: tuple | None = None,
                    pending_eval: bool = False) -> None:
+        """Save the run's state to ``path``; a model whose weights are no longer finite is never saved."""
+        bad = _first_nonfinite(model)
+        if bad is not None:
+            when = f"at epoch {epoch + 1}, step {step_in_epoch}" if step_in_epoch else f"after epoch {epoch}"
+            raise diverged(f"the weights are not finite {when} ({bad} is the first such tensor)")
         if dist.is_main():
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
@@ -381,6 +401,13 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
         assert val_set is not None, "an evaluation is due only with a validation set"
         metrics = evaluate(net, task, val_set, cfg, device)
         log({"kind": "eval", "epoch": epochs_done, **metrics})
+        nonfinite = {k: v for k, v in metrics.items() if k.endswith("loss") and not math.isfinite(v)}
+        if nonfinite:
+            kept = (f"{best_path}, the best evaluated epoch, is kept" if best_path.is_file() else
+                    "No evaluated checkpoint exists")
+            raise diverged(f"the evaluation after epoch {epochs_done} gives {nonfinite}, the model diverged",
+                           f"{kept}; {ckpt_path} holds epoch {epochs_done} unevaluated",
+                           f"train again (resume=True would evaluate epoch {epochs_done} again)")
         value = metrics.get(task.main_metric)
         if value is not None and (best is None or value > best):
             best = value
@@ -411,13 +438,7 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
                     losses = task.train_step(step_fn, batch, device)
                 loss = losses["loss"]
                 if not torch.isfinite(loss.detach()).all():
-                    kept = (f"The last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else
-                            "No checkpoint exists yet (the first epoch did not finish)")
-                    raise NonFiniteLossError(
-                        f"run {cfg.run_name!r}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}. {kept}: "
-                        f"lower lr (now "
-                        f"{scheduler.get_last_lr()[0]:.4g}), add warmup_epochs, or use amp='bf16' instead of 'fp16', "
-                        f"then rerun with resume=True.")
+                    raise diverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
