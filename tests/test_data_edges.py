@@ -7,11 +7,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
 from pyconv_core import plots
 from pyconv_core.data.classification import collate_skipping_bad, imagenet_datasets
+from pyconv_core.engine.logging import read_metrics
 from pyconv_core.tasks import classification as C
 
 CLASSES = ["n00000000", "n00000001", "n00000007"]
@@ -84,3 +86,18 @@ def test_predictions_and_the_error_gallery_keep_dataset_indices_past_a_corrupt_i
         np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), expected, rtol=1e-6)
     counts = plots.plot_confusion(predicted, truth, val.classes).collections[0].get_array()
     assert np.asarray(counts).sum() == pytest.approx(len(val.classes))  # rows normalised: -1 entries left out
+
+
+def test_images_over_the_pixel_limit_are_skipped_and_counted_like_corrupt_ones(imagenet_copy, tmp_path, monkeypatch,
+                                                                               caplog):
+    # PIL warns for an image over MAX_IMAGE_PIXELS and raises beyond twice that: both are skipped
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # the real images are 28x28 = 784 pixels
+    for name, side in (("n00000000_warned.JPEG", 40), ("n00000000_refused.JPEG", 64)):
+        Image.new("RGB", (side, side), (90, 90, 90)).save(imagenet_copy / "val" / "n00000000" / name)
+    result = C.run(C.Params(data_dir=str(imagenet_copy), crop=32, epochs=1, batch_size=8,
+                            runs_dir=str(tmp_path / "runs"), run_name="bombs"))
+    evals = read_metrics(result.run_dir, "eval")[0]
+    assert evals["num_skipped"] == 3 and evals["num_samples"] == 12  # the two large images and the corrupt one
+    for name in ("n00000000_warned.JPEG", "n00000000_refused.JPEG"):
+        assert name in caplog.text
+    assert "MAX_IMAGE_PIXELS = 1500" in caplog.text

@@ -311,3 +311,14 @@ def test_truncated_images_are_skipped_counted_and_keep_their_place(demo_root, tm
     titles = [ax.get_title() for ax in plots.show_detections(samples, val.class_names).axes]
     assert titles[:5] == [f"{val.items[bad - 1][1]}: ground truth", "predicted",
                           "000000000002.jpg: unreadable, skipped", "", f"{val.items[bad + 1][1]}: ground truth"]
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_and_counted(tmp_path, monkeypatch, caplog):
+    root = _write_coco(tmp_path, {"a.jpg": (1, 30, 30), "huge.jpg": (2, 80, 80)},
+                       [_ann(1, 1, [2, 2, 10, 10]), _ann(2, 2, [2, 2, 10, 10])])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    val = CocoDetection(root, "val2017", size=32)
+    with caplog.at_level(logging.WARNING):
+        images, targets, skipped = detection_collate([val[0], val[1]])
+    assert skipped == 1 and [t["image_id"] for t in targets] == [1]
+    assert "huge.jpg" in caplog.text and "MAX_IMAGE_PIXELS" in caplog.text

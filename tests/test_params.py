@@ -140,3 +140,15 @@ def test_every_notebook_stops_in_its_setup_cell_on_a_bad_parameter(tmp_path, not
     error, source = _error(out)
     assert done.returncode != 0 and message in error, error
     assert "check_notebook_parameters()" in source  # the setup cell: no data read, nothing trained or shown
+
+
+@pytest.mark.parametrize("name", ["../x", "/tmp/x", "a/b", "a\\b", "..", "."])
+def test_a_run_name_that_would_leave_the_runs_folder_is_refused(name, tmp_path):
+    with pytest.raises(ValueError, match=r"^run_name must be one folder name inside runs_dir \(no '/' or '\\', not "
+                                         r"'\.' or '\.\.'\), got .*: e\.g\. '"):
+        classification.Params(run_name=name, runs_dir=str(tmp_path / "runs"))
+    p = classification.Params(runs_dir=str(tmp_path / "runs"))
+    p.run_name = name  # as a notebook sets it from run_prefix after the parameters are made
+    with pytest.raises(ValueError, match=r"^run_name must be one folder name"):
+        classification.run(p)
+    assert not any(tmp_path.iterdir()), "the run wrote something"

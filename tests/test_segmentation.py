@@ -430,3 +430,13 @@ def test_an_epoch_with_truncated_files_runs_and_records_the_count(tmp_path):
     train_row, eval_row = [r for r in rows if r["kind"] == "train"][0], [r for r in rows if r["kind"] == "eval"][0]
     assert train_row["num_skipped"] == 1 and np.isfinite(train_row["train_loss"])
     assert eval_row["num_skipped"] == 1 and 0 <= eval_row["miou"] <= 100
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_logged_and_counted(tmp_path, monkeypatch, caplog):
+    root = _write_ade(tmp_path, sizes=((40, 30), (90, 90)), split="validation")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 1200 pixels pass, 8100 do not
+    ds = ADE20K(root, "validation")
+    with caplog.at_level(logging.WARNING):
+        images, masks, skipped = collate([ds[0], ds[1]])
+    assert skipped == 1 and [tuple(m.shape) for m in masks] == [(30, 40)]
+    assert "ADE_valid_00000002.jpg" in caplog.text and "MAX_IMAGE_PIXELS" in caplog.text

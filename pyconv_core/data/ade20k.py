@@ -25,11 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
-from pyconv_core.data.unreadable import UnreadableFileError, UnreadableFiles
+from pyconv_core.data.unreadable import UnreadableFileError, UnreadableFiles, open_image
 
 __all__ = ["ADE20K", "ADE20K_CLASSES", "ADE20K_PALETTE", "IGNORE_INDEX", "MEAN", "STD", "TrainTransform",
            "normalize", "denormalize", "colorize", "palette_for", "read_class_names", "to_train_ids"]
@@ -184,10 +183,10 @@ class ADE20K(Dataset):
         image_path, mask_path = self.samples[index]
         path = image_path
         try:
-            with Image.open(image_path) as img:
+            with open_image(image_path) as img:
                 image = np.asarray(img.convert("RGB"))
             path = mask_path
-            with Image.open(mask_path) as m:
+            with open_image(mask_path) as m:
                 if m.mode not in ("L", "P"):
                     raise ValueError(f"{mask_path} is a {m.mode} image; ADE20K annotations are 8-bit single-channel "
                                      f"PNGs of class indices (0 = other), not colour masks")

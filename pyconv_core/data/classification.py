@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
 from pyconv_core.data.fashion_mnist import CLASSES as FASHION_CLASSES, load_fashion_mnist
-from pyconv_core.data.unreadable import UnreadableFiles
+from pyconv_core.data.unreadable import UnreadableFiles, open_image
 
 __all__ = ["ImageFolder", "FashionMNIST", "imagenet_datasets", "train_transform", "eval_transform",
            "collate_skipping_bad", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -88,7 +88,7 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 image = img.convert("RGB")
         except (OSError, UnidentifiedImageError, ValueError) as err:
             self.unreadable.skip(path, err)

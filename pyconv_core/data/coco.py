@@ -30,14 +30,13 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import box_iou
 from torchvision.transforms import v2
 
-from pyconv_core.data.unreadable import UnreadableFileError, UnreadableFiles
+from pyconv_core.data.unreadable import UnreadableFileError, UnreadableFiles, open_image
 
 __all__ = ["CocoDetection", "SSDRandomCrop", "ssd_transform", "detection_collate", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -179,7 +178,7 @@ class CocoDetection(Dataset):
         image_id, file_name, boxes, labels = self.items[index]
         path = self.image_dir / file_name
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 image = v2.functional.pil_to_tensor(img.convert("RGB"))
         except OSError as err:
             raise UnreadableFileError(path, err, f"replace the file or remove its entry from {self.ann_file}") from err

@@ -5,17 +5,40 @@ or not an image at all) and logs the file's path, once per dataset object and pr
 DataLoader worker logs for itself). The task's collate function drops such items and passes their
 count on as the batch's last element, which the task reports as ``num_skipped``: per epoch in the
 training rows of ``metrics.jsonl``, and in the evaluation metrics. Prediction helpers and galleries
-work by dataset index, so a skipped item never shifts another item's title or image.
+work by dataset index, so a skipped item never shifts another item's title or image. An image of
+more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (:func:`open_image`) is skipped the same way.
 """
 from __future__ import annotations
 
 import logging
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["UnreadableFiles", "UnreadableFileError"]
+from PIL import Image
+
+__all__ = ["UnreadableFiles", "UnreadableFileError", "open_image"]
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """``PIL.Image.open``, refusing an image of more than ``Image.MAX_IMAGE_PIXELS`` pixels with an OSError,
+    as a file that cannot be decoded. PIL only warns (DecompressionBombWarning) up to twice the limit and
+    raises DecompressionBombError, which is no OSError, beyond: decoding such a file (a decompression bomb,
+    or a scan that is not a training image) would stall a DataLoader worker or exhaust its memory."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise OSError(f"{err} (over PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; raise it to read "
+                      f"such images)") from None
+    with image:
+        yield image
 
 
 class UnreadableFileError(OSError):

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import os
 import platform
+import re
 import resource
 import secrets
 import shutil
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["AtomicFile", "write_atomic", "DiskFullError", "RunInUseError", "hold_run_dir", "check_run_dir_free",
-           "LOCK_NAME"]
+           "check_run_name", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"
 _TEMP_SUFFIX = ".tmp"
@@ -148,6 +149,15 @@ def _fsync_dir(folder: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def check_run_name(name: str) -> None:
+    """Refuse a run name that is not one folder inside the runs folder: empty, ``.`` or ``..``, absolute,
+    or holding a path separator (``../x`` would write beside the runs folder, ``/x`` anywhere)."""
+    if name in ("", ".", "..") or re.search(r"[/\\\0]", name) or os.path.isabs(name):
+        parts = [part for part in re.split(r"[/\\\0]+", name) if part not in ("", ".", "..")]
+        raise ValueError(f"run_name must be one folder name inside runs_dir (no '/' or '\\', not '.' or '..'), got "
+                         f"{name!r}: e.g. {'-'.join(parts) or 'my-run'!r} (runs_dir chooses where runs go)")
 
 
 def _holder(path: Path) -> str:

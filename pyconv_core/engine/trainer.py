@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.checkpoint import load_checkpoint, remove_checkpoint, rng_state, save_atomic, set_rng_state
-from pyconv_core.engine.files import check_run_dir_free, hold_run_dir
+from pyconv_core.engine.files import check_run_dir_free, check_run_name, hold_run_dir
 from pyconv_core.engine.logging import (
     TensorBoardLog,
     append_jsonl,
@@ -256,6 +256,7 @@ def check_run_dir(cfg: TrainConfig) -> dict[str, tuple[Any, Any]] | None:
     with a ``last.pt`` to continue may change. A folder of another run is refused otherwise, so a run
     never silently reuses or overwrites another. Execution-only fields do not count
     (``engine.logging.EXECUTION_FIELDS``). A folder in which another process trains is refused too."""
+    check_run_name(cfg.run_name)
     run_dir = workbook_path(cfg.runs_dir) / cfg.run_name
     if dist.launched_rank() == 0:  # only rank 0 holds the lock (and writes)
         check_run_dir_free(run_dir)

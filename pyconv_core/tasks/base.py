@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pyconv_core.engine.files import check_run_name
 from pyconv_core.engine.logging import workbook_path
 from pyconv_core.layers.pyconv import check_pyconv_plan
 from pyconv_core.registry import list_models
@@ -145,7 +146,7 @@ class RunParams:
     sync_bn: bool = False  # SyncBatchNorm under torchrun
     gpus: int = 1  # processes; >1 starts torchrun
     seed: int = 0
-    run_name: str = ""  # runs/<run_name>/; default: the model, recipe or data, and seed
+    run_name: str = ""  # runs/<run_name>/ (one folder name); default: the model, recipe or data, and seed
     runs_dir: str = "runs"
     num_workers: int = 0  # DataLoader worker processes
     progress: bool = True  # progress bars (off under papermill / CI)
@@ -168,6 +169,8 @@ class RunParams:
         check_pyconv_plan(self.pyconv_plan)
         at_least("gpus", self.gpus, 1)
         at_least("num_workers", self.num_workers, 0)
+        if self.run_name:  # empty: the task's default name
+            check_run_name(self.run_name)
         at_least("log_every", self.log_every, 1, " optimizer step")
         check_epochs(self.epochs, self.weights)
         if self.weights and not workbook_path(self.weights).is_file():
