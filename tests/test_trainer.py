@@ -145,6 +145,36 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert not (tmp_path / "two" / "ddp" / "metrics.jsonl").read_text().count('"epoch": 1, "lr"') > 1
 
 
+def _workers_of(pid: int) -> dict[int, int]:
+    """RANK -> pid of the processes that ``pid`` (torchrun) started."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    ranks = {}
+    for child in children:
+        environ = dict(e.split("=", 1) for e in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in e)
+        if "RANK" in environ:
+            ranks[int(environ["RANK"])] = child
+    return ranks
+
+
+def test_a_signal_to_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # rank 0 alone writes: had rank 1 stopped on its own, rank 0 would wait for it in the next step forever
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "-m",
+            *_launcher(tmp_path, "ddp-stop", EPOCHS, log_every=1)[2:]]
+    proc = subprocess.Popen(args, env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_training(tmp_path / "ddp-stop", proc)
+        os.kill(_workers_of(proc.pid)[1], signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    state = _final_state(tmp_path / "ddp-stop")
+    assert state["step_in_epoch"] > 0 and (state["epoch"], state["step_in_epoch"]) != (EPOCHS, 0), err[-3000:]
+    assert out.count("signal 15: saved") == 2, out  # both ranks, at the step saved
+    assert f"step {state['step_in_epoch']}; rerun" in out and f"exitcode: {EXIT_STOPPED}" in err
+
+
 def test_ddp_replicas_train_with_rank0_auto_plans(tmp_path):
     # Each rank's timing is made to prefer a different plan; every replica must still train with
     # rank 0's choice (evaluation plans stay per process: they change no weights).
