@@ -1,1 +1,2 @@
-"""Training engine shared by all four tasks: trainer, checkpoints, schedules, distribution, logging."""
+"""Training engine shared by all four tasks: trainer, checkpoints, run-folder files, schedules, distribution,
+logging."""
