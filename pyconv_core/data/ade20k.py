@@ -13,18 +13,24 @@ degrees, horizontal flip, and a random crop of 473 padded with the mean colour (
 ignore label (mask). The embedded demo set (:mod:`pyconv_core.data.demo_segmentation`) is
 written in this same layout and read by this same code. An image or mask that cannot be decoded
 (e.g. truncated) is logged by path and skipped when it is met, and counted (``num_skipped``,
-:mod:`pyconv_core.data.unreadable`).
+:mod:`pyconv_core.data.unreadable`). A readable mask that does not fit its image (not 8-bit
+single-channel, another size, a label beyond the class list) is an error naming the file:
+:meth:`ADE20K.check` finds it before any training (the segmentation task checks both splits, the
+validation masks' labels too), not an epoch later when the pair is first read.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
@@ -102,6 +108,26 @@ def read_class_names(root: str | os.PathLike) -> tuple[str, ...]:
 def to_train_ids(label: np.ndarray) -> np.ndarray:
     """ADE20K annotation values to training ids: 0 (other) -> 255 (ignored), k -> k - 1."""
     return np.where(label == 0, IGNORE_INDEX, label.astype(np.int64) - 1).astype(np.uint8)
+
+
+def _check_mask_header(image_path: Path, image_size: tuple[int, int], mask_path: Path, mask: Image.Image) -> None:
+    """Refuse a mask that is not 8-bit single-channel or not of its image's ``(width, height)``; only the
+    files' headers are needed."""
+    if mask.mode not in ("L", "P"):
+        raise ValueError(f"{mask_path} is a {mask.mode} image; ADE20K annotations are 8-bit single-channel "
+                         f"PNGs of class indices (0 = other), not colour masks")
+    if mask.size != image_size:
+        raise ValueError(f"{image_path} is {image_size[0]}x{image_size[1]} but its mask {mask_path} is "
+                         f"{mask.size[0]}x{mask.size[1]}: image and mask must have the same size")
+
+
+def _mask_labels(mask_path: Path, mask: Image.Image, num_classes: int) -> np.ndarray:
+    """The decoded annotation values, refusing one beyond ``num_classes`` (1..num_classes, 0 = other)."""
+    label = np.asarray(mask)
+    if label.max() > num_classes:
+        raise ValueError(f"{mask_path} holds label {label.max()} but the data set has {num_classes} "
+                         f"classes (1..{num_classes}, 0 = other): is it an ADEChallengeData2016 mask?")
+    return label
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
@@ -187,19 +213,44 @@ class ADE20K(Dataset):
                 image = np.asarray(img.convert("RGB"))
             path = mask_path
             with open_image(mask_path) as m:
-                if m.mode not in ("L", "P"):
-                    raise ValueError(f"{mask_path} is a {m.mode} image; ADE20K annotations are 8-bit single-channel "
-                                     f"PNGs of class indices (0 = other), not colour masks")
-                label = np.asarray(m)
+                _check_mask_header(image_path, (image.shape[1], image.shape[0]), mask_path, m)
+                label = _mask_labels(mask_path, m, len(self.classes))
         except OSError as err:
             raise UnreadableFileError(path, err, "replace the file, or remove the image and its mask") from err
-        if label.shape != image.shape[:2]:
-            raise ValueError(f"{image_path} is {image.shape[1]}x{image.shape[0]} but its mask {mask_path} is "
-                             f"{label.shape[1]}x{label.shape[0]}: image and mask must have the same size")
-        if label.max() > len(self.classes):
-            raise ValueError(f"{mask_path} holds label {label.max()} but the data set has {len(self.classes)} "
-                             f"classes (1..{len(self.classes)}, 0 = other): is it an ADEChallengeData2016 mask?")
         return torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(to_train_ids(label))
+
+    def check(self, labels: bool = True) -> None:
+        """Refuse, before any training, a pair that :meth:`read` would refuse when it meets it: one
+        ValueError naming the first mask that is not 8-bit single-channel or not of its image's size, or
+        (with ``labels``) holds a label beyond the class list, with how many more there are.
+
+        Sizes and modes come from the files' headers; ``labels`` decodes the masks (about 1 ms a mask
+        of ADE20K: the segmentation task does it for the validation set, whose pairs are first read
+        after an epoch of training). A file that cannot be decoded is no error: it is logged here and
+        skipped and counted when met, as in training (:mod:`pyconv_core.data.unreadable`)."""
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # file reads and PNG decoding release the GIL
+            problems = [p for p in pool.map(partial(self._problem, labels=labels), range(len(self))) if p]
+        if problems:
+            more = f" ({len(problems) - 1} more masks of {self.split} fail this check)" if len(problems) > 1 else ""
+            raise ValueError(f"{problems[0]}{more}; fix or remove the pair before training")
+
+    def _problem(self, index: int, labels: bool) -> str | None:
+        """What :meth:`check` finds wrong with pair ``index`` (None: nothing, or a file it cannot decode)."""
+        image_path, mask_path = self.samples[index]
+        path = image_path
+        try:
+            with open_image(image_path) as img:
+                size = img.size
+            path = mask_path
+            with open_image(mask_path) as m:
+                _check_mask_header(image_path, size, mask_path, m)
+                if labels:
+                    _mask_labels(mask_path, m, len(self.classes))
+        except OSError as err:
+            self.unreadable.skip(path, err)
+        except ValueError as err:
+            return str(err)
+        return None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         try:

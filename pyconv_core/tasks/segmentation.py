@@ -237,12 +237,16 @@ def _recipe(p: Params) -> dict:
 
 
 def datasets(p: Params) -> tuple[ADE20K, ADE20K, tuple[str, ...]]:
-    """Train set (augmented crops), validation set (full images) and class names."""
+    """Train set (augmented crops), validation set (full images) and class names. Both are checked
+    here, before training (:meth:`ADE20K.check`): every mask's header, and the validation masks'
+    labels, which would otherwise first be read after an epoch of training."""
     r = _recipe(p)
     root = p.data_dir or make_demo_ade20k()
     transform = TrainTransform(p.crop or r["crop"], r["scale"], r["rotate"])
     train = ADE20K(root, "training", transform, limit=p.train_subset or None)
     val = ADE20K(root, "validation", limit=p.val_subset or None)
+    train.check(labels=False)
+    val.check(labels=True)
     return train, val, train.classes
 
 
