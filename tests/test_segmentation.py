@@ -36,6 +36,7 @@ from pyconv_core.tasks.segmentation import (
     class_iou_table,
     collate,
     confusion_matrix,
+    datasets,
     predict,
     scores,
     segmentation_sample,
@@ -210,6 +211,14 @@ def test_demo_set_is_written_in_the_ade20k_layout_and_reused(tmp_path):
     make_demo_ade20k(tmp_path, num_train=4, num_val=3)
     assert len(ADE20K(root, "training")) == 4
     assert json.loads((tmp_path / "demo.json").read_text())["num_train"] == 4
+
+
+def test_demo_set_size_and_folder_come_from_the_parameters(tmp_path):
+    train, val, classes = datasets(Params(demo_dir=str(tmp_path / "demo"), demo_train=5, demo_val=2))
+    assert (len(train), len(val), classes) == (5, 2, DEMO_CLASSES)
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["num_train"] == 5
+    with pytest.raises(ValueError, match="demo_train must be >= 1"):
+        Params(demo_train=0).check()
 
 
 # ---- models --------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from pyconv_core.data.ade20k import ADE20K, IGNORE_INDEX, TrainTransform, denormalize
 from pyconv_core.data.demo_segmentation import make_demo_ade20k
 from pyconv_core.engine import distributed as dist
+from pyconv_core.engine.logging import workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, check_run_dir, fit, seed_everything
 from pyconv_core.models.segmentation import MODEL_HEADS
 from pyconv_core.registry import build
@@ -198,6 +199,9 @@ class Params(RunParams):
     backbone: str = "pyconvresnet"  # resnet | pyconvresnet
     output_stride: int = 8  # 8 or 16
     data_dir: str = ""  # ADEChallengeData2016 folder; empty: the embedded demo set
+    demo_dir: str = "data/demo_ade20k"  # demo set folder (reused if already there); relative to the workbook root
+    demo_train: int = 400  # demo training images
+    demo_val: int = 80  # demo validation images
     recipe: str = "demo"  # ade20k | demo (RECIPES)
     epochs: int = 3  # passes over the training images (paper: 100)
     batch_size: int = 0  # global batch; 0: the recipe's (ade20k 16, demo 8)
@@ -223,6 +227,8 @@ class Params(RunParams):
         check_batch_size(self.batch_size, self.gpus, recipe_default=True)
         for name in ("lr", "head_lr_scale", "crop", "test_crop", "train_subset", "val_subset"):
             at_least(name, getattr(self, name), 0, " (0: the default)")
+        for name in ("demo_train", "demo_val"):
+            at_least(name, getattr(self, name), 1)
         at_least("base_size", self.base_size, -1, " (-1: the recipe's)")
 
     @property
@@ -241,7 +247,7 @@ def datasets(p: Params) -> tuple[ADE20K, ADE20K, tuple[str, ...]]:
     here, before training (:meth:`ADE20K.check`): every mask's header, and the validation masks'
     labels, which would otherwise first be read after an epoch of training."""
     r = _recipe(p)
-    root = p.data_dir or make_demo_ade20k()
+    root = p.data_dir or make_demo_ade20k(workbook_path(p.demo_dir), num_train=p.demo_train, num_val=p.demo_val)
     transform = TrainTransform(p.crop or r["crop"], r["scale"], r["rotate"])
     train = ADE20K(root, "training", transform, limit=p.train_subset or None)
     val = ADE20K(root, "validation", limit=p.val_subset or None)
