@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AtomicFile", "write_atomic", "DiskFullError", "RunInUseError", "hold_run_dir", "check_run_dir_free",
-           "check_run_name", "LOCK_NAME"]
+__all__ = ["AtomicFile", "write_atomic", "replace_durably", "DiskFullError", "RunInUseError", "hold_run_dir",
+           "check_run_dir_free", "check_run_name", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"
 _TEMP_SUFFIX = ".tmp"
@@ -138,6 +138,18 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Replace ``path`` by ``data`` atomically and durably (see :class:`AtomicFile`)."""
     with AtomicFile(path, need=len(data)) as out:
         out.write(data)
+
+
+def replace_durably(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename ``src`` over ``dst`` as :class:`AtomicFile` does (its bytes fsynced, the rename, the folder
+    fsynced), for a file that another writer finished under a temp name (papermill's executed notebook)."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(src, dst)
+    _fsync_dir(Path(dst).parent)
 
 
 def _fsync_dir(folder: Path) -> None:
