@@ -18,7 +18,7 @@ setup: $(INSTALLED) $(KERNEL) data
 
 $(INSTALLED): pyproject.toml
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[export]'
 	touch $@
 
 $(KERNEL): $(INSTALLED)
