@@ -122,6 +122,7 @@ def test_a_failing_evaluation_keeps_the_trained_epoch_and_resume_evaluates_it(tm
 def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_fix(tmp_path):
     path = tmp_path / "last.pt"
     save_atomic({"weights": torch.arange(4096, dtype=torch.float32)}, path)
+    shutil.copy(path, tmp_path / "copy.pt")
     data = bytearray(path.read_bytes())
     data[data.find(struct.pack("<f", 1000.0)) + 3] ^= 0x01  # one bit of one weight, as a disk error flips it
     path.write_bytes(bytes(data))
@@ -131,6 +132,27 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_fix(tmp_path):
     message = str(caught.value)
     assert f"checkpoint {path} is damaged" in message and checksum_path(path).name in message
     assert "restore both files from a copy, or delete them and start the run again" in message
+    shutil.copy(tmp_path / "copy.pt", path)  # the advice works (starting again: tests/test_run_folders.py)
+    assert load_checkpoint(path)["weights"][1000] == 1000.0
+
+
+def test_an_unreadable_checksum_record_is_named_and_deleting_it_loads_the_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_atomic({"weights": torch.ones(3)}, path)
+    checksum_path(path).write_text("{ cut short")
+    with pytest.raises(OSError, match=rf"checksum record {checksum_path(path)} cannot be read .*; delete it to load "
+                                      rf"last.pt unchecked"):
+        load_checkpoint(path)
+    checksum_path(path).unlink()  # the advice works
+    assert torch.equal(load_checkpoint(path)["weights"], torch.ones(3))
+
+
+def test_a_missing_checkpoint_names_those_its_folder_holds(tmp_path):
+    save_atomic({"weights": torch.ones(3)}, tmp_path / "last.pt")
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint {tmp_path / 'best.pt'} does not exist \({tmp_path} "
+                                                rf"holds last.pt\): give the path of one that exists"):
+        load_checkpoint(tmp_path / "best.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "last.pt")["weights"], torch.ones(3))  # the one it names loads
 
 
 def test_a_kill_between_the_checksum_record_and_the_rename_leaves_a_checkpoint_that_loads(tmp_path, monkeypatch):

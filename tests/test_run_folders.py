@@ -1,9 +1,11 @@
-"""A run never silently reuses or overwrites another: runs/<name>/ of other parameters is refused
-(execution-only fields aside), the same parameters start again from scratch, resume continues, and a
-folder another process trains in is refused at once."""
+"""A run never silently reuses, overwrites or continues another: runs/<name>/ of other parameters is
+refused (execution-only fields aside), the same parameters start again from scratch, resume continues
+(with more epochs at most, recorded in config.json), and a folder another process trains in is refused
+at once. Each refusal's advice is followed to show that it works."""
 import dataclasses
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +16,8 @@ import pytest
 
 from pyconv_core import build
 from pyconv_core.engine.checkpoint import load_checkpoint
-from pyconv_core.engine.logging import read_metrics, write_json, write_jsonl
+from pyconv_core.engine.logging import read_config, read_metrics, write_json, write_jsonl
+from pyconv_core.engine.schedules import lr_multiplier, scaled_lr
 from pyconv_core.engine.trainer import NonFiniteLossError, fit
 from pyconv_core.tasks.classification import ClassificationTask, Params, datasets, demo_backbone, run, train_config
 
@@ -31,13 +34,15 @@ def finished(tmp_path):
 
 
 def test_other_parameters_in_the_folder_are_refused_with_the_fix(finished, tmp_path):
-    before = (tmp_path / "tiny" / "metrics.jsonl").read_text()
+    folder = tmp_path / "tiny"
+    before = (folder / "metrics.jsonl").read_text()
     with pytest.raises(ValueError) as caught:
         run(dataclasses.replace(finished, epochs=2, lr=0.3))
     message = str(caught.value)
-    assert str(tmp_path / "tiny") in message and "epochs=1 (now 2)" in message and "lr=0.0 (now 0.3)" in message
-    assert "run_name" in message and "resume=True" in message
-    assert (tmp_path / "tiny" / "metrics.jsonl").read_text() == before and (tmp_path / "tiny" / "best.pt").is_file()
+    assert message.startswith(f"{folder} holds another run: its config.json records epochs 1 -> 2, lr 0.0 -> 0.3; ")
+    assert message.endswith(f"pick another run_name (notebooks: run_prefix) for these parameters, or delete {folder} "
+                            f"to train them there")  # not resume=True: a resume may not change lr
+    assert (folder / "metrics.jsonl").read_text() == before and (folder / "best.pt").is_file()
 
     launched = subprocess.run([sys.executable, "-m", "pyconv_core.run", "classification", "--runs-dir", str(tmp_path),
                                "--run-name", "tiny", "--epochs", "2",
@@ -45,7 +50,14 @@ def test_other_parameters_in_the_folder_are_refused_with_the_fix(finished, tmp_p
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert launched.returncode == 1 and "Traceback" not in launched.stderr
     last = launched.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "holds another run" in last and "epochs=1 (now 2)" in last
+    assert last.startswith("error: ") and "holds another run" in last and "epochs 1 -> 2;" in last
+
+    # the advice works: another run_name trains these parameters, and so does the folder once deleted
+    other = run(dataclasses.replace(finished, epochs=2, lr=0.3, run_name="tiny-lr"))
+    assert [r["epoch"] for r in read_metrics(other.run_dir, "eval")] == [1, 2]
+    shutil.rmtree(folder)
+    again = run(dataclasses.replace(finished, epochs=2, lr=0.3))
+    assert read_config(again.run_dir)["train"]["lr"] == 0.3 and read_config(again.run_dir)["resumes"] == []
 
 
 class _NaNAtOnce(ClassificationTask):
@@ -58,21 +70,72 @@ def test_the_same_parameters_start_again_and_leave_nothing_of_the_earlier_run(fi
     # only execution fields differ: the same experiment, trained again from scratch
     again = dataclasses.replace(finished, num_workers=1, log_every=2, pyconv_plan="naive", progress=True)
     train, val, _ = datasets(again)
-    with pytest.raises(NonFiniteLossError):  # fails before its first checkpoint
+    folder = tmp_path / "tiny"
+    with pytest.raises(NonFiniteLossError) as caught:  # fails before its first checkpoint
         fit(build("resnet18", num_classes=10), _NaNAtOnce(), train, val, train_config(again))
     assert "holds a run of the same parameters: training it again from scratch" in capsys.readouterr().out
-    folder = tmp_path / "tiny"
     assert not (folder / "best.pt").exists() and not (folder / "last.pt").exists(), "the earlier run's model survived"
     assert read_metrics(folder) == []
+    assert str(caught.value).endswith(f"No checkpoint exists yet: train again with a lower lr than 0.05 (per 256 "
+                                      f"images; a resume keeps it) under another run_name, or delete {folder} first.")
+    # the advice works: a lower lr under another run_name trains (deleting the folder first: the test above)
+    lower = run(dataclasses.replace(finished, lr=0.02, run_name="tiny-lower"))
+    assert read_config(lower.run_dir)["train"]["lr"] == 0.02 and read_metrics(lower.run_dir, "eval")
 
 
-def test_resume_continues_with_changed_parameters_only_from_a_checkpoint(finished, tmp_path, capsys):
-    result = run(dataclasses.replace(finished, epochs=2, resume=True))
-    assert "resuming" in capsys.readouterr().out
-    assert [r["epoch"] for r in read_metrics(result.run_dir, "train")] == [1, 2]
-    (tmp_path / "tiny" / "last.pt").unlink()
-    with pytest.raises(ValueError, match=r"epochs=2 \(now 3\).*no last\.pt to resume"):
+def test_more_epochs_resume_the_run_and_config_json_records_each_resume(finished, tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    with pytest.raises(ValueError, match=r"records epochs 1 -> 2; .*, or resume=True to continue that run with them$"):
+        run(dataclasses.replace(finished, epochs=2))
+    run(dataclasses.replace(finished, epochs=2, resume=True, log_every=2))  # the advice, and a new log_every
+    assert f"resuming {folder} with changed parameters: epochs 1 -> 2" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_metrics(folder, "train")] == [1, 2]
+    config = read_config(folder)
+    assert config["train"]["epochs"] == 2 and len(config["resumes"]) == 1
+    resume = config["resumes"][0]
+    assert resume["at"] == [1, 0] and resume["changed"] == {"epochs": [1, 2], "log_every": [10, 2]}
+    assert time.strptime(resume["time"], "%Y-%m-%d %H:%M:%S")
+
+    # the cosine decay is rebuilt over 2 epochs from the step reached: epoch 1 ended at lr 0, epoch 2 rises again
+    steps, per_epoch = read_metrics(folder, "step"), TINY["train_subset"] // TINY["batch_size"]
+    peak = scaled_lr(0.05, TINY["batch_size"], 256)  # the demo recipe's lr
+    assert [(r["step"], r["lr"]) for r in steps][0] == (per_epoch, 0.0)
+    assert [r["step"] for r in steps[1:]] == [per_epoch + 2, per_epoch + 4]
+    rising = peak * lr_multiplier("cosine", 2, per_epoch)(per_epoch + 2)
+    assert rising > 0 and steps[1]["lr"] == pytest.approx(rising)
+
+    run(dataclasses.replace(finished, epochs=2, resume=True))  # nothing left to train: a resume all the same
+    assert [r["changed"] for r in read_config(folder)["resumes"]] == [{"epochs": [1, 2], "log_every": [10, 2]},
+                                                                      {"log_every": [2, 10]}]
+    with pytest.raises(ValueError, match=r"cannot be resumed with epochs 2 -> 1: a resume may only add epochs"):
+        run(dataclasses.replace(finished, epochs=1, resume=True))
+
+    (folder / "last.pt").unlink()
+    with pytest.raises(ValueError, match=r"no last\.pt to resume epochs 2 -> 3; .*or delete "):
         run(dataclasses.replace(finished, epochs=3, resume=True))
+    shutil.rmtree(folder)  # the advice works
+    assert [r["epoch"] for r in read_metrics(run(dataclasses.replace(finished, epochs=3, resume=True)).run_dir,
+                                             "train")] == [1, 2, 3]
+
+
+def test_a_resume_that_would_change_the_model_or_the_schedule_is_refused(finished, tmp_path):
+    folder = tmp_path / "tiny"
+    before = (folder / "metrics.jsonl").read_text(), (folder / "last.pt").read_bytes()
+    changes = dict(arch="pyconvresnet", depth=34, image_size=24, lr=0.3, batch_size=16, recipe="standard", seed=1,
+                   amp="bf16", train_subset=96, augment=True, epochs=2)
+    with pytest.raises(ValueError) as caught:
+        run(dataclasses.replace(finished, resume=True, **changes))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{folder} cannot be resumed with ")
+    for name, new in changes.items():
+        assert (f"{name} {getattr(finished, name)!r} -> {new!r}" in message) is (name != "epochs"), name
+    assert message.endswith("resume with the recorded values, or pick another run_name (notebooks: run_prefix) for "
+                            "these parameters")
+    assert ((folder / "metrics.jsonl").read_text(), (folder / "last.pt").read_bytes()) == before
+
+    # the advice works: another run_name trains changed parameters (resuming the recorded values: the test above)
+    other = run(dataclasses.replace(finished, resume=True, lr=0.3, seed=1, run_name="tiny-other"))
+    assert read_config(other.run_dir)["train"]["seed"] == 1 and read_metrics(other.run_dir, "eval")
 
 
 def _record(folder: Path, p: Params, evaluated_epoch: int) -> None:
@@ -121,3 +184,6 @@ def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_keeps_
     assert [r["epoch"] for r in read_metrics(tmp_path / "busy", "train")] == [1, 2]
     assert load_checkpoint(tmp_path / "busy" / "last.pt")["epoch"] == 2
     assert load_checkpoint(tmp_path / "busy" / "best.pt")["epoch"] in (1, 2)
+    # the advice works: once the first has ended, the folder takes a run again
+    later = run(Params(**TINY, epochs=2, runs_dir=str(tmp_path), run_name="busy", resume=True))
+    assert len(read_config(later.run_dir)["resumes"]) == 1

@@ -1,5 +1,7 @@
 """The shared Trainer on the classification task: learning, resume, DDP, bad input, NaN."""
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -220,9 +222,17 @@ class _NaNAfterOneEpoch(ClassificationTask):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     p = Params(**TINY, epochs=3, runs_dir=str(tmp_path), run_name="nan")
     train, val, _ = datasets(p)
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2.*checkpoint .*last.pt is kept"):
+    last = tmp_path / "nan" / "last.pt"
+    with pytest.raises(NonFiniteLossError) as caught:
         fit(build("resnet18", num_classes=10), _NaNAfterOneEpoch(), train, val, train_config(p))
+    assert str(caught.value) == (f"run 'nan': loss is nan at epoch 2, step 1. The last good checkpoint {last} is kept: "
+                                 f"start a new run with weights={last} and a lower lr than 0.05 (per 256 images; a "
+                                 f"resume keeps it).")
     assert _final_state(tmp_path / "nan")["epoch"] == 1
+    # the advice works: a run from those weights at a lower lr trains on (in its own folder)
+    again = run(Params(**TINY, epochs=1, lr=0.02, weights=str(last), runs_dir=str(tmp_path), progress=False))
+    assert again.run_dir.name == "resnet18-demo-s0-from-nan-last"
+    assert math.isfinite(read_metrics(again.run_dir, "train")[0]["train_loss"])
 
 
 class _NaNGradientAt(ClassificationTask):
@@ -265,11 +275,16 @@ class _EvaluationDiverges(ClassificationTask):
 def test_an_evaluation_loss_that_is_not_finite_stops_the_run_before_it_is_recorded(tmp_path):
     p = Params(**TINY, epochs=3, runs_dir=str(tmp_path), run_name="inf-eval")
     train, val, _ = datasets(p)
+    best = tmp_path / "inf-eval" / "best.pt"
     with pytest.raises(NonFiniteLossError, match=r"evaluation after epoch 2 gives \{'val_loss': inf\}.*best.pt, "
-                                                 r"the best evaluated epoch, is kept"):
+                                                 r"the best evaluated epoch, is kept; .*last.pt holds epoch 2 "
+                                                 rf"unevaluated: start a new run with weights={best} and a lower lr"):
         fit(build("resnet18", num_classes=10), _EvaluationDiverges(), train, val, train_config(p))
-    assert load_checkpoint(tmp_path / "inf-eval" / "best.pt")["epoch"] == 1
+    assert load_checkpoint(best)["epoch"] == 1
     assert load_checkpoint(tmp_path / "inf-eval" / "last.pt")["pending_eval"]  # epoch 2, never recorded as good
+    # the advice works: best.pt starts a run at a lower lr, evaluated from its first epoch
+    again = run(Params(**TINY, epochs=1, lr=0.02, weights=str(best), runs_dir=str(tmp_path), progress=False))
+    assert again.run_dir.name == "resnet18-demo-s0-from-inf-eval-best" and read_metrics(again.run_dir, "eval")
 
 
 def test_unreadable_checkpoint_is_named_with_the_fix(tmp_path):
@@ -280,6 +295,18 @@ def test_unreadable_checkpoint_is_named_with_the_fix(tmp_path):
     assert launched.returncode == 1 and "Traceback" not in launched.stderr
     last = launched.stderr.strip().splitlines()[-1]
     assert last.startswith("error: checkpoint ") and "last.pt cannot be read" in last and "start the run again" in last
+    (tmp_path / "broken" / "last.pt").unlink()  # the advice works
+    again = run(Params(**TINY, epochs=1, runs_dir=str(tmp_path), run_name="broken", resume=True, progress=False))
+    assert [r["epoch"] for r in read_metrics(again.run_dir, "train")] == [1]
+
+
+def test_too_few_samples_for_a_batch_say_so_and_a_lower_batch_size_trains(tmp_path):
+    p = Params(**{**TINY, "train_subset": 24}, epochs=1, runs_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match=r"^24 training samples give no full batch of 32: lower batch_size or add "
+                                         r"data$"):
+        run(p)
+    result = run(dataclasses.replace(p, batch_size=8))  # the advice works
+    assert read_metrics(result.run_dir, "train")[0]["samples_per_s"] > 0
 
 
 def test_param_groups_scale_the_lr_by_name_prefix_and_name_unmatched_prefixes():
@@ -290,8 +317,17 @@ def test_param_groups_scale_the_lr_by_name_prefix_and_name_unmatched_prefixes():
     assert len(param_groups(model, 0.1, {})) == 1
     with pytest.raises(ValueError, match=r"\['head\.'\] match no parameter.*\['0\.', '1\.'\]"):
         param_groups(model, 0.1, {"head.": 10.0})
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match=r"negative: use factors >= 0 \(0 freezes those parameters\)"):
         param_groups(model, 0.1, {"1.": -10.0})
+    frozen = [p.detach().clone() for p in model[1].parameters()]  # the advice: 0 freezes layer 1
+    trained = model[0].weight.detach().clone()
+    optimizer = torch.optim.SGD(param_groups(model, 0.1, {"1.": 0.0}), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(4, 2)).sum().backward()
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(model[1].parameters(), frozen))
+    assert not torch.equal(model[0].weight, trained)  # while layer 0 trains
 
 
 def test_eager_plan_tuning_leaves_no_trace_but_the_plans():

@@ -103,8 +103,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     record differs), unreadable or code-carrying file is named with what to do."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; start without resume, or point run_name "
-                                f"at the run folder that holds last.pt")
+        held = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
+        raise FileNotFoundError(f"checkpoint {path} does not exist ({path.parent} holds "
+                                f"{', '.join(held) or 'no checkpoint'}): give the path of one that exists")
     _verify(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

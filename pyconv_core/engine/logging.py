@@ -16,8 +16,8 @@ import torch
 from pyconv_core.engine.files import write_atomic
 
 __all__ = ["workbook_path", "environment", "write_json", "append_jsonl", "write_jsonl", "read_metrics", "git_commit",
-           "EXECUTION_FIELDS", "read_config", "changed_parameters", "TensorBoardLog", "EVENT_FILES",
-           "expectation"]
+           "EXECUTION_FIELDS", "RESUMABLE_FIELDS", "read_config", "changed_parameters", "unresumable",
+           "TensorBoardLog", "EVENT_FILES", "expectation"]
 
 _PACKAGES = ("torch", "torchvision", "numpy", "pycocotools", "av", "papermill", "seaborn", "tensorboard")
 
@@ -86,8 +86,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 # Fields (of TrainConfig and of the tasks' Params) that say how a run executes, not what it learns:
 # two runs that differ only in these are the same experiment.
+# ``amp`` is not one of them: bf16 and fp16 change the numbers every step computes (fp16 also keeps a grad
+# scaler), so runs under different amp are different experiments, and a resume keeps the run's amp.
 EXECUTION_FIELDS = ("gpus", "run_name", "runs_dir", "num_workers", "progress", "resume", "pyconv_plan",
                     "channels_last", "compile", "log_every")
+
+# What a resume may change besides the execution fields: more ``epochs`` (the schedule is rebuilt over the
+# new total from the step reached, see ``engine/trainer.py``) and ``eval_every`` (when evaluations happen).
+# Any other change (the model, data, lr, batch, recipe, warmup, seed, amp, evaluation protocol, weights)
+# would make the epochs after the resume another experiment than those before it.
+RESUMABLE_FIELDS = ("epochs", "eval_every")
 
 
 def read_config(run_dir: str | os.PathLike) -> dict | None:
@@ -96,17 +104,26 @@ def read_config(run_dir: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def changed_parameters(recorded: dict, train: dict) -> dict[str, tuple[Any, Any]]:
+def changed_parameters(recorded: dict, train: dict,
+                       ignore: tuple[str, ...] = EXECUTION_FIELDS) -> dict[str, tuple[Any, Any]]:
     """What differs between a recorded ``config.json`` "train" entry and a new one (a TrainConfig as a
     dict), as name -> (recorded, new): the task parameters (its ``extra``) where they differ, else the
-    TrainConfig fields. :data:`EXECUTION_FIELDS` and names that only one side has do not count."""
+    TrainConfig fields. ``ignore`` (by default :data:`EXECUTION_FIELDS`) and names that only one side has
+    do not count."""
     train = json.loads(json.dumps(train, default=str))  # as config.json holds it: tuples as lists
 
     def differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-        return {k: (old[k], new[k]) for k in new if k in old and k != "extra" and k not in EXECUTION_FIELDS
+        return {k: (old[k], new[k]) for k in new if k in old and k != "extra" and k not in ignore
                 and old[k] != new[k]}
 
     return differences(recorded.get("extra", {}), train.get("extra", {})) or differences(recorded, train)
+
+
+def unresumable(changed: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+    """The changes of :func:`changed_parameters` that a resume may not make: all but those of
+    :data:`RESUMABLE_FIELDS`, and fewer ``epochs``."""
+    return {name: (old, new) for name, (old, new) in changed.items()
+            if name not in RESUMABLE_FIELDS or (name == "epochs" and new < old)}
 
 
 EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's event files in a run folder

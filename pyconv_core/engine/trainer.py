@@ -8,6 +8,14 @@ scaling, warmup + multistep/cosine/poly schedules, ``runs/<name>/`` records, ato
 checkpoints every epoch plus ``best.pt``, exact resume, and a clean stop on NaN or a signal. A run may
 start from ``weights`` (any checkpoint of the whole model); with ``epochs`` 0 it only evaluates them.
 
+A resume continues the experiment its folder records (``check_run_dir``): it may add epochs, change
+``eval_every`` and how the run executes (``engine.logging.RESUMABLE_FIELDS``, ``EXECUTION_FIELDS``), and
+``config.json`` lists each resume under ``"resumes"`` (time, epoch and step, what changed). More epochs
+rebuild the schedule over the new total from the step reached: the epochs already run keep the lr they
+had, while a cosine or poly decay that had reached its end rises again to its value at that fraction of
+the longer run, and milestones that scale with epochs (the classification recipes') move; so the
+extended run is not the one a start with the longer schedule would have trained.
+
 ``metrics.jsonl`` rows (also kept in the checkpoints' ``history``): ``"train"`` once per epoch (means
 over the epoch's steps), ``"eval"`` per evaluation, and ``"step"`` for the training-loss curve: after
 every ``log_every``-th step of an epoch and after its last step, the means over the steps since the
@@ -45,6 +53,7 @@ from pyconv_core.engine.logging import (
     changed_parameters,
     environment,
     read_config,
+    unresumable,
     workbook_path,
     write_json,
     write_jsonl,
@@ -253,8 +262,9 @@ def _loader(dataset: Dataset, batch_size: int, cfg: TrainConfig, collate_fn, epo
 def check_run_dir(cfg: TrainConfig) -> dict[str, tuple[Any, Any]] | None:
     """What ``runs/<run_name>/`` holds, compared with ``cfg``: None (no run), ``{}`` (a run of the same
     parameters) or the parameters that differ (name -> (recorded, new)), which only ``resume=True``
-    with a ``last.pt`` to continue may change. A folder of another run is refused otherwise, so a run
-    never silently reuses or overwrites another. Execution-only fields do not count
+    with a ``last.pt`` to continue may change, and only those a resume may change
+    (``engine.logging.unresumable``). A folder of another run is refused otherwise, so a run never
+    silently reuses, overwrites or continues another. Execution-only fields do not count
     (``engine.logging.EXECUTION_FIELDS``). A folder in which another process trains is refused too."""
     check_run_name(cfg.run_name)
     run_dir = workbook_path(cfg.runs_dir) / cfg.run_name
@@ -264,16 +274,21 @@ def check_run_dir(cfg: TrainConfig) -> dict[str, tuple[Any, Any]] | None:
     if recorded is None:
         return None
     changed = changed_parameters(recorded["train"], dataclasses.asdict(cfg))
-    if changed and not (cfg.resume and (run_dir / "last.pt").is_file()):
-        fix = ("it has no last.pt to resume: pick another run_name or delete the folder" if cfg.resume else
-               "pick another run_name (notebooks: run_prefix) for this run, or pass resume=True to continue "
-               "that run with these parameters")
-        raise ValueError(f"{run_dir} holds another run: its config.json records {_describe(changed)}; {fix}")
+    refused, resumable = unresumable(changed), (run_dir / "last.pt").is_file()
+    another = "pick another run_name (notebooks: run_prefix) for these parameters"
+    if changed and cfg.resume and resumable and refused:
+        raise ValueError(f"{run_dir} cannot be resumed with {_describe(refused)}: a resume may only add epochs, "
+                         f"change eval_every or how the run executes; resume with the recorded values, or {another}")
+    if changed and not (cfg.resume and resumable):
+        fix = (f"{another}, or resume=True to continue that run with them" if resumable and not refused else
+               f"{another}, or delete {run_dir} to train them there")
+        what = "it has no last.pt to resume" if cfg.resume else "its config.json records"
+        raise ValueError(f"{run_dir} holds another run: {what} {_describe(changed)}; {fix}")
     return changed
 
 
 def _describe(changed: dict[str, tuple[Any, Any]]) -> str:
-    return ", ".join(f"{name}={old!r} (now {new!r})" for name, (old, new) in changed.items())
+    return ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
 
 
 def _autocast(device: torch.device, amp: str | None):
@@ -323,10 +338,14 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
 
     partial: tuple | None  # the loss sums and counters of an epoch stopped midway
     start_epoch, skip, history, best, partial, pending_eval = 0, 0, [], None, None, False
+    resumes: list[dict] = []  # config.json's record of this run's resumes
     resumed = cfg.resume and ckpt_path.is_file()
     if resumed:
         if previous:
             print(f"resuming {run_dir} with changed parameters: {_describe(previous)}")
+        earlier = read_config(run_dir) or {}
+        changes = changed_parameters(earlier.get("train", {}), dataclasses.asdict(cfg),
+                                     ignore=("resume", "run_name", "runs_dir"))
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -336,6 +355,8 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
         partial, pending_eval = state["partial_epoch"], state.get("pending_eval", False)
         set_rng_state(state["rng"])
         load_pyconv_plans(model, state.get("pyconv_plans", {}))
+        resumes = [*earlier.get("resumes", []), {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "at": [start_epoch, skip],
+                                                 "changed": {name: list(change) for name, change in changes.items()}}]
     else:
         if cfg.resume:
             print(f"resume=True but {ckpt_path} does not exist: starting run {cfg.run_name!r} from scratch")
@@ -350,8 +371,8 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
     if cfg.epochs == 0 and not any(row["kind"] == "eval" for row in history):
         pending_eval = val_set is not None  # epochs 0: only evaluate the weights the run starts from
     record = {"train": dataclasses.asdict(cfg), "task": task.name, "model_args": getattr(model, "model_args", None),
-              "resumed_at": [start_epoch, skip] if start_epoch or skip else None, "lr_effective": base_lr,
-              "environment": environment(device)}
+              "resumed_at": [start_epoch, skip] if start_epoch or skip else None, "resumes": resumes,
+              "lr_effective": base_lr, "environment": environment(device)}
     if dist.is_main():
         write_json(run_dir / "config.json", record)
         write_jsonl(run_dir / "metrics.jsonl", history)
@@ -365,12 +386,16 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
     step_fn = torch.compile(net) if cfg.compile else net
     show = cfg.progress and dist.is_main() and not os.environ.get("CI") and os.environ.get("PYCONV_PROGRESS") != "0"
 
-    def diverged(what: str, kept: str = "", then: str = "rerun with resume=True") -> NonFiniteLossError:
-        kept = kept or (f"The last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else
-                        "No checkpoint exists yet (the first epoch did not finish)")
-        return NonFiniteLossError(
-            f"run {cfg.run_name!r}: {what}. {kept}: lower lr (now {scheduler.get_last_lr()[0]:.4g}), add "
-            f"warmup_epochs, or use amp='bf16' instead of 'fp16', then {then}.")
+    def diverged(what: str, kept: str = "", start: Path | None = None) -> NonFiniteLossError:
+        """The error of a diverged run: what happened, the checkpoint kept (``start``: the one to go on from) and
+        how to go on with a lower lr: a run from its weights, since a resume keeps the run's lr."""
+        if not kept:
+            start = ckpt_path if ckpt_path.is_file() else None
+            kept = f"The last good checkpoint {start} is kept" if start else "No checkpoint exists yet"
+        lower = f"a lower lr than {cfg.lr:g} (per {cfg.lr_reference_batch} images; a resume keeps it)"
+        how = (f"start a new run with weights={start} and {lower}" if start else
+               f"train again with {lower} under another run_name, or delete {run_dir} first")
+        return NonFiniteLossError(f"run {cfg.run_name!r}: {what}. {kept}: {how}.")
 
     def checkpoint(epoch: int, step_in_epoch: int, path: Path = ckpt_path, partial: tuple | None = None,
                    pending_eval: bool = False) -> None:
@@ -408,7 +433,7 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
                     "No evaluated checkpoint exists")
             raise diverged(f"the evaluation after epoch {epochs_done} gives {nonfinite}, the model diverged",
                            f"{kept}; {ckpt_path} holds epoch {epochs_done} unevaluated",
-                           f"train again (resume=True would evaluate epoch {epochs_done} again)")
+                           best_path if best_path.is_file() else None)
         value = metrics.get(task.main_metric)
         if value is not None and (best is None or value > best):
             best = value
