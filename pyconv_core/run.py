@@ -11,7 +11,10 @@ Bad input (wrong paths, malformed data or checkpoints, invalid parameters, a div
 folder in use, a full disk) ends with one ``error:`` line naming the problem and exit status 1;
 ``PYCONV_TRACEBACK=1`` shows the traceback instead. A run stopped by SIGTERM or SIGINT (a scheduler's
 preemption, Ctrl-C) saves ``last.pt`` mid-epoch and exits with :data:`EXIT_STOPPED` (75, sysexits'
-EX_TEMPFAIL: try again later); ``--resume true`` continues it.
+EX_TEMPFAIL: try again later); ``--resume true`` continues it. Under torchrun every collective waits at
+most ``--ddp-timeout-s`` for the other processes (a stalled rank ends the job with one ``error: rank N:``
+line), and with ``--max-restarts N`` (``gpus > 1``) torchrun restarts every process after one fails, the
+restarted run resuming from ``last.pt``.
 """
 from __future__ import annotations
 
@@ -162,12 +165,23 @@ def _launch(task: str, params: Any) -> tuple[Path, int | None]:
     """:func:`launch`, also returning the signal that stopped the run early in this process (None: it
     finished, or it ran under torchrun)."""
     module = _task_module(task)
-    if params.gpus <= 1 or dist.is_distributed():
+    if dist.launched():  # a torchrun process (whatever gpus says): join the group with the run's timeout
+        if dist.restart_count() and not params.resume:  # torchrun --max-restarts: continue, never start over
+            if dist.launched_rank() == 0:
+                print(f"torchrun restart {dist.restart_count()}: resuming the run from its last.pt")
+            params = dataclasses.replace(params, resume=True)
+        dist.init(params.ddp_timeout_s)
+    if params.gpus <= 1 or dist.launched():
         result = module.run(params)
         return result.run_dir, result.stopped_by
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={params.gpus}", "-m",
-           "pyconv_core.run", task, *params_to_argv(params)]
-    subprocess.run(cmd, check=True)
+    # a free port per job: the default 29500 fails a second job on this host
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={params.gpus}",
+           f"--max-restarts={params.max_restarts}", "-m", "pyconv_core.run", task, *params_to_argv(params)]
+    status = subprocess.run(cmd).returncode
+    if status:
+        raise ChildProcessError(f"torchrun's processes failed (torchrun exit status {status}): the 'error: rank' "
+                                f"lines above say why" + ("" if params.max_restarts else
+                                                          "; max_restarts restarts them, resuming last.pt"))
     return workbook_path(params.runs_dir) / module.train_config(params).run_name, None
 
 
@@ -193,11 +207,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(run_dir)
         if stopped_by:
             raise SystemExit(EXIT_STOPPED)
-    except (ValueError, OSError, FloatingPointError) as err:  # input errors: their message says the fix
-        if os.environ.get("PYCONV_TRACEBACK") == "1":
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as err:
+        # input errors (their message says the fix), and a collective that another process stalled or ended
+        message = dist.collective_failure(err) if isinstance(err, RuntimeError) else str(err)
+        if message is None or os.environ.get("PYCONV_TRACEBACK") == "1":
             raise
-        where = f"rank {dist.rank()}: " if dist.is_distributed() else ""
-        print(f"error: {where}{err}", file=sys.stderr)
+        where = f"rank {dist.launched_rank()}: " if dist.launched() else ""
+        print(f"error: {where}{message}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         dist.cleanup()

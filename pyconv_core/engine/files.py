@@ -9,7 +9,8 @@ one line naming the file, the folder's free space and what the file needs.
 One writer: a run holds an ``fcntl.flock`` on ``runs/<name>/.lock`` for its life (:func:`hold_run_dir`), so
 a second run in the same folder is refused at once, naming the holder (its pid and host, written into
 the lock file). The kernel drops the lock when the holder ends, however it ends: a killed run leaves no
-stale lock, and the temp files it left are removed by the next holder.
+stale lock (the processes it forks close their copy of the lock at once), and the temp files it left are
+removed by the next holder.
 """
 from __future__ import annotations
 
@@ -33,7 +34,19 @@ __all__ = ["AtomicFile", "write_atomic", "replace_durably", "DiskFullError", "Ru
 
 LOCK_NAME = ".lock"
 _TEMP_SUFFIX = ".tmp"
-_HELD: set[Path] = set()  # run folders this process holds (its own probe must not refuse it)
+_HELD: dict[Path, int] = {}  # run folders this process holds -> their lock's fd (its own probe must not refuse it)
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close its copies of the parent's lock fds. A lock lives while any
+    copy is open, and a worker notices its parent's death only seconds later: the copy of a killed run's worker
+    would refuse the run's restart (torchrun ``--max-restarts``) as a folder in use."""
+    for fd in _HELD.values():
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class DiskFullError(OSError):
@@ -219,11 +232,11 @@ def hold_run_dir(folder: str | os.PathLike) -> Iterator[None]:
         os.write(fd, f"pid {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         for stale in folder.glob(f".*{_TEMP_SUFFIX}"):
             stale.unlink(missing_ok=True)
-        _HELD.add(folder.resolve())
+        _HELD[folder.resolve()] = fd
         try:
             yield
         finally:
-            _HELD.discard(folder.resolve())
+            _HELD.pop(folder.resolve(), None)
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)

@@ -89,7 +89,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 # ``amp`` is not one of them: bf16 and fp16 change the numbers every step computes (fp16 also keeps a grad
 # scaler), so runs under different amp are different experiments, and a resume keeps the run's amp.
 EXECUTION_FIELDS = ("gpus", "run_name", "runs_dir", "num_workers", "progress", "resume", "pyconv_plan",
-                    "channels_last", "compile", "log_every")
+                    "channels_last", "compile", "log_every", "ddp_timeout_s", "max_restarts")
 
 # What a resume may change besides the execution fields: more ``epochs`` (the schedule is rebuilt over the
 # new total from the step reached, see ``engine/trainer.py``) and ``eval_every`` (when evaluations happen).

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pyconv_core.engine.distributed import DEFAULT_TIMEOUT_S
 from pyconv_core.engine.files import check_run_name
 from pyconv_core.engine.logging import workbook_path
 from pyconv_core.layers.pyconv import check_pyconv_plan
@@ -145,6 +146,12 @@ class RunParams:
     pyconv_plan: str = "auto"  # PyConv plan: auto (fastest, measured once per layer shape) | naive | e.g. 0|123
     sync_bn: bool = False  # SyncBatchNorm under torchrun
     gpus: int = 1  # processes; >1 starts torchrun
+    # seconds a DDP collective (and joining the process group) waits for the other processes before the job ends
+    # naming this parameter: a stalled rank (a hung read, a deadlock) ends the job in minutes, not after torch's
+    # 30; 300 s is far above the longest wait of a healthy run (the others wait while rank 0 writes a checkpoint)
+    ddp_timeout_s: float = DEFAULT_TIMEOUT_S
+    # times torchrun restarts every process of a run after one fails (gpus > 1); a restarted run resumes last.pt
+    max_restarts: int = 0
     seed: int = 0
     run_name: str = ""  # runs/<run_name>/ (one folder name); default: the model, recipe or data, and seed
     runs_dir: str = "runs"
@@ -168,6 +175,9 @@ class RunParams:
         one_of("amp", self.amp, self.AMP_CHOICES)
         check_pyconv_plan(self.pyconv_plan)
         at_least("gpus", self.gpus, 1)
+        if not self.ddp_timeout_s > 0:
+            raise ValueError(f"ddp_timeout_s must be > 0 seconds, got {self.ddp_timeout_s!r}")
+        at_least("max_restarts", self.max_restarts, 0)
         at_least("num_workers", self.num_workers, 0)
         if self.run_name:  # empty: the task's default name
             check_run_name(self.run_name)
