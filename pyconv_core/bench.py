@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 import json
 import os
 import platform
@@ -119,7 +120,9 @@ def make_candidate(spec: str, settings: BenchSettings) -> Candidate:
     elif name in torchvision.models.list_models():
         model, channels = torchvision.models.get_model(name, weights=None, **classes), 3
     else:
-        raise ValueError(f"unknown torchvision model {name!r} in {spec!r}; "
+        close = difflib.get_close_matches(name, torchvision.models.list_models(), n=3)
+        hint = f"did you mean {', '.join(f'tv:{c}' for c in close)}? " if close else ""
+        raise ValueError(f"unknown torchvision model {name!r} in {spec!r}; {hint}"
                          f"see torchvision.models.list_models() for the names")
     if plan:
         set_pyconv_plan(model, plan)

@@ -242,7 +242,8 @@ def test_an_entry_without_a_required_field_is_named_with_its_file_and_the_fix(tm
         CocoDetection(root, "val2017")
     message = str(raised.value)
     assert message.startswith(f"{path}: ") and f"(entry {index} of {section}) lacks {key};" in message
-    assert fix in message and "Fix or remove the entry." in message
+    assert fix in message and message.endswith("Fix the entry, or remove it and the annotations of its category."
+                                               if section == "categories" else "Fix or remove the entry.")
 
 
 def test_malformed_values_duplicate_ids_and_unlisted_categories_are_errors_before_training(tmp_path):

@@ -211,3 +211,68 @@ def test_predictions_and_frame_strips_keep_their_rows_past_a_bad_video(kinetics_
     for row in (0, 2):
         guess = train.classes[int(probs[row].argmax())]
         assert titles[row] == f"true: {train.classes[val.samples[row][1]]} | m: {guess} ({float(probs[row].max()):.0%})"
+
+
+# ---- each message's advice, followed ----------------------------------------------------------------
+
+def test_short_sides_of_at_least_the_crop_or_a_smaller_crop_are_accepted():
+    with pytest.raises(ValueError, match=r"crop 64 is larger than the smallest short side 40 \(train_short_side "
+                                         r"\(40, 48\), test_short_side 40\); give short sides of at least the crop, "
+                                         r"or a smaller crop"):
+        ClipSampling(crop=64, train_short_side=(40, 48), test_short_side=40)
+    assert ClipSampling(crop=64, train_short_side=(64, 72), test_short_side=64).crop == 64
+    assert ClipSampling(crop=40, train_short_side=(40, 48), test_short_side=40).crop == 40
+
+
+def test_annotation_files_fixed_as_their_messages_say_are_read(kinetics_dir):
+    path = kinetics_dir / "annotations" / "train.csv"
+    rows = path.read_text().splitlines()
+    header = ",".join(ANNOTATION_COLUMNS)
+    path.write_text("\n".join(["label,youtube_id,start,end,split", *rows[1:]]))
+    with pytest.raises(ValueError, match=f"starts with the header line '{header}'$"):
+        KineticsDataset(kinetics_dir, "train", sampling=SMALL)
+    broken = rows[1].replace(",0,10,", ",zero,10,")
+    path.write_text("\n".join([header, broken, *rows[2:]]))
+    with pytest.raises(ValueError, match=f"expected '{header}' with integer times, e.g. "):
+        KineticsDataset(kinetics_dir, "train", sampling=SMALL)
+    path.write_text("\n".join(rows))
+    assert len(KineticsDataset(kinetics_dir, "train", sampling=SMALL)) == 6
+
+
+def test_the_annotation_file_of_the_split_passed_is_read(kinetics_dir, tmp_path_factory):
+    own = tmp_path_factory.mktemp("csv") / "kinetics400_train.csv"
+    shutil.move(kinetics_dir / "annotations" / "train.csv", own)
+    shutil.copy(kinetics_dir / "annotations" / "val.csv", kinetics_dir / "annotations" / "train.csv")
+    with pytest.raises(ValueError, match=r"has no rows of split 'train' \(its split column holds \['val'\]\); pass "
+                                         r"the file of that split"):
+        KineticsDataset(kinetics_dir, "train", sampling=SMALL)
+    with pytest.raises(FileNotFoundError, match="does not exist; pass the Kinetics CSV"):
+        KineticsDataset(kinetics_dir, "train", sampling=SMALL, annotations=own.parent / "train.csv")
+    assert len(KineticsDataset(kinetics_dir, "train", sampling=SMALL, annotations=own)) == 6
+
+
+def test_data_put_where_the_layout_says_is_read(kinetics_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("kinetics")
+    with pytest.raises(FileNotFoundError, match=f"expected an annotation file {root / 'annotations' / 'val.csv'} "):
+        KineticsDataset(root, "val", sampling=SMALL)
+    shutil.copytree(kinetics_dir / "annotations", root / "annotations")
+    (root / "val").mkdir()
+    for video in sorted((kinetics_dir / "val").iterdir()):
+        shutil.copy(video, root / "val" / f"clip{len(list((root / 'val').iterdir()))}.mp4")
+    with pytest.raises(FileNotFoundError, match=r"expected files named <youtube_id>_<start:06d>_<end:06d>.mp4 under "):
+        KineticsDataset(root, "val", sampling=SMALL)
+    shutil.rmtree(root / "val")
+    shutil.copytree(kinetics_dir / "val", root / "val")  # the videos under their expected names
+    assert len(KineticsDataset(root, "val", sampling=SMALL)) == 3
+
+
+def test_videos_of_labels_outside_the_training_classes_removed_are_read(kinetics_dir):
+    training_classes = ["abseiling"]  # a training set without the validation set's "air drumming"
+    path = kinetics_dir / "annotations" / "val.csv"
+    with pytest.raises(ValueError, match=r"has labels outside the given classes \(1, e.g. the training set's\): "
+                                         r"\['air drumming'\]; remove their videos \(rows\)"):
+        KineticsDataset(kinetics_dir, "val", sampling=SMALL, classes=training_classes)
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join(row for row in rows if not row.startswith("air drumming")))
+    val = KineticsDataset(kinetics_dir, "val", sampling=SMALL, classes=training_classes)
+    assert len(val) == 2 and val.classes == ["abseiling"]

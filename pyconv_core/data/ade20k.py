@@ -44,6 +44,8 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 SPLITS = ("training", "validation")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# every image needs its mask: an unreadable one of the pair goes with the other
+_FIX_UNREADABLE = "replace the file, or remove the image and its mask"
 
 # The 150 classes of the benchmark (first name of each objectInfo150.txt row) and the usual palette.
 ADE20K_CLASSES: tuple[str, ...] = (
@@ -126,7 +128,8 @@ def _mask_labels(mask_path: Path, mask: Image.Image, num_classes: int) -> np.nda
     label = np.asarray(mask)
     if label.max() > num_classes:
         raise ValueError(f"{mask_path} holds label {label.max()} but the data set has {num_classes} "
-                         f"classes (1..{num_classes}, 0 = other): is it an ADEChallengeData2016 mask?")
+                         f"classes (1..{num_classes}, 0 = other; objectInfo150.txt lists them, else ADE20K's 150): "
+                         f"correct the mask, or list its classes in objectInfo150.txt")
     return label
 
 
@@ -216,7 +219,7 @@ class ADE20K(Dataset):
                 _check_mask_header(image_path, (image.shape[1], image.shape[0]), mask_path, m)
                 label = _mask_labels(mask_path, m, len(self.classes))
         except OSError as err:
-            raise UnreadableFileError(path, err, "replace the file, or remove the image and its mask") from err
+            raise UnreadableFileError(path, err, _FIX_UNREADABLE) from err
         return torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(to_train_ids(label))
 
     def check(self, labels: bool = True) -> None:
@@ -247,7 +250,7 @@ class ADE20K(Dataset):
                 if labels:
                     _mask_labels(mask_path, m, len(self.classes))
         except OSError as err:
-            self.unreadable.skip(path, err)
+            self.unreadable.skip(path, err, _FIX_UNREADABLE)
         except ValueError as err:
             return str(err)
         return None
@@ -256,7 +259,7 @@ class ADE20K(Dataset):
         try:
             image, mask = self.read(index)
         except UnreadableFileError as err:
-            self.unreadable.skip(err.path, err.reason)
+            self.unreadable.skip(err.path, err.reason, err.fix)
             return None
         if self.transform is not None:
             return self.transform(image, mask)

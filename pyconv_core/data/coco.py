@@ -198,7 +198,7 @@ class CocoDetection(Dataset):
         try:
             image, boxes, labels = self.read(index)
         except UnreadableFileError as err:
-            self.unreadable.skip(err.path, err.reason)
+            self.unreadable.skip(err.path, err.reason, err.fix)
             return None
         image_id = self.items[index][0]
         height, width = image.shape[-2:]
@@ -240,8 +240,10 @@ def _check_entries(ann_file: Path, data: dict) -> None:
             _, noun, needs = _REQUIRED[section]
             index, entry, problem = bad[0]
             more = f" ({len(bad) - 1} more {section} entries have this problem)" if len(bad) > 1 else ""
+            tail = "Fix the entry, or remove it and the annotations of its category" if section == "categories" else (
+                "Fix or remove the entry")
             raise ValueError(f"{ann_file}: {_entry(noun, section, index, entry)} {problem}{more}; {fix or needs}. "
-                             f"Fix or remove the entry.")
+                             f"{tail}.")
 
     for section, (keys, _, _) in _REQUIRED.items():
         if not isinstance(data[section], list):

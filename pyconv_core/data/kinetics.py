@@ -60,8 +60,9 @@ class ClipSampling:
     def __post_init__(self) -> None:
         if self.crop > min(self.train_short_side[0], self.test_short_side):
             raise ValueError(f"crop {self.crop} is larger than the smallest short side "
-                             f"{min(self.train_short_side[0], self.test_short_side)}; "
-                             "scale videos to at least the crop")
+                             f"{min(self.train_short_side[0], self.test_short_side)} (train_short_side "
+                             f"{self.train_short_side}, test_short_side {self.test_short_side}); give short sides "
+                             f"of at least the crop, or a smaller crop")
         if self.frames < 1 or self.stride < 1 or self.test_clips < 1 or self.test_crops < 1:
             raise ValueError(f"frames, stride, test_clips and test_crops must be positive: {self}")
 
@@ -264,8 +265,9 @@ class KineticsDataset(Dataset):
         index = {c: i for i, c in enumerate(self.classes)}
         unknown = sorted({label for label, _ in labelled} - set(index))
         if unknown:
-            raise ValueError(f"{where} has labels outside the given classes: {unknown[:5]}; build the validation "
-                             f"set with classes=train_set.classes from the same Kinetics version")
+            raise ValueError(f"{where} has labels outside the given classes ({len(self.classes)}, e.g. the "
+                             f"training set's): {unknown[:5]}; remove their videos (rows), or give training and "
+                             f"validation data of the same Kinetics version")
         self.samples = [(path, index[label]) for label, path in labelled]
         self.num_skipped = 0
 

@@ -42,11 +42,12 @@ def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
 
 
 class UnreadableFileError(OSError):
-    """A file that cannot be decoded; ``path`` names it and ``reason`` is the decoder's error."""
+    """A file that cannot be decoded; ``path`` names it, ``reason`` is the decoder's error and ``fix``
+    what to do in the dataset's layout (the skip's log line says it too)."""
 
     def __init__(self, path: str | os.PathLike, reason: Exception, fix: str) -> None:
         super().__init__(f"cannot decode {path} ({reason}); {fix}")
-        self.path, self.reason = Path(path), reason
+        self.path, self.reason, self.fix = Path(path), reason, fix
 
 
 class UnreadableFiles:
@@ -55,8 +56,9 @@ class UnreadableFiles:
     def __init__(self) -> None:
         self.paths: set[str] = set()
 
-    def skip(self, path: str | os.PathLike, err: Exception) -> None:
-        """Record that ``path`` could not be decoded (because of ``err``); log it once."""
+    def skip(self, path: str | os.PathLike, err: Exception, fix: str = "replace or remove it") -> None:
+        """Record that ``path`` could not be decoded (because of ``err``); log it once, with ``fix``: what
+        to do in the dataset's layout (an ADE20K mask is removed with its image, a COCO image with its entry)."""
         if str(path) not in self.paths:
             self.paths.add(str(path))
-            log.warning("skipping unreadable file %s (%s); replace or remove it (counted in num_skipped)", path, err)
+            log.warning("skipping unreadable file %s (%s); %s (counted in num_skipped)", path, err, fix)

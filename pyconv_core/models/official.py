@@ -89,12 +89,23 @@ def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
 def load_official_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
                              label: str | None = None) -> nn.Module:
     """Load an authors'-layout state_dict (path or dict; ``module.`` prefix and a
-    ``{"state_dict": ...}`` wrapper accepted) exactly into ``model``.
+    ``{"state_dict": ...}`` wrapper accepted) exactly into ``model``; this workbook's own layout
+    (``.levels.`` keys, as ``torch.save(model.state_dict(), path)`` of one of its models writes, or a
+    run's ``best.pt``) is accepted too, so the re-save that a refused file's message advises loads.
 
     Raises :class:`CheckpointMismatchError` listing missing, unexpected and mis-shaped keys.
     BN ``num_batches_tracked`` buffers absent from old checkpoints are not counted as missing.
     """
     state, where = _read_state_dict(source)
+    return _load_either_layout(model, state, where, label)
+
+
+def _load_either_layout(model: nn.Module, state: dict, where: str, label: str | None) -> nn.Module:
+    """Load ``state`` (read from ``where``) exactly into ``model``, in this workbook's layout if its keys
+    have ``.levels.``, else in the authors'."""
+    if any(".levels." in k for k in state):
+        return _load_own_layout(model, state, where, f"model {label or _name(model)}",
+                                "Use weights of the same model (architecture, depth, number of classes).")
     return _load_official(model, state, where, label)
 
 
@@ -184,10 +195,6 @@ def load_model_weights(model: nn.Module, source: str | os.PathLike) -> nn.Module
             f"{_name(model)}: pass weights of a {_name(model)}, or set the model parameters (arch, depth, head, "
             f"...) to those of the checkpoint's run")
     state, _ = _read_state_dict(checkpoint)
-    if any(".levels." in k for k in state):
-        _load_own_layout(model, state, where, f"model {_name(model)}",
-                         "Use weights of the same model (architecture, depth, number of classes).")
-    else:
-        _load_official(model, state, where, None)
+    _load_either_layout(model, state, where, None)
     load_pyconv_plans(model, checkpoint.get("pyconv_plans") or {})
     return model
