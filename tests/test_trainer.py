@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -233,6 +234,27 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     again = run(Params(**TINY, epochs=1, lr=0.02, weights=str(last), runs_dir=str(tmp_path), progress=False))
     assert again.run_dir.name == "resnet18-demo-s0-from-nan-last"
     assert math.isfinite(read_metrics(again.run_dir, "train")[0]["train_loss"])
+
+
+class _EvaluationFails(ClassificationTask):
+    def evaluate(self, model, loader, device):
+        batches = iter(loader)
+        next(batches)  # its workers have started; the traceback keeps this frame, and so the iterator
+        raise OSError("the validation disk went away")
+
+
+@pytest.mark.parametrize("fails", ["in training", "in evaluation"])
+def test_an_error_mid_epoch_leaves_no_dataloader_worker_behind(tmp_path, fails):
+    # Workers block SIGTERM (so a preempted run saves first), so terminate() cannot end them: a worker left
+    # alive by the traceback of an error made multiprocessing's exit handler wait forever (pytest hung at exit)
+    p = Params(**TINY, epochs=2, num_workers=2, runs_dir=str(tmp_path), run_name="fails")
+    train, val, _ = datasets(p)
+    before = set(multiprocessing.active_children())
+    task, error = (_NaNAfterOneEpoch(), NonFiniteLossError) if fails == "in training" else (_EvaluationFails(), OSError)
+    with pytest.raises(error) as caught:
+        fit(build("resnet18", num_classes=10), task, train, val, train_config(p))
+    assert caught.traceback  # still held, as by a notebook or a test showing it
+    assert set(multiprocessing.active_children()) - before == set()
 
 
 class _NaNGradientAt(ClassificationTask):

@@ -156,16 +156,29 @@ class _Loader(DataLoader):
     """A DataLoader whose workers never see SIGTERM/SIGINT: they start with both blocked (a worker inherits
     the signal mask of the thread that starts it) and keep them blocked. A scheduler or Ctrl-C signals the
     whole process group; the main process saves and stops, while a worker killed by the signal would fail
-    the step before the save (and print its traceback)."""
+    the step before the save (and print its traceback).
+
+    Such workers cannot be ended by ``terminate()`` either, which is how torch and multiprocessing's exit
+    handler end workers whose iterator was never shut down (e.g. one kept alive by the traceback of an
+    error raised mid-epoch): the process would hang at exit. So the loader is closed on every way out of
+    the code that iterates it (``with contextlib.closing(loader)``): :meth:`close` shuts down the workers
+    of every iterator it started."""
 
     def __iter__(self):
         if self.num_workers == 0:
             return super().__iter__()
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            return super().__iter__()
+            iterator = super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        self.__dict__.setdefault("_started", []).append(iterator)
+        return iterator
+
+    def close(self) -> None:
+        """Shut down the worker processes of the iterators this loader started (waits for them to exit)."""
+        for iterator in self.__dict__.pop("_started", []):
+            iterator._shutdown_workers()
 
 
 class _SeededBatches(Dataset):
@@ -239,7 +252,7 @@ def _len(sized: object) -> int:
 
 
 def _loader(dataset: Dataset, batch_size: int, cfg: TrainConfig, collate_fn, epoch: int, train: bool,
-            skip_batches: int = 0) -> DataLoader:
+            skip_batches: int = 0) -> _Loader:
     """Epoch-seeded sharded loader: in training, rank r of W takes every W-th index of one
     permutation, so W processes see exactly the global batches of one process and an epoch's order
     is reproducible; in evaluation every sample is seen exactly once (no padding duplicates)."""
@@ -380,8 +393,8 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
                            record["train"], f"eval/{task.main_metric}", enabled=dist.is_main())
 
     if cfg.compile and any(isinstance(m, PyConv) and m.plan == "auto" and not m.chosen(True) for m in model.modules()):
-        first = next(iter(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, start_epoch, train=True)))
-        tune_plans_eagerly(model, task, first, device, cfg.amp)
+        with contextlib.closing(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, start_epoch, True)) as first:
+            tune_plans_eagerly(model, task, next(iter(first)), device, cfg.amp)
     net = DistributedDataParallel(model) if dist.is_distributed() else model
     step_fn = torch.compile(net) if cfg.compile else net
     show = cfg.progress and dist.is_main() and not os.environ.get("CI") and os.environ.get("PYCONV_PROGRESS") != "0"
@@ -440,13 +453,14 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
             checkpoint(epochs_done, 0, best_path)
         checkpoint(epochs_done, 0)
 
-    with _StopRequest() as stop, board:
+    with _StopRequest() as stop, board, contextlib.ExitStack() as loaders:
         if pending_eval:
             evaluate_and_checkpoint(start_epoch)
         for epoch in range(start_epoch, cfg.epochs):
             if not skip:
                 seed_everything(cfg.seed * 1_000_003 + epoch)
-            loader = _loader(train_set, cfg.batch_size, cfg, task.collate_fn, epoch, train=True, skip_batches=skip)
+            loader = loaders.enter_context(contextlib.closing(
+                _loader(train_set, cfg.batch_size, cfg, task.collate_fn, epoch, train=True, skip_batches=skip)))
             net.train()
             # window, in_window: the loss sums and steps since the last step row (saved at a stop, so a
             # resumed run writes the step rows of an uninterrupted one)
@@ -493,6 +507,7 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
                     print(f"signal {stop_signal}: saved {ckpt_path} at epoch {epoch + 1}, step {step + 1}; "
                           f"rerun with resume=True (launcher: --resume true) to continue")
                     return FitResult(run_dir, history, model, best, stopped_by=stop_signal)
+            loader.close()  # its workers have ended; this releases them (an early exit: the ExitStack does)
             skip = 0
             row = {"kind": "train", "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
                    "seconds": time.perf_counter() - tic, **_reduce_means(sums, count, device)}
@@ -510,8 +525,8 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
 def evaluate(model: nn.Module, task, dataset: Dataset, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
     """The task's metrics on ``dataset`` (sharded over processes), in eval mode under the run's AMP."""
     model.eval()
-    loader = _loader(dataset, cfg.batch_size, cfg, task.collate_fn, 0, train=False)
-    with _autocast(device, cfg.amp):
+    with contextlib.closing(_loader(dataset, cfg.batch_size, cfg, task.collate_fn, 0, train=False)) as loader, \
+            _autocast(device, cfg.amp):
         return task.evaluate(model, loader, device)
 
 
