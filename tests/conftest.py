@@ -1,4 +1,5 @@
 """Shared fixtures: small data sets in the real formats, generated from real Fashion-MNIST items."""
+import multiprocessing
 import os
 
 import numpy as np
@@ -29,3 +30,15 @@ def imagenet_dir(tmp_path_factory):
                 Image.fromarray(images[i]).convert("RGB").save(folder / f"{wnid}_{i}.JPEG", quality=95)
         (root / split / "n00000001" / "n00000001_corrupt.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     return root
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail, instead of hanging, when a test leaves a child process (e.g. a DataLoader worker, which blocks
+    SIGTERM) alive: multiprocessing's exit handler would wait for it forever. The children are named and killed."""
+    left = multiprocessing.active_children()
+    if left:
+        print(f"\nchild processes left alive by the tests (killed): {left}")
+        for child in left:
+            child.kill()
+            child.join()
+        session.exitstatus = 1
