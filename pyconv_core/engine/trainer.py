@@ -203,6 +203,32 @@ class _SeededBatches(Dataset):
             return [self.dataset[i] for i in indices]
 
 
+class _DeviceSums:
+    """Per-key sums of a run's step losses, kept where the losses are (in float64): adding a step's losses
+    does not wait for the device, as ``float(loss)`` every step would; :meth:`values` reads them (once per
+    step row). The sums equal Python floats added step by step (float32 values, float64 additions in order)."""
+
+    def __init__(self, start: dict[str, float] | None = None) -> None:
+        self.sums = {key: torch.tensor(value, dtype=torch.float64) for key, value in (start or {}).items()}
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for key, value in losses.items():
+            value = value.detach().to(torch.float64)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def values(self) -> dict[str, float]:
+        return {key: float(value) for key, value in self.sums.items()}
+
+
+def _first_nonfinite_loss(losses: list[torch.Tensor]) -> tuple[int, float] | None:
+    """Position and value of the first NaN or infinite loss in ``losses`` (None: all finite), with one sync.
+    The steps after such a loss only change weights that the checkpoints refuse to save."""
+    if not losses:
+        return None
+    values = torch.stack(losses).tolist()
+    return next(((i, v) for i, v in enumerate(values) if not math.isfinite(v)), None)
+
+
 def _first_nonfinite(model: nn.Module) -> str | None:
     """The first parameter or buffer holding a NaN or inf (None: all finite), with one device sync."""
     state = {name: value for name, value in model.state_dict().items() if value.is_floating_point()}
@@ -462,11 +488,11 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
             loader = loaders.enter_context(contextlib.closing(
                 _loader(train_set, cfg.batch_size, cfg, task.collate_fn, epoch, train=True, skip_batches=skip)))
             net.train()
-            # window, in_window: the loss sums and steps since the last step row (saved at a stop, so a
-            # resumed run writes the step rows of an uninterrupted one)
-            sums: dict[str, float]
-            window: dict[str, float]
-            sums, count, seen, elapsed, window, in_window = partial or ({}, 0, 0, 0.0, {}, 0)
+            # sums: the epoch's loss sums; window: those since the last step row (both saved at a stop, so a
+            # resumed run writes the rows of an uninterrupted one); kept on the device (see _DeviceSums)
+            done, count, seen, elapsed, done_window, in_window = partial or ({}, 0, 0, 0.0, {}, 0)
+            sums, window = _DeviceSums(done), _DeviceSums(done_window)
+            window_losses: list[torch.Tensor] = []  # the losses since the last check, to name a non-finite one
             partial, tic = None, time.perf_counter() - elapsed
             # tqdm.auto calls iter() on what it wraps when it is created, and again when it is iterated: given
             # the loader, that would start two worker pools per epoch. Given one iterator, both calls return it.
@@ -477,40 +503,46 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
                 with _autocast(device, cfg.amp):
                     losses = task.train_step(step_fn, batch, device)
                 loss = losses["loss"]
-                if not torch.isfinite(loss.detach()).all():
-                    raise diverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+                window_losses.append(loss.detach().float())
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                for key, value in losses.items():
-                    number = float(value.detach())
-                    sums[key] = sums.get(key, 0.0) + number
-                    window[key] = window.get(key, 0.0) + number
+                sums.add(losses)
+                window.add(losses)
                 count, in_window = count + 1, in_window + 1
                 seen += _batch_len(batch)
-                if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+                row_due = (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch
+                # under DDP polling the signal is a collective (and a sync): only at step rows
+                stop_signal = stop.requested(device) if row_due or not dist.is_distributed() else 0
+                if row_due or stop_signal:  # the losses are checked once per window, not with a sync per step
+                    bad = _first_nonfinite_loss(window_losses)
+                    if bad is not None:
+                        at = step + 2 - len(window_losses) + bad[0]
+                        raise diverged(f"loss is {bad[1]} at epoch {epoch + 1}, step {at}")
+                    window_losses.clear()
+                if row_due:
                     # under DDP each rank's own mean (rank 0's is written): an all_reduce here would add a
                     # collective every log_every steps; the epoch's "train" row is the reduced mean
                     log({"kind": "step", "epoch": epoch + (step + 1) / steps_per_epoch,
                          "step": epoch * steps_per_epoch + step + 1, "lr": scheduler.get_last_lr()[0],
-                         **_means(window, in_window)})
-                    window, in_window = {}, 0
-                if show:
-                    bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}",
-                                    img_s=f"{seen * dist.world_size() / (time.perf_counter() - tic):.0f}")
-                stop_signal = stop.requested(device)
+                         **_means(window.values(), in_window)})
+                    window, in_window = _DeviceSums(), 0
+                    if show:
+                        bar.set_postfix(loss=f"{sums.values()['loss'] / count:.3f}",
+                                        lr=f"{scheduler.get_last_lr()[0]:.3g}",
+                                        img_s=f"{seen * dist.world_size() / (time.perf_counter() - tic):.0f}")
                 if stop_signal:
-                    checkpoint(epoch, step + 1,
-                               partial=(sums, count, seen, time.perf_counter() - tic, window, in_window))
+                    checkpoint(epoch, step + 1, partial=(sums.values(), count, seen, time.perf_counter() - tic,
+                                                         window.values(), in_window))
                     print(f"signal {stop_signal}: saved {ckpt_path} at epoch {epoch + 1}, step {step + 1}; "
                           f"rerun with resume=True (launcher: --resume true) to continue")
                     return FitResult(run_dir, history, model, best, stopped_by=stop_signal)
             loader.close()  # its workers have ended; this releases them (an early exit: the ExitStack does)
             skip = 0
             row = {"kind": "train", "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
-                   "seconds": time.perf_counter() - tic, **_reduce_means(sums, count, device)}
+                   "seconds": time.perf_counter() - tic, **_reduce_means(sums.values(), count, device)}
             row["samples_per_s"] = _reduce_sum(seen, device) / row["seconds"]
             log(row)
             due = val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
