@@ -12,6 +12,7 @@ backward, SGD step with momentum and weight decay. Ratios are throughput over th
 The process CPU time per step is recorded too, with its own ratio: on a shared CPU, where
 other processes take turns on the cores, it is steadier than the wall clock (use --threads 1).
 Video models (registered ``input_shape`` with frames) take clips of ``--frames`` x size x size.
+``--loader TASK ...`` times the tasks' training loaders alone instead (``pyconv_core/data/bench.py``).
 The results go to the terminal as a table and to ``runs/bench/<name>.json`` with the machine,
 the versions, the settings and the command line. Options that change how a model computes
 (an execution plan, a fused kernel) enter as a :data:`SetupHook` given to ``run_bench`` / ``main``,
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from pyconv_core.data.bench import LOADER_TASKS, format_loader_table, loader_bench
 from pyconv_core.layers import factory
 from pyconv_core.layers.plans import candidate_plans, format_plan, mac_ratio, naive_plan, time_plan
 from pyconv_core.layers.pyconv import PyConv, set_pyconv_plan
@@ -377,7 +379,14 @@ def format_table(rows: list[dict], baseline: str) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command-line options (see ``python -m pyconv_core.bench --help``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", required=True, help="registered names or tv:<torchvision name>")
+    parser.add_argument("--models", nargs="+", help="registered names or tv:<torchvision name>")
+    parser.add_argument("--loader", nargs="+", metavar="TASK", choices=LOADER_TASKS,
+                        help="instead of models, time these tasks' training loaders alone at the paper's sizes "
+                             "(items/s per --workers count; pyconv_core/data/bench.py)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="DataLoader workers (--loader)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per loader (--loader)")
+    parser.add_argument("--loader-items", type=int, default=64, help="images or videos generated per task (--loader)")
+    parser.add_argument("--loader-dir", default="data/bench", help="folder of the generated data (--loader)")
     parser.add_argument("--baseline", help="spec the ratios refer to (default tv:resnet50; tv:r3d_18 for video)")
     parser.add_argument("--batch", type=int, default=8, help="images or clips per step")
     parser.add_argument("--size", type=int, default=224, help="input side in pixels (299 for the Inception nets)")
@@ -401,6 +410,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", help="JSON file name under --out-dir (default: a timestamp)")
     parser.add_argument("--out-dir", default="runs/bench", help="folder of the JSON results")
     args = parser.parse_args(argv)
+    if not args.models and not args.loader:
+        parser.error("give --models (model speed) or --loader (input pipeline speed)")
+    if any(count < 0 for count in args.workers):
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     for flag in ("batch", "size", "frames", "repeats"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -413,29 +426,36 @@ def main(argv: Sequence[str] | None = None, setup: Sequence[SetupHook] = ()) -> 
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    started = datetime.now()
+    record = {"name": args.name or started.strftime("%Y%m%d-%H%M%S"), "started": started.isoformat(timespec="seconds"),
+              "command": shlex.join(["python", "-m", "pyconv_core.bench", *argv]), "machine": machine_info(args.device)}
+    if args.loader:
+        rows = loader_bench(args.loader, args.workers, args.batch, args.loader_items, args.seconds, args.loader_dir)
+        return _write(record | {"loaders": rows}, args.out_dir, format_loader_table(rows))
     settings = BenchSettings(batch=args.batch, size=args.size, frames=args.frames, modes=tuple(args.mode),
                              device=args.device, amp=args.amp, channels_last=args.channels_last,
                              compile=args.compile, repeats=args.repeats, warmup=args.warmup, iters=args.iters,
                              num_classes=args.num_classes)
     baseline = args.baseline or default_baseline(args.models)
-    started = datetime.now()
     models = [f"{spec}@{plan}" if args.pyconv_plan and _has_pyconv(spec) else spec
               for spec in args.models for plan in (args.pyconv_plan or [None])]
     models = list(dict.fromkeys(models))
     layers = [row for spec in dict.fromkeys(m.partition("@")[0] for m in models) if _has_pyconv(spec)
               for row in layer_bench(spec, settings)] if args.layers else []
     rows = add_ratios(run_bench([*models, baseline], settings, setup), baseline)
-    record = {"name": args.name or started.strftime("%Y%m%d-%H%M%S"), "started": started.isoformat(timespec="seconds"),
-              "command": shlex.join(["python", "-m", "pyconv_core.bench", *argv]), "machine": machine_info(args.device),
-              "settings": asdict(settings), "baseline": baseline, "results": rows, "layers": layers}
-    path = Path(args.out_dir) / f"{record['name']}.json"
+    table = (format_layer_table(layers) + "\n\n" if layers else "") + format_table(rows, baseline) + (
+        f"\n\n{settings.device}, batch {settings.batch}, amp {settings.amp}, channels_last {settings.channels_last}, "
+        f"compile {settings.compile}; medians of {settings.repeats} repeats")
+    return _write(record | {"settings": asdict(settings), "baseline": baseline, "results": rows, "layers": layers},
+                  args.out_dir, table)
+
+
+def _write(record: dict, out_dir: str, table: str) -> dict:
+    """Write ``record`` to ``<out_dir>/<name>.json`` and print ``table`` and the path; return the record."""
+    path = Path(out_dir) / f"{record['name']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
-    if layers:
-        print(format_layer_table(layers) + "\n")
-    print(format_table(rows, baseline))
-    print(f"\n{settings.device}, batch {settings.batch}, amp {settings.amp}, channels_last {settings.channels_last}, "
-          f"compile {settings.compile}; medians of {settings.repeats} repeats -> {path}")
+    print(f"{table}\n-> {path}")
     return record
 
 

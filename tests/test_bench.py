@@ -8,6 +8,7 @@ from torch import nn
 
 from pyconv_core import build
 from pyconv_core.bench import BenchSettings, add_ratios, default_baseline, main, make_candidate, run_bench
+from pyconv_core.data.bench import LOADER_TASKS, time_loader, training_set
 from pyconv_core.layers.pyconv import PyConv
 from pyconv_core.profile import count_params
 
@@ -118,3 +119,26 @@ def test_pyconv_plans_and_layer_table(tmp_path, capsys, one_thread):
                                           "01|23"]
     assert all(r["train_ms"] > 0 and r["infer_ms"] > 0 for r in layers)
     assert "train/plain" in capsys.readouterr().out
+
+
+PAPER_INPUTS = {"classification": (3, 224, 224), "detection": (3, 300, 300), "segmentation": (3, 473, 473),
+                "video": (1, 3, 16, 224, 224)}  # views x channels x frames x side x side
+
+
+@pytest.mark.parametrize("task", LOADER_TASKS)
+def test_loader_bench_times_each_tasks_training_set_at_the_papers_size(task, tmp_path):
+    dataset, collate_fn = training_set(task, items=4, folder=str(tmp_path))
+    assert tuple(dataset[0][0].shape) == PAPER_INPUTS[task]
+    row = time_loader(dataset, collate_fn, workers=1, batch=2, seconds=0.5)
+    assert row["workers"] == 1 and row["items"] >= 2 and row["items_per_s"] == row["items"] / row["seconds"] > 0
+
+
+def test_loader_bench_from_the_command_line_writes_its_table_and_json(tmp_path, capsys):
+    record = main(["--loader", "classification", "--workers", "0", "--seconds", "0.3", "--batch", "2",
+                   "--loader-items", "4", "--loader-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path),
+                   "--name", "loaders"])
+    saved = json.loads((tmp_path / "loaders.json").read_text())
+    assert saved["loaders"] == record["loaders"] and [r["task"] for r in saved["loaders"]] == ["classification"]
+    assert "| classification | 0 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--workers", "0"])  # neither --models nor --loader
