@@ -44,7 +44,14 @@ from torch import nn
 
 from pyconv_core.data.bench import LOADER_TASKS, format_loader_table, loader_bench
 from pyconv_core.layers import factory
-from pyconv_core.layers.plans import candidate_plans, format_plan, mac_ratio, naive_plan, time_plan
+from pyconv_core.layers.plans import (
+    candidate_plans,
+    format_plan,
+    mac_ratio,
+    max_mac_ratio_for,
+    naive_plan,
+    time_plan,
+)
 from pyconv_core.layers.pyconv import PyConv, set_pyconv_plan
 from pyconv_core.profile import count_params
 from pyconv_core.registry import build, model_entry
@@ -306,7 +313,8 @@ def layer_bench(spec: str, settings: BenchSettings, log: Callable[[str], None] =
         plain = factory.conv(layer.dim, first.in_channels, layer_out, 3, stride=first.stride,
                              dilation=first.dilation).to(device)
         timed = [("plain conv", [plain], naive_plan(1), 0.0)]
-        timed += [(format_plan(p), convs, p, mac_ratio(convs, p)) for p in candidate_plans(convs)]
+        timed += [(format_plan(p), convs, p, mac_ratio(convs, p))
+                  for p in candidate_plans(convs, max_mac_ratio_for(device))]
         log(f"layers: {spec} {name} {list(shape)}: {len(timed)} plans")
         times = {}
         for label, levels, plan, macs in timed:

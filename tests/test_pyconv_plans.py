@@ -10,7 +10,8 @@ import torch
 from pyconv_core import build
 from pyconv_core.engine.logging import read_metrics
 from pyconv_core.layers import plans
-from pyconv_core.layers.pyconv import PyConv, load_pyconv_plans, pyconv_plans, set_pyconv_plan
+from pyconv_core.layers.plans import candidate_plans, format_plan, mac_ratio, max_mac_ratio_for, parse_plan
+from pyconv_core.layers.pyconv import PYCONV_PRESETS, PyConv, load_pyconv_plans, pyconv_plans, set_pyconv_plan
 from pyconv_core.run import load_run_model
 from pyconv_core.tasks.classification import Params, run
 
@@ -203,3 +204,12 @@ def test_plan_cache_file_is_per_machine_and_a_corrupt_one_is_rewritten(tmp_path,
     with pytest.warns(UserWarning, match="plans.json is unreadable"):
         plans.tune(torch.randn(2, 8, 8, 8), layer.levels, training=False)
     assert len(json.loads(path.read_text())) == 1
+
+
+def test_a_gpu_times_dense_merges_that_a_cpu_does_not():
+    # a GPU's tensor cores may run the dense merge of a PyConv4 (12x its MACs) faster than grouped kernels
+    convs = list(PyConv.from_levels(64, 64, PYCONV_PRESETS["pyconv4"]).levels)
+    on_cpu = {format_plan(p) for p in candidate_plans(convs, max_mac_ratio_for(torch.device("cpu")))}
+    on_gpu = {format_plan(p) for p in candidate_plans(convs, max_mac_ratio_for(torch.device("cuda")))}
+    assert "0123" in on_gpu and "0123" not in on_cpu and on_cpu < on_gpu
+    assert all(mac_ratio(convs, parse_plan(p)) <= 4 for p in on_cpu)

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from pyconv_core.layers.factory import ConvNd
 
 __all__ = ["Plan", "naive_plan", "parse_plan", "format_plan", "partitions", "all_plans", "mac_ratio",
-           "candidate_plans", "run_plan", "signature", "time_plan", "tune", "PLAN_CACHE", "MAX_MAC_RATIO",
+           "candidate_plans", "max_mac_ratio_for", "run_plan", "signature", "time_plan", "tune", "PLAN_CACHE",
+           "MAX_MAC_RATIO",
            "machine_key", "plan_cache_path"]
 
 Partition = tuple[tuple[int, ...], ...]  # of the level indices; each part runs as one convolution
@@ -57,7 +58,10 @@ class Plan:
         return format_plan(self)
 
 
-MAX_MAC_RATIO = 4.0  # candidates doing more than this many times the naive MACs are not timed
+# Candidates doing more than this many times the naive MACs are not timed, per device type: a CPU pays for
+# every MAC, while a GPU's tensor cores can run a dense merge of several levels (up to 12x the MACs of a
+# PyConv4) faster than cuDNN's grouped kernels with few channels per group.
+MAX_MAC_RATIO = {"cpu": 4.0, "cuda": 16.0}
 PLAN_CACHE: dict[tuple, Plan] = {}  # (layer, input signature, MAC bound) -> fastest plan, per process
 _STORED: dict[Path, dict[str, str]] = {}  # plan cache files read by this process
 _CONV_FN = {2: F.conv2d, 3: F.conv3d}
@@ -112,7 +116,12 @@ def mac_ratio(convs: Sequence[ConvNd], plan: Plan) -> float:
     return merged / naive
 
 
-def candidate_plans(convs: Sequence[ConvNd], max_mac_ratio: float = MAX_MAC_RATIO) -> list[Plan]:
+def max_mac_ratio_for(device: torch.device) -> float:
+    """The MAC bound of the candidates timed on ``device`` (:data:`MAX_MAC_RATIO`; others: the CPU's)."""
+    return MAX_MAC_RATIO.get(device.type, MAX_MAC_RATIO["cpu"])
+
+
+def candidate_plans(convs: Sequence[ConvNd], max_mac_ratio: float = MAX_MAC_RATIO["cpu"]) -> list[Plan]:
     """The plans worth timing: those within ``max_mac_ratio`` of the naive MACs."""
     return [p for p in all_plans(convs) if mac_ratio(convs, p) <= max_mac_ratio]
 
@@ -234,12 +243,13 @@ def time_plan(x: torch.Tensor, convs: Sequence[ConvNd], plan: Plan, training: bo
 
 
 def tune(x: torch.Tensor, convs: Sequence[ConvNd], training: bool, repeats: int = 3,
-         max_mac_ratio: float = MAX_MAC_RATIO) -> Plan:
+         max_mac_ratio: float | None = None) -> Plan:
     """The fastest candidate plan for these levels on inputs like ``x``: measured on the first call
     for each (layer, :func:`signature`) and cached in :data:`PLAN_CACHE` and in this machine's
     :func:`plan_cache_path` file, so a later process reuses the measurement instead of timing again
     (plans differ in rounding: a second run must not depend on how loaded the machine was). Timing
     runs on copies of the levels and of ``x`` (no RNG drawn, no ``.grad`` or hook of the model touched)."""
+    max_mac_ratio = max_mac_ratio_for(x.device) if max_mac_ratio is None else max_mac_ratio
     key = (_layer_key(convs), signature(x, training), max_mac_ratio)
     if key not in PLAN_CACHE:
         stored = _stored_plans().get(repr(key))
