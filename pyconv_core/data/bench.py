@@ -65,7 +65,7 @@ def training_set(task: str, items: int = 64, folder: str = "data/bench") -> tupl
     root = workbook_path(folder)
     if task == "classification":
         p_cls = classification.Params(data_dir=str(_imagenet_folder(root / "imagenet", items)))
-        return classification.datasets(p_cls)[0], classification.ClassificationTask.collate_fn
+        return classification.datasets(p_cls)[0], classification.task_for(p_cls).collate_fn
     if task == "detection":
         coco = make_demo_coco(root / "coco", DemoDetectionConfig(num_train=items, num_val=2, image_size=480))
         p_det = detection.Params(data_dir=str(coco), recipe="paper", depth=50, image_size=300, augment=True)

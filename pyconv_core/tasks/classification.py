@@ -16,15 +16,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pyconv_core.data.classification import FashionMNIST, collate_skipping_bad, imagenet_datasets
+from pyconv_core.data.classification import (
+    DeviceAugment,
+    EncodedBatch,
+    FashionMNIST,
+    collate_encoded,
+    collate_skipping_bad,
+    imagenet_datasets,
+)
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.logging import changed_parameters, read_config, read_metrics, workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, check_run_dir, fit, seed_everything
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import RunParams, at_least, between, check_batch_size, check_model, one_of
 
-__all__ = ["ClassificationTask", "Params", "RECIPES", "run", "datasets", "predict", "demo_backbone", "DEMO_BACKBONE",
-           "resolve_backbone_weights"]
+__all__ = ["ClassificationTask", "Params", "RECIPES", "run", "task_for", "datasets", "predict", "demo_backbone",
+           "DEMO_BACKBONE", "resolve_backbone_weights"]
 
 # docs/paper.md s.3. Milestones are fractions of the run's epochs (30/60/80 of 90), so a short run keeps the shape.
 RECIPES: dict[str, dict] = {
@@ -40,17 +47,22 @@ RECIPES: dict[str, dict] = {
 
 
 class ClassificationTask:
-    """Cross-entropy (optionally with CutMix); evaluation in top-1/top-5 accuracy and error."""
+    """Cross-entropy (optionally with CutMix); evaluation in top-1/top-5 accuracy and error. With
+    ``device_augment`` the training batches hold encoded images, decoded and augmented on the device."""
 
     name = "classification"
     main_metric = "top1"
-    collate_fn = staticmethod(collate_skipping_bad)
 
-    def __init__(self, cutmix_alpha: float = 0.0) -> None:
-        self.cutmix_alpha = cutmix_alpha
+    def __init__(self, cutmix_alpha: float = 0.0, device_augment: DeviceAugment | None = None) -> None:
+        self.cutmix_alpha, self.device_augment = cutmix_alpha, device_augment
+        self.collate_fn = collate_encoded if device_augment else collate_skipping_bad
 
     def train_step(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
         images, labels, skipped = batch
+        if isinstance(images, EncodedBatch):
+            assert self.device_augment is not None, "encoded images need the task's device_augment"
+            images, labels, failed = self.device_augment(images, labels, device)
+            skipped += failed
         skipped_t = torch.tensor(float(skipped))
         if len(labels) == 0:
             zero = torch.stack([p.sum() for p in model.parameters()]).sum() * 0.0
@@ -118,6 +130,9 @@ class Params(RunParams):
     train_subset: int = 16000  # Fashion-MNIST training images (0: all 60,000)
     val_subset: int = 2000  # Fashion-MNIST test images (0: all 10,000)
     augment: bool = False  # Fashion-MNIST: padded random crop and flip (slows the few-epoch demo); ImageNet: always
+    # where ImageNet training JPEGs are decoded, cropped and flipped: "loader" (the DataLoader's CPU workers) or
+    # "device" (the training GPU, torchvision.io.decode_jpeg): for CPUs too slow to feed the GPU (BENCHMARKS.md)
+    decode_on: str = "loader"
     dropout: float = 0.0
     zero_init_residual: bool = False
 
@@ -129,6 +144,10 @@ class Params(RunParams):
         check_model("arch", self.arch, self.ARCHS, self.depth, "classification")
         one_of("recipe", self.recipe, ("", *RECIPES), " ('': standard with data_dir, else demo)")
         check_batch_size(self.batch_size, self.gpus)
+        one_of("decode_on", self.decode_on, ("loader", "device"))
+        if self.decode_on == "device" and not self.data_dir:
+            raise ValueError("decode_on 'device' decodes ImageNet JPEG files and needs data_dir; Fashion-MNIST is "
+                             "held decoded in memory: leave decode_on 'loader'")
         for name in ("lr", "crop", "test_crop", "train_subset", "val_subset"):
             at_least(name, getattr(self, name), 0, " (0: the default)")
         at_least("image_size", self.image_size, 1)
@@ -146,7 +165,7 @@ class Params(RunParams):
 def datasets(p: Params) -> tuple[Dataset, Dataset, tuple[str, ...]]:
     """Train set, validation set and class names for the parameters."""
     if p.data_dir:
-        train, val = imagenet_datasets(p.data_dir, p.crop or 224, p.test_crop or None)
+        train, val = imagenet_datasets(p.data_dir, p.crop or 224, p.test_crop or None, p.decode_on == "device")
         return train, val, tuple(train.classes)
     return (FashionMNIST("train", p.image_size, p.train_subset or None, augment=p.augment),
             FashionMNIST("test", p.image_size, p.val_subset or None), FashionMNIST.classes)
@@ -171,7 +190,13 @@ def run(p: Params) -> FitResult:
     train, val, classes = datasets(p)
     seed_everything(p.seed)
     model = build(p.model_name, num_classes=len(classes), dropout=p.dropout, zero_init_residual=p.zero_init_residual)
-    return fit(model, ClassificationTask(RECIPES[p.recipe_name]["cutmix_alpha"]), train, val, train_config(p))
+    return fit(model, task_for(p), train, val, train_config(p))
+
+
+def task_for(p: Params) -> ClassificationTask:
+    """The task of ``p``: its recipe's CutMix, and the device-side decoding of ``decode_on``."""
+    augment = DeviceAugment(p.crop or 224) if p.decode_on == "device" else None
+    return ClassificationTask(RECIPES[p.recipe_name]["cutmix_alpha"], augment)
 
 
 DEMO_BACKBONE = "fashion-mnist"  # backbone_weights value of detection and segmentation: demo_backbone()
