@@ -215,7 +215,7 @@ def demo_backbone(family: str, depth: int, runs_dir: str = "runs") -> Path:
     trained now (a few minutes on a CPU) and kept under ``runs/``. A different experiment already under
     that name is left alone: the backbone then goes to ``<name>-backbone``. Runs that differ only in
     how they executed (``engine.logging.EXECUTION_FIELDS``) are the same backbone."""
-    p = Params(arch=family, depth=depth, runs_dir=runs_dir, progress=False)
+    p = Params(arch=family, depth=depth, runs_dir=runs_dir, progress=False, pyconv_plan="naive")  # as notebook 01
     wanted = dataclasses.asdict(train_config(p))
     name = wanted["run_name"]
     folders = [workbook_path(runs_dir) / candidate for candidate in (name, f"{name}-backbone")]
