@@ -40,7 +40,7 @@ from pyconv_core.engine.checkpoint import load_checkpoint
 from pyconv_core.engine.logging import workbook_path
 from pyconv_core.layers.pyconv import load_pyconv_plans, set_pyconv_plan
 from pyconv_core.registry import build
-from pyconv_core.tasks.base import check_value
+from pyconv_core.tasks.base import annotation_kind, check_value
 
 __all__ = ["TASKS", "EXIT_STOPPED", "launch", "parse_params", "params_to_argv", "load_run_model", "field_help",
            "check_notebook_parameters"]
@@ -61,8 +61,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-# a field's annotation (a string under ``from __future__ import annotations``) -> its flag's parser
-_FLAG_TYPES: dict[object, Callable[[str], Any]] = {int: int, float: float, "int": int, "float": float}
+# the base type of a field's annotation (a string under ``from __future__ import annotations``) -> its flag's parser
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float}
+
+
+def _flag_parser(annotation: object) -> Callable[[str], Any]:
+    """The parser of a field's flag: its type's, where ``none`` gives None if the field may be None."""
+    kind, optional = annotation_kind(str(annotation))
+    parse = _to_bool if kind == "bool" else _FLAG_TYPES.get(kind, str)
+    if not optional:
+        return parse
+    return lambda text: None if text.lower() == "none" else parse(text)
 
 
 def _to_bool(text: str) -> bool:
@@ -107,9 +116,8 @@ def parse_params(task: str, argv: Sequence[str]) -> Any:
     parser = argparse.ArgumentParser(prog=f"python -m pyconv_core.run {task}")
     helps = field_help(params_cls)
     for f in dataclasses.fields(params_cls):
-        kind = _to_bool if f.type in (bool, "bool") else _FLAG_TYPES.get(f.type, str)
         text = f"{helps[f.name]} " if f.name in helps else ""
-        parser.add_argument(_flag(f.name), type=kind, default=f.default,
+        parser.add_argument(_flag(f.name), type=_flag_parser(f.type), default=f.default,
                             help=f"{text}(default: {f.default!r})".replace("%", "%%"))
     return params_cls(**vars(parser.parse_args(list(argv))))
 

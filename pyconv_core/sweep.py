@@ -44,7 +44,7 @@ import yaml
 from pyconv_core.compare import compare_runs, find_runs
 from pyconv_core.engine.files import hold_run_dir, replace_durably, write_atomic
 from pyconv_core.engine.logging import read_config, read_metrics, workbook_path
-from pyconv_core.tasks.base import check_value
+from pyconv_core.tasks.base import annotation_kind, check_value
 
 __all__ = ["Combination", "SweepReport", "notebook_parameters", "read_grid", "plan_sweep", "run_sweep", "main"]
 
@@ -92,11 +92,15 @@ def notebook_parameters(notebook: str | os.PathLike) -> dict[str, str]:
 
 
 def _from_text(text: str, kind: str) -> Any:
-    """A ``-p`` value as the type declared; text that is not one stays text, for ``check_value`` to refuse."""
+    """A ``-p`` value as the type declared (``None`` where it may be None: the recipe's); text that is not
+    one stays text, for ``check_value`` to refuse."""
+    base, optional = annotation_kind(kind)
+    if optional and text.lower() == "none":
+        return None
     parse: dict[str, Callable[[str], Any]] = {"int": int, "float": float,
                                               "bool": lambda t: {"true": True, "false": False}.get(t.lower(), t)}
     try:
-        return parse.get(kind, str)(text)
+        return parse.get(base, str)(text)
     except ValueError:
         return text
 

@@ -146,14 +146,14 @@ def _record(folder: Path, p: Params, evaluated_epoch: int) -> None:
 
 def test_demo_backbone_reuses_its_run_and_steps_aside_for_another(tmp_path):
     p = Params(arch="resnet", depth=18, runs_dir=str(tmp_path))
-    name = train_config(p).run_name
+    name, epochs = train_config(p).run_name, train_config(p).epochs
     # the classification notebook's run: other execution fields, the same experiment
-    _record(tmp_path / name, dataclasses.replace(p, num_workers=4, progress=True, run_name=name), p.epochs)
+    _record(tmp_path / name, dataclasses.replace(p, num_workers=4, progress=True, run_name=name), epochs)
     assert demo_backbone("resnet", 18, str(tmp_path)) == tmp_path / name / "best.pt"
-    _record(tmp_path / name, dataclasses.replace(p, epochs=p.epochs + 1), p.epochs + 1)  # another experiment
-    _record(tmp_path / f"{name}-backbone", p, p.epochs)
+    _record(tmp_path / name, dataclasses.replace(p, epochs=epochs + 1), epochs + 1)  # another experiment
+    _record(tmp_path / f"{name}-backbone", p, epochs)
     assert demo_backbone("resnet", 18, str(tmp_path)) == tmp_path / f"{name}-backbone" / "best.pt"
-    _record(tmp_path / f"{name}-backbone", dataclasses.replace(p, lr=0.3), p.epochs)
+    _record(tmp_path / f"{name}-backbone", dataclasses.replace(p, lr=0.3), epochs)
     with pytest.raises(ValueError, match="hold other experiments"):
         demo_backbone("resnet", 18, str(tmp_path))
 

@@ -28,21 +28,26 @@ from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.logging import changed_parameters, read_config, read_metrics, workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, check_run_dir, fit, seed_everything
 from pyconv_core.registry import build
-from pyconv_core.tasks.base import RunParams, at_least, between, check_batch_size, check_model, one_of
+from pyconv_core.tasks.base import Recipe, RunParams, at_least, between, check_model, merge_recipe, one_of
 
 __all__ = ["ClassificationTask", "Params", "RECIPES", "run", "task_for", "datasets", "predict", "demo_backbone",
-           "DEMO_BACKBONE", "resolve_backbone_weights"]
+           "DEMO_BACKBONE", "resolve_backbone_weights", "ClassificationRecipe"]
+
+@dataclass(frozen=True)
+class ClassificationRecipe(Recipe):
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0: off
+
 
 # docs/paper.md s.3. Milestones are fractions of the run's epochs (30/60/80 of 90), so a short run keeps the shape.
-RECIPES: dict[str, dict] = {
-    "standard": dict(lr=0.1, lr_reference_batch=256, weight_decay=1e-4, schedule="multistep",
-                     milestone_fractions=(30 / 90, 60 / 90, 80 / 90), amp=None, cutmix_alpha=0.0, paper_epochs=90),
-    "augment": dict(lr=0.4, lr_reference_batch=1024, weight_decay=1e-4, schedule="cosine", milestone_fractions=(),
-                    amp="bf16", cutmix_alpha=1.0, paper_epochs=300),
+RECIPES: dict[str, ClassificationRecipe] = {
+    "standard": ClassificationRecipe(lr=0.1, lr_reference_batch=256, batch_size=256, epochs=90, weight_decay=1e-4,
+                                     schedule="multistep", milestone_fractions=(30 / 90, 60 / 90, 80 / 90)),
+    "augment": ClassificationRecipe(lr=0.4, lr_reference_batch=1024, batch_size=1024, epochs=300, weight_decay=1e-4,
+                                    schedule="cosine", amp="bf16", cutmix_alpha=1.0),
     # Not the paper's: the CPU demo's few epochs on Fashion-MNIST. A multistep decay at 1/3 and 2/3 of
     # 3 epochs would cut the lr 10x after the first one, before the network has learned much.
-    "demo": dict(lr=0.05, lr_reference_batch=256, weight_decay=5e-4, schedule="cosine", milestone_fractions=(),
-                 amp=None, cutmix_alpha=0.0, paper_epochs=0),
+    "demo": ClassificationRecipe(lr=0.05, lr_reference_batch=256, batch_size=64, epochs=3, weight_decay=5e-4,
+                                 schedule="cosine"),
 }
 
 
@@ -119,13 +124,11 @@ class Params(RunParams):
     arch: str = "pyconvresnet"  # resnet | pyconvresnet | pyconvhgresnet (or a full registered name)
     depth: int = 18  # 18, 34, 50, 101, 152
     data_dir: str = ""  # ImageNet-layout folder; empty: embedded Fashion-MNIST
-    epochs: int = 3
-    batch_size: int = 64  # global batch over all processes
-    lr: float = 0.0  # 0: the recipe's lr (given per its reference batch, scaled linearly)
     recipe: str = ""  # standard | augment (docs/paper.md s.3) | demo; empty: standard with data_dir, else demo
-    amp: str = "none"  # none | bf16 | fp16; "recipe": the recipe's choice
-    crop: int = 0  # train crop; 0: 224 for ImageNet, image_size for Fashion-MNIST
-    test_crop: int = 0  # 0: same as crop; 320 for the paper's 320x320 test
+    batch_size: int | None = None  # global batch over all processes; None: the recipe's (256, 1024, demo 64)
+    lr: float | None = None  # per the recipe's reference batch, scaled linearly; None: the recipe's
+    crop: int = 224  # ImageNet train crop
+    test_crop: int | None = None  # ImageNet test crop; None: as crop (320 for the paper's 320x320 test)
     image_size: int = 32  # Fashion-MNIST side (28x28 upsampled)
     train_subset: int = 16000  # Fashion-MNIST training images (0: all 60,000)
     val_subset: int = 2000  # Fashion-MNIST test images (0: all 10,000)
@@ -136,26 +139,30 @@ class Params(RunParams):
     dropout: float = 0.0
     zero_init_residual: bool = False
 
-    AMP_CHOICES = (*RunParams.AMP_CHOICES, "recipe")
     ARCHS = ("resnet", "pyconvresnet", "pyconvhgresnet")  # arch families, completed by depth
 
     def check(self) -> None:
         super().check()
         check_model("arch", self.arch, self.ARCHS, self.depth, "classification")
         one_of("recipe", self.recipe, ("", *RECIPES), " ('': standard with data_dir, else demo)")
-        check_batch_size(self.batch_size, self.gpus)
         one_of("decode_on", self.decode_on, ("loader", "device"))
         if self.decode_on == "device" and not self.data_dir:
             raise ValueError("decode_on 'device' decodes ImageNet JPEG files and needs data_dir; Fashion-MNIST is "
                              "held decoded in memory: leave decode_on 'loader'")
-        for name in ("lr", "crop", "test_crop", "train_subset", "val_subset"):
-            at_least(name, getattr(self, name), 0, " (0: the default)")
+        at_least("crop", self.crop, 1)
+        if self.test_crop is not None:
+            at_least("test_crop", self.test_crop, 1, " (or None: as crop)")
+        for name in ("train_subset", "val_subset"):
+            at_least(name, getattr(self, name), 0, " (0: all)")
         at_least("image_size", self.image_size, 1)
         between("dropout", self.dropout, 0, 1)
 
     @property
     def recipe_name(self) -> str:
         return self.recipe or ("standard" if self.data_dir else "demo")
+
+    def merged_recipe(self) -> ClassificationRecipe:
+        return merge_recipe(RECIPES[self.recipe_name], self)
 
     @property
     def model_name(self) -> str:
@@ -165,23 +172,15 @@ class Params(RunParams):
 def datasets(p: Params) -> tuple[Dataset, Dataset, tuple[str, ...]]:
     """Train set, validation set and class names for the parameters."""
     if p.data_dir:
-        train, val = imagenet_datasets(p.data_dir, p.crop or 224, p.test_crop or None, p.decode_on == "device")
+        train, val = imagenet_datasets(p.data_dir, p.crop, p.test_crop, p.decode_on == "device")
         return train, val, tuple(train.classes)
     return (FashionMNIST("train", p.image_size, p.train_subset or None, augment=p.augment),
             FashionMNIST("test", p.image_size, p.val_subset or None), FashionMNIST.classes)
 
 
 def train_config(p: Params) -> TrainConfig:
-    """The TrainConfig of an experiment: the recipe, overridden by explicit parameters."""
-    if p.recipe_name not in RECIPES:
-        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {p.recipe!r}")
-    r = RECIPES[p.recipe_name]
-    return TrainConfig(
-        run_name=p.run_name or f"{p.model_name}-{p.recipe_name}-s{p.seed}{p.weights_tag}", epochs=p.epochs,
-        batch_size=p.batch_size,
-        lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"], weight_decay=r["weight_decay"],
-        schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
-        **{**p.run_args(), **({"amp": r["amp"]} if p.amp == "recipe" else {})})
+    """The TrainConfig of an experiment: its recipe, with the values its parameters set."""
+    return p.train_config(f"{p.model_name}-{p.recipe_name}-s{p.seed}")
 
 
 def run(p: Params) -> FitResult:
@@ -195,8 +194,8 @@ def run(p: Params) -> FitResult:
 
 def task_for(p: Params) -> ClassificationTask:
     """The task of ``p``: its recipe's CutMix, and the device-side decoding of ``decode_on``."""
-    augment = DeviceAugment(p.crop or 224) if p.decode_on == "device" else None
-    return ClassificationTask(RECIPES[p.recipe_name]["cutmix_alpha"], augment)
+    augment = DeviceAugment(p.crop) if p.decode_on == "device" else None
+    return ClassificationTask(p.merged_recipe().cutmix_alpha, augment)
 
 
 DEMO_BACKBONE = "fashion-mnist"  # backbone_weights value of detection and segmentation: demo_backbone()
@@ -215,7 +214,7 @@ def demo_backbone(family: str, depth: int, runs_dir: str = "runs") -> Path:
     trained now (a few minutes on a CPU) and kept under ``runs/``. A different experiment already under
     that name is left alone: the backbone then goes to ``<name>-backbone``. Runs that differ only in
     how they executed (``engine.logging.EXECUTION_FIELDS``) are the same backbone."""
-    p = Params(arch=family, depth=depth, runs_dir=runs_dir, progress=False, pyconv_plan="naive")  # as notebook 01
+    p = Params(arch=family, depth=depth, runs_dir=runs_dir, progress=False)  # as notebook 01
     wanted = dataclasses.asdict(train_config(p))
     name = wanted["run_name"]
     folders = [workbook_path(runs_dir) / candidate for candidate in (name, f"{name}-backbone")]
@@ -225,7 +224,7 @@ def demo_backbone(family: str, depth: int, runs_dir: str = "runs") -> Path:
         raise ValueError(f"{folders[0]} and {folders[1]} hold other experiments than the Fashion-MNIST "
                          f"backbone of {p.model_name}: rename one, or pass backbone_weights explicitly")
     evaluated = read_metrics(run_dir, "eval") if (run_dir / "metrics.jsonl").is_file() else []
-    if not any(row["epoch"] == p.epochs for row in evaluated):
+    if not any(row["epoch"] == wanted["epochs"] for row in evaluated):
         print(f"training the Fashion-MNIST backbone {p.model_name} into {run_dir} (once; later runs reuse it)")
         run(dataclasses.replace(p, run_name=run_dir.name, resume=True))
     return run_dir / "best.pt"

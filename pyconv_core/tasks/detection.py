@@ -26,10 +26,10 @@ from pyconv_core.engine.logging import workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, check_run_dir, fit, seed_everything
 from pyconv_core.models.ssd import HEADS, SSD, load_backbone_checkpoint, map_sizes, match, multibox_loss, postprocess
 from pyconv_core.registry import build
-from pyconv_core.tasks.base import RunParams, at_least, between, check_batch_size, check_model, one_of
+from pyconv_core.tasks.base import Recipe, RunParams, at_least, between, check_model, merge_recipe, one_of
 from pyconv_core.tasks.classification import resolve_backbone_weights
 
-__all__ = ["DetectionTask", "Params", "RECIPES", "COCO_METRICS", "PAPER_METRICS", "run", "datasets",
+__all__ = ["DetectionTask", "DetectionRecipe", "Params", "RECIPES", "COCO_METRICS", "PAPER_METRICS", "run", "datasets",
            "train_config", "build_model", "predict", "paper_table", "untrained_metrics", "browse"]
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -42,16 +42,20 @@ PAPER_METRICS: dict[str, tuple[float, ...]] = {
     "pyconvssd101": (31.27, 50.00, 32.67, 10.65, 33.76, 51.75, 27.33, 39.33, 41.07, 15.48, 45.53, 63.44),
 }
 
+@dataclass(frozen=True)
+class DetectionRecipe(Recipe):
+    max_expand: float = 1.0  # SSD's zoom-out augmentation up to this factor (1: off)
+
+
 # S-Section 1: SGD 0.9, wd 5e-4, lr 0.02 for batch 256 (scaled linearly), linear warmup over epoch 1,
 # lr x0.1 before epochs 86 and 108 of 130 (fractions of the run, so a short run keeps the shape);
 # SSD's random crop, colour jitter and flip, no zoom-out ("max_expand" 1; SSD's own is 4).
-# "demo": the CPU demo, from scratch on the embedded set in a few epochs: short warmup, cosine decay.
-RECIPES: dict[str, dict] = {
-    "paper": dict(lr=0.02, lr_reference_batch=256, weight_decay=5e-4, schedule="multistep",
-                  milestone_fractions=(85 / 130, 107 / 130), warmup_epochs=1.0, amp=None, max_expand=1.0,
-                  paper_epochs=130),
-    "demo": dict(lr=0.32, lr_reference_batch=256, weight_decay=5e-4, schedule="cosine", milestone_fractions=(),
-                 warmup_epochs=0.5, amp=None, max_expand=1.0, paper_epochs=130),
+# "demo": the CPU demo, from the Fashion-MNIST backbone on the embedded set in a few epochs: short warmup, cosine.
+RECIPES: dict[str, DetectionRecipe] = {
+    "paper": DetectionRecipe(lr=0.02, lr_reference_batch=256, batch_size=256, epochs=130, weight_decay=5e-4,
+                             schedule="multistep", milestone_fractions=(85 / 130, 107 / 130), warmup_epochs=1.0),
+    "demo": DetectionRecipe(lr=0.48, lr_reference_batch=256, batch_size=16, epochs=3, weight_decay=5e-4,
+                            schedule="cosine", warmup_epochs=0.5),
 }
 
 
@@ -163,17 +167,15 @@ class Params(RunParams):
     data_dir: str = ""  # COCO-layout folder; empty: the embedded demo set (generated under data/)
     image_size: int = 64  # model input side; 300 is SSD300 (paper)
     augment: bool = False  # SSD's augmentation (colour jitter, min-IoU crop, flip, zoom-out); paper: on
-    max_expand: float = 0.0  # SSD's zoom-out augmentation up to this factor (1: off; 0: the recipe's)
-    epochs: int = 6
-    batch_size: int = 8  # global batch over all processes
-    lr: float = 0.0  # 0: the recipe's lr (given per its reference batch, scaled linearly)
+    max_expand: float | None = None  # SSD's zoom-out augmentation up to this factor (1: off); None: the recipe's
     recipe: str = "demo"  # paper | demo
-    amp: str = "none"  # none | bf16 | fp16; "recipe": the recipe's choice
+    batch_size: int | None = None  # global batch over all processes; None: the recipe's (paper 256, demo 16)
+    lr: float | None = None  # per the recipe's reference batch of 256, scaled linearly; None: the recipe's
     # classifier checkpoint of the backbone (authors', torchvision or workbook layout); "fashion-mnist": the
     # classification demo's run (trained if missing); "": from scratch
     backbone_weights: str = ""
     demo_dir: str = "data/demo_coco"  # demo set folder (reused if already there); relative to the workbook root
-    demo_train: int = 256  # demo training images
+    demo_train: int = 8192  # demo training images
     demo_val: int = 64  # demo validation images
     demo_image_size: int = 64  # side of the demo images
     score_threshold: float = 0.05  # detections below are dropped before NMS
@@ -181,26 +183,26 @@ class Params(RunParams):
     top_k: int = 200  # detections kept per image
     eval_every: int = 3  # evaluate every this many epochs (and after the last)
 
-    AMP_CHOICES = (*RunParams.AMP_CHOICES, "recipe")
     ARCHS = tuple(HEADS)  # arch families, completed by depth
 
     def check(self) -> None:
         super().check()
         check_model("arch", self.arch, self.ARCHS, self.depth, "detection")
         one_of("recipe", self.recipe, tuple(RECIPES))
-        check_batch_size(self.batch_size, self.gpus)
         head = HEADS[self.model_name.rstrip("0123456789")]
         if len(map_sizes(self.image_size, head)) < 2:
             smallest = next(side for side in range(1, 1024) if len(map_sizes(side, head)) >= 2)
             raise ValueError(f"image_size must be >= {smallest} (SSD needs at least two detection maps), "
                              f"got {self.image_size}")
-        if self.max_expand != 0:
-            at_least("max_expand", self.max_expand, 1, " (or 0: the recipe's)")
-        at_least("lr", self.lr, 0, " (0: the recipe's)")
+        if self.max_expand is not None:
+            at_least("max_expand", self.max_expand, 1, " (or None: the recipe's)")
         for name in ("demo_train", "demo_val", "demo_image_size", "top_k", "eval_every"):
             at_least(name, getattr(self, name), 1)
         between("score_threshold", self.score_threshold, 0, 1)
         between("nms_iou", self.nms_iou, 0, 1)
+
+    def merged_recipe(self) -> DetectionRecipe:
+        return merge_recipe(RECIPES[self.recipe], self)
 
     @property
     def model_name(self) -> str:
@@ -218,7 +220,7 @@ def datasets(p: Params) -> tuple[CocoDetection, CocoDetection]:
     are the training file's)."""
     root = p.data_dir or make_demo_coco(workbook_path(p.demo_dir), DemoDetectionConfig(
         num_train=p.demo_train, num_val=p.demo_val, image_size=p.demo_image_size))
-    expand = p.max_expand or _recipe(p)["max_expand"]
+    expand = p.merged_recipe().max_expand
     train = CocoDetection(root, "train2017", train=p.augment, size=p.image_size, skip_empty=True, max_expand=expand)
     val = CocoDetection(root, "val2017", train=False, size=p.image_size)
     listed = [{(c, data.coco.cats[c]["name"]) for c in data.cat_to_label} for data in (train, val)]
@@ -230,22 +232,9 @@ def datasets(p: Params) -> tuple[CocoDetection, CocoDetection]:
     return train, val
 
 
-def _recipe(p: Params) -> dict:
-    if p.recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {p.recipe!r}")
-    return RECIPES[p.recipe]
-
-
 def train_config(p: Params) -> TrainConfig:
-    """The TrainConfig of an experiment: the recipe, overridden by explicit parameters."""
-    r = _recipe(p)
-    return TrainConfig(
-        run_name=p.run_name or f"{p.model_name}-{p.recipe}-s{p.seed}{p.weights_tag}", epochs=p.epochs,
-        batch_size=p.batch_size,
-        lr=p.lr or r["lr"], lr_reference_batch=r["lr_reference_batch"], weight_decay=r["weight_decay"],
-        schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
-        warmup_epochs=min(r["warmup_epochs"], p.epochs), eval_every=p.eval_every,
-        **{**p.run_args(), **({"amp": r["amp"]} if p.amp == "recipe" else {})})
+    """The TrainConfig of an experiment: its recipe, with the values its parameters set."""
+    return p.train_config(f"{p.model_name}-{p.recipe}-s{p.seed}", eval_every=p.eval_every)
 
 
 _BACKBONE_FAMILY = {"ssd": "resnet", "pyconvssd": "pyconvresnet"}

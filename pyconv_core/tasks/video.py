@@ -35,16 +35,29 @@ from pyconv_core.models.official import load_official_checkpoint
 from pyconv_core.models.video import inflate_2d
 from pyconv_core.profile import count_flops, count_params, profile_rows
 from pyconv_core.registry import build, list_models
-from pyconv_core.tasks.base import RunParams, at_least, between, check_batch_size, one_of
+from pyconv_core.tasks.base import Recipe, RunParams, at_least, between, merge_recipe, one_of
 
 __all__ = ["VideoTask", "Params", "RECIPES", "PAPER_ERRORS", "run", "datasets", "sampling", "train_config",
-           "build_model", "multiview_test", "predict_videos", "show_clips", "normalize", "paper_profile", "model_cost"]
+           "build_model", "multiview_test", "predict_videos", "show_clips", "normalize", "paper_profile", "model_cost",
+           "VideoRecipe"]
+
+@dataclass(frozen=True)
+class VideoRecipe(Recipe):
+    frames: int = 16  # frames per clip
+    crop: int = 224  # clip side; short sides scale as 256-320 to 224
+    test_clips: int = 10  # at most this many uniform clips per test video
+    stage_blocks: str = ""  # blocks per stage, e.g. "1,1,1,1"; empty: the depth's own (3,4,6,3 for 50 layers)
+
 
 # S-Section 2: from scratch, SGD 0.9, wd 1e-4, lr 0.1 for 64 clips, x0.1 at 30/60/80 of 90 epochs.
-# Milestones are fractions of the run's epochs, so a short run keeps the shape.
-RECIPES: dict[str, dict] = {
-    "kinetics": dict(lr=0.1, lr_reference_batch=64, momentum=0.9, weight_decay=1e-4, schedule="multistep",
-                     milestone_fractions=(30 / 90, 60 / 90, 80 / 90), batch_size=64, paper_epochs=90),
+# Milestones are fractions of the run's epochs, so a short run keeps the shape. "demo": the embedded
+# set on a CPU: one block per stage, 4x32x32 clips, and a gentler lr for a short run on 9 classes.
+_KINETICS = VideoRecipe(lr=0.1, lr_reference_batch=64, batch_size=64, epochs=90, weight_decay=1e-4,
+                        schedule="multistep", milestone_fractions=(30 / 90, 60 / 90, 80 / 90))
+RECIPES: dict[str, VideoRecipe] = {
+    "kinetics": _KINETICS,
+    "demo": dataclasses.replace(_KINETICS, lr=0.02, batch_size=16, epochs=16, frames=4, crop=32, test_clips=2,
+                                stage_blocks="1,1,1,1"),
 }
 # S-Table 3: Kinetics-400 top-1 / top-5 error (%), 10 clips x 3 crops.
 PAPER_ERRORS = {"resnet3d50": (37.01, 15.41), "pyconvresnet3d50": (34.56, 13.34)}
@@ -117,23 +130,21 @@ class VideoTask:
 
 @dataclass
 class Params(RunParams):
-    """The video experiment: the notebook's ``parameters`` cell and the launcher's flags.
-
-    Zero / empty values mean "the paper's with ``data_dir``, the CPU demo's without".
+    """The video experiment: the notebook's ``parameters`` cell and the launcher's flags. It follows the
+    ``kinetics`` recipe (the paper's) with ``data_dir``, the CPU demo's without; None takes the recipe's value.
     """
 
-    channels_last: bool = True  # NDHWC: PyConvResNet3D-50 trains 3.5x faster at 8x112x112 on CPU (BENCHMARKS.md)
     arch: str = "pyconvresnet3d50"  # pyconvresnet3d50 | resnet3d50
     data_dir: str = ""  # Kinetics layout (annotations/<split>.csv + <split>/...); empty: the embedded demo set
-    epochs: int = 90
-    batch_size: int = 0  # global clips per step; 0: 64 (paper) / 16 (demo)
-    # per 64 clips, scaled linearly; 0: 0.1 (paper) / 0.02 (demo: a short run on 9 classes needs a gentler start)
-    lr: float = 0.0
-    stage_blocks: str = ""  # blocks per stage, e.g. "1,1,1,1"; empty: 3,4,6,3 (paper) / 1,1,1,1 (demo)
-    frames: int = 0  # frames per clip; 0: 16 (paper) / 4 (demo)
+    batch_size: int | None = None  # global clips per step; None: the recipe's (kinetics 64, demo 16)
+    lr: float | None = None  # per 64 clips, scaled linearly; None: the recipe's (kinetics 0.1, demo 0.02)
+    # blocks per stage, e.g. "1,1,1,1"; empty: the depth's own (3,4,6,3); None: the recipe's (demo: 1,1,1,1)
+    stage_blocks: str | None = None
+    frames: int | None = None  # frames per clip; None: the recipe's (kinetics 16, demo 4)
     stride: int = 4  # take every stride-th frame (paper: 4)
-    crop: int = 0  # clip side; 0: 224 (paper) / 32 (demo); short sides scale as 256-320 to 224
-    test_clips: int = 0  # at most this many uniform clips per test video; 0: 10 (paper) / 2 (demo)
+    # clip side; None: the recipe's (kinetics 224, demo 32); short sides scale as 256-320 to 224
+    crop: int | None = None
+    test_clips: int | None = None  # at most this many uniform clips per test video; None: the recipe's (10, demo 2)
     test_crops: int = 3  # spatial crops per test clip
     test_batch_size: int = 4  # videos per step in the multi-view test
     test_videos: int = 0  # test on this many videos (evenly spread); 0: all
@@ -146,13 +157,14 @@ class Params(RunParams):
     def check(self) -> None:
         super().check()
         one_of("arch", self.arch, list_models("video"))
-        check_batch_size(self.batch_size, self.gpus, recipe_default=True)
         blocks = self.stage_blocks.split(",") if self.stage_blocks else ["1"] * 4
         if len(blocks) != 4 or not all(b.strip().isdigit() and int(b) >= 1 for b in blocks):
             raise ValueError(f"stage_blocks must be 4 block counts >= 1, one per stage (e.g. '1,1,1,1'; empty: the "
-                             f"default), got {self.stage_blocks!r}")
-        for name in ("lr", "frames", "crop", "test_clips", "test_videos"):
-            at_least(name, getattr(self, name), 0, " (0: the default)")
+                             f"depth's own; None: the recipe's), got {self.stage_blocks!r}")
+        for name in ("frames", "crop", "test_clips"):
+            if getattr(self, name) is not None:
+                at_least(name, getattr(self, name), 1, " (or None: the recipe's)")
+        at_least("test_videos", self.test_videos, 0, " (0: all)")
         for name in ("stride", "test_crops", "test_batch_size", "demo_train_per_class", "demo_val_per_class"):
             at_least(name, getattr(self, name), 1)
         between("dropout", self.dropout, 0, 1)
@@ -161,10 +173,13 @@ class Params(RunParams):
     def demo(self) -> bool:
         return not self.data_dir
 
+    def merged_recipe(self) -> VideoRecipe:
+        return merge_recipe(RECIPES["demo" if self.demo else "kinetics"], self)
+
     @property
     def blocks(self) -> tuple[int, ...] | None:
         """Blocks per stage (None: the depth's own, 3,4,6,3)."""
-        text = self.stage_blocks or ("1,1,1,1" if self.demo else "")
+        text = self.merged_recipe().stage_blocks
         return tuple(int(b) for b in text.split(",")) if text else None
 
     @property
@@ -180,12 +195,11 @@ class Params(RunParams):
 def sampling(p: Params) -> ClipSampling:
     """Clip sampling of the experiment; short sides keep the paper's ratios to the crop (256-320 : 224).
     The demo set is never flipped: a mirror turns moving right into moving left, clockwise into anticlockwise."""
-    crop = p.crop or (32 if p.demo else 224)
-    return ClipSampling(frames=p.frames or (4 if p.demo else 16), stride=p.stride,
-                        train_short_side=(round(crop * 256 / 224), round(crop * 320 / 224)),
-                        test_short_side=round(crop * 256 / 224), crop=crop,
-                        test_clips=p.test_clips or (2 if p.demo else 10), test_crops=p.test_crops,
-                        flip=not p.demo)
+    r = p.merged_recipe()
+    return ClipSampling(frames=r.frames, stride=p.stride,
+                        train_short_side=(round(r.crop * 256 / 224), round(r.crop * 320 / 224)),
+                        test_short_side=round(r.crop * 256 / 224), crop=r.crop, test_clips=r.test_clips,
+                        test_crops=p.test_crops, flip=not p.demo)
 
 
 def _root(p: Params) -> str:
@@ -211,15 +225,9 @@ def test_set(p: Params, classes: Sequence[str]) -> Dataset:
 
 
 def train_config(p: Params) -> TrainConfig:
-    """The TrainConfig of an experiment: S-Section 2's recipe, overridden by explicit parameters."""
-    r = RECIPES["kinetics"]
-    return TrainConfig(
-        run_name=p.run_name or f"{p.model_name}-{'demo' if p.demo else 'kinetics'}-s{p.seed}{p.weights_tag}",
-        epochs=p.epochs,
-        batch_size=p.batch_size or (16 if p.demo else r["batch_size"]), lr=p.lr or (0.02 if p.demo else r["lr"]),
-        lr_reference_batch=r["lr_reference_batch"], momentum=r["momentum"], weight_decay=r["weight_decay"],
-        schedule=r["schedule"], milestones=tuple(f * p.epochs for f in r["milestone_fractions"]),
-        **p.run_args())
+    """The TrainConfig of an experiment: its recipe (S-Section 2's, or the demo's), with the values its
+    parameters set."""
+    return p.train_config(f"{p.model_name}-{'demo' if p.demo else 'kinetics'}-s{p.seed}")
 
 
 def build_model(p: Params, num_classes: int) -> nn.Module:
