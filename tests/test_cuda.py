@@ -33,7 +33,7 @@ def _params(task: str, tmp_path, **changes):
     module, flags = TASKS[task]
     demo = {"demo_dir": str(tmp_path / "demo")} if task in ("detection", "video", "segmentation") else {}
     return module, module.Params(**{**flags, **demo, "runs_dir": str(tmp_path / "runs"), "progress": False,
-                                    "epochs": 1, **changes})
+                                    "epochs": 1, "pyconv_plan": "auto", **changes})
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

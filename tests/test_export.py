@@ -18,7 +18,7 @@ from pyconv_core.tasks import classification
 from tests.official_reference import randomize_bn
 
 TINY = dict(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
-            progress=False)
+            progress=False, pyconv_plan="auto")
 SIZE = ["--image-size", "16", "--batch", "32"]  # the run's evaluation batches: their recorded plans apply as they are
 
 

@@ -135,7 +135,7 @@ def test_unknown_plan_is_a_clear_error():
 
 def test_a_run_records_its_plans_and_the_reloaded_model_uses_them(tmp_path, monkeypatch):
     params = Params(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
-                    epochs=1, runs_dir=str(tmp_path), run_name="plans")
+                    epochs=1, runs_dir=str(tmp_path), run_name="plans", pyconv_plan="auto")
     result = run(params)
     config = json.loads((result.run_dir / "config.json").read_text())
     assert config["train"]["pyconv_plan"] == "auto"
@@ -170,7 +170,7 @@ def _fresh_process_state(monkeypatch) -> None:
 def test_a_second_run_reuses_the_measured_plans_whatever_its_timing_says(tmp_path, monkeypatch):
     monkeypatch.setenv("PYCONV_PLAN_CACHE", str(tmp_path / "plans.json"))
     params = Params(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
-                    epochs=1, runs_dir=str(tmp_path))
+                    epochs=1, runs_dir=str(tmp_path), pyconv_plan="auto")
     _fresh_process_state(monkeypatch)
     _prefer(monkeypatch, naive=True)
     first = run(dataclasses.replace(params, run_name="first"))
