@@ -30,7 +30,7 @@ def _family(name: str) -> str:
 
 def plot_params_vs_flops(rows: Sequence[Mapping], size: int = 224) -> plt.Axes:
     """Params vs GFLOPs at ``size`` of the profile rows, one colour per family (paper Fig. 5 style)."""
-    df = pd.DataFrame([r for r in rows if r["input"] == size])
+    df = pd.DataFrame([r for r in rows if r["input"][-1] == size])
     df["family"] = df["model"].map(_family)
     df["params (M)"] = df["params"] / 1e6
     fig, ax = plt.subplots(figsize=(6, 4))

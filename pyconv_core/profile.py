@@ -1,16 +1,21 @@
 """Parameter and FLOP counts of registered models against the paper's figures.
 
-``python -m pyconv_core.profile`` prints one row per model and input size.
+:func:`profile_rows` is the one profiler: it builds each model as its record in
+:mod:`pyconv_core.paper` says (sample shape, classes, output stride, builder arguments) and counts it
+beside the paper's figures. ``python -m pyconv_core.profile`` prints one row per model and setup.
 
 Convention (docs/paper.md#counting): one fused multiply-add counts as one FLOP. ``gmacs`` counts
 convolutions and linear layers only; ``gflops`` adds one operation per output element of the
 element-wise work (batch norm, activations, residual adds, pooling, resampling), which is how
 the paper's figures were counted (the convention of the ptflops counter). Counting happens at the
-ATen level (a dispatch mode), so functional ops (``F.interpolate``, ``+``) are seen as well as modules.
+ATen level (a dispatch mode), so functional ops (``F.interpolate``, ``+``) are seen as well as modules,
+and on the meta device by default: shapes only, no convolution computed, the same counts in a fraction
+of the time.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pyconv_core.paper import PAPER, PaperFigures, Setup
 from pyconv_core.registry import build, list_models, model_entry
 
 __all__ = ["count_params", "count_flops", "profile_rows", "format_table", "FLOP_CONVENTION"]
@@ -61,13 +67,21 @@ def _first(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
-    """MACs and element-wise ops (absolute counts) of one forward pass of one sample."""
+def count_flops(model: nn.Module, input_shape: Sequence[int], device: str | torch.device = "meta") -> dict[str, float]:
+    """MACs and element-wise ops (absolute counts) of one forward pass of one sample, in evaluation mode.
+
+    Counted on ``device``: on "meta" only shapes are propagated (no convolution is computed), so a
+    50-layer network counts in under a second; a model elsewhere is counted as a meta copy and left
+    as it was. ``device="cpu"`` (with a CPU model) computes the forward pass, giving the same counts.
+    """
+    device = torch.device(device)
+    if any(t.device != device for t in (*model.parameters(), *model.buffers())):
+        model = copy.deepcopy(model).to(device)
     was_training = model.training
     model.eval()
     counter = _FlopCounter()
     with counter:
-        model(torch.zeros(1, *input_shape))
+        model(torch.zeros(1, *input_shape, device=device))
     model.train(was_training)
     return {"macs": counter.counts["mac"], "flops": counter.counts["mac"] + counter.counts["elementwise"]}
 
@@ -77,38 +91,50 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _shape_at(input_shape: tuple[int, ...], size) -> tuple[int, ...]:
-    """The input shape with its spatial side (and, for video, frames) set to ``size``."""
-    if isinstance(size, tuple):
-        frames, side = size
-        return (input_shape[0], frames, side, side)
-    return (*input_shape[:-2], size, size)
+def profile_rows(names: Iterable[str] | None = None, input_shape: Sequence[int] | None = None,
+                 device: str | torch.device = "meta", **model_args) -> list[dict]:
+    """Params / GMACs / GFLOPs of registered models, one row per model and setup, beside the paper's.
 
-
-def profile_rows(names: Iterable[str] | None = None) -> list[dict]:
-    """One row per (model, paper input size): measured params / GMACs / GFLOPs beside the paper's."""
+    Each model with a record in :data:`pyconv_core.paper.PAPER` is counted in every setup of it (e.g.
+    224 and 320; segmentation at output strides 8 and 16, with the auxiliary head); one without, once at
+    its registered input shape. With ``input_shape`` or builder arguments (an experiment's own network:
+    a demo's image size, fewer blocks, its classes), each model is counted once in that setup instead,
+    with no paper figures beside it. Default: every registered model, counted on the meta device.
+    """
+    custom = input_shape is not None or bool(model_args)
     rows = []
     for name in names or list_models():
-        entry = model_entry(name)
-        model = build(name)
-        if entry.count_setup:
-            entry.count_setup(model)
-        params = count_params(model)
-        sizes = list(entry.paper.gflops) or [_default_size(entry.input_shape)]
-        for size in sizes:
-            counts = count_flops(model, _shape_at(entry.input_shape, size))
-            paper_gflops = entry.paper.gflops.get(size)
+        figures = None if custom else PAPER.get(name)
+        for setup in figures.setups() if figures else [None]:
+            with torch.device(device):
+                model = build(name, **_build_args(figures, setup, model_args))
+            shape = tuple(input_shape or _sample_shape(name, figures, setup))
+            params, counts = count_params(model), count_flops(model, shape, device)
             gflops = counts["flops"] / 1e9
+            paper_params = figures.params if figures else None
+            paper_gflops = figures.gflops.get(setup) if figures and setup else None
             rows.append({
-                "model": name, "input": size, "params": params, "paper_params": entry.paper.params,
-                "params_diff": _rel(params, entry.paper.params), "gmacs": counts["macs"] / 1e9,
-                "gflops": gflops, "paper_gflops": paper_gflops, "gflops_diff": _rel(gflops, paper_gflops),
+                "model": name, "input": shape[1:], "output_stride": setup.output_stride if setup else None,
+                "params": params, "paper_params": paper_params, "params_diff": _rel(params, paper_params),
+                "gmacs": counts["macs"] / 1e9, "gflops": gflops, "paper_gflops": paper_gflops,
+                "gflops_diff": _rel(gflops, paper_gflops), "source": figures.source if figures else "",
             })
     return rows
 
 
-def _default_size(input_shape: tuple[int, ...]):
-    return (input_shape[1], input_shape[-1]) if len(input_shape) == 4 else input_shape[-1]
+def _build_args(figures: PaperFigures | None, setup: Setup | None, model_args: dict) -> dict:
+    """Builder arguments of the counted network: the record's (classes, output stride, ...) or the caller's."""
+    if figures is None or setup is None:
+        return model_args
+    stride = {} if setup.output_stride is None else {"output_stride": setup.output_stride}
+    return {"num_classes": figures.num_classes, **figures.model_args, **stride}
+
+
+def _sample_shape(name: str, figures: PaperFigures | None, setup: Setup | None) -> tuple[int, ...]:
+    """One sample as counted: the record's shape with the setup's side, or the registered shape."""
+    if figures is None or setup is None:
+        return model_entry(name).input_shape
+    return (*figures.input_shape[:-2], setup.side, setup.side)
 
 
 def _rel(measured: float, paper: float | None) -> float | None:
@@ -119,13 +145,13 @@ def format_table(rows: list[dict]) -> str:
     """The profile rows as a fixed-width text table."""
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
-    header = (f"{'model':<22}{'input':>9}{'params(M)':>11}{'paper':>9}{'diff':>8}"
+    header = (f"{'model':<22}{'input':>15}{'params(M)':>11}{'paper':>9}{'diff':>8}"
               f"{'GMACs':>9}{'GFLOPs':>9}{'paper':>9}{'diff':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        inp = "x".join(map(str, r["input"])) if isinstance(r["input"], tuple) else str(r["input"])
+        inp = "x".join(map(str, r["input"])) + ("" if r["output_stride"] is None else f" os{r['output_stride']}")
         paper_params = None if r["paper_params"] is None else r["paper_params"] / 1e6
-        lines.append(f"{r['model']:<22}{inp:>9}{r['params'] / 1e6:>11.3f}{fmt(paper_params, '.2f'):>9}"
+        lines.append(f"{r['model']:<22}{inp:>15}{r['params'] / 1e6:>11.3f}{fmt(paper_params, '.2f'):>9}"
                      f"{fmt(r['params_diff'], '+.2%'):>8}{r['gmacs']:>9.3f}{r['gflops']:>9.3f}"
                      f"{fmt(r['paper_gflops'], '.2f'):>9}{fmt(r['gflops_diff'], '+.2%'):>8}")
     return "\n".join(lines + ["", f"Convention: {FLOP_CONVENTION}"])

@@ -1,31 +1,18 @@
-"""Model registry: ``build("pyconvresnet50", num_classes=10)`` and the paper's figures per model.
+"""Model registry: ``build("pyconvresnet50", num_classes=10)``, ``list_models(task)``.
 
-Each registered builder records the figures the paper reports for it (params, GFLOPs at the
-paper's input sizes), so the registry doubles as the paper-fidelity test matrix.
+The paper's figures per registered name are in :mod:`pyconv_core.paper`; with this registry they
+make the paper-fidelity test matrix.
 """
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 from torch import nn
 
-__all__ = ["PaperFigures", "register_model", "build", "list_models", "model_entry"]
-
-
-@dataclass(frozen=True)
-class PaperFigures:
-    """What the paper (or the authors' code; docs/paper.md) reports for a model.
-
-    ``gflops`` maps an input size (the side for images, or ``(frames, side)`` for video) to
-    multiply-accumulates in billions; ``params`` is the exact or rounded count.
-    """
-
-    params: float | None = None
-    gflops: dict = field(default_factory=dict)
-    source: str = ""
+__all__ = ["register_model", "build", "list_models", "model_entry"]
 
 
 @dataclass(frozen=True)
@@ -34,26 +21,21 @@ class ModelEntry:
     builder: Callable[..., nn.Module]
     task: str
     input_shape: tuple[int, ...]
-    paper: PaperFigures
-    count_setup: Callable[[nn.Module], None] | None = None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(task: str = "classification", input_shape: tuple[int, ...] = (3, 224, 224),
-                   paper: PaperFigures | None = None,
-                   count_setup: Callable[[nn.Module], None] | None = None) -> Callable:
+def register_model(task: str = "classification", input_shape: tuple[int, ...] = (3, 224, 224)) -> Callable:
     """Decorator registering a builder under its function name.
 
-    ``input_shape`` is one sample's shape at the paper's default size (for profiling);
-    ``count_setup`` prepares a built model to be counted as the paper counted it (segmentation:
-    with the auxiliary head that only training runs).
+    ``input_shape`` is one sample's shape at the model's default size (for export, benchmarks and
+    profiling a model the paper gives no figures for).
     """
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if fn.__name__ in _REGISTRY:
             raise ValueError(f"model {fn.__name__!r} is registered twice")
-        _REGISTRY[fn.__name__] = ModelEntry(fn.__name__, fn, task, input_shape, paper or PaperFigures(), count_setup)
+        _REGISTRY[fn.__name__] = ModelEntry(fn.__name__, fn, task, input_shape)
         return fn
     return wrap
 

@@ -10,6 +10,7 @@ from pyconv_core import CheckpointMismatchError, build, to_official_state_dict
 from pyconv_core.engine.checkpoint import rng_state
 from pyconv_core.layers.pyconv import PyConv
 from pyconv_core.models import ssd as S
+from pyconv_core.paper import PAPER, Setup
 from pyconv_core.profile import count_flops, profile_rows
 from pyconv_core.registry import list_models, model_entry
 
@@ -24,8 +25,9 @@ def rows():
 def test_registered_as_detection_models_with_s_table1_figures():
     assert set(PAPER_MODELS) <= set(list_models("detection"))
     for name in PAPER_MODELS:
-        entry = model_entry(name)
-        assert entry.input_shape == (3, 300, 300) and entry.paper.params and 300 in entry.paper.gflops
+        figures = PAPER[name]
+        assert model_entry(name).input_shape == figures.input_shape == (3, 300, 300) and figures.num_classes == 81
+        assert figures.params and Setup(300) in figures.gflops and len(figures.metrics_at()) == 12
 
 
 def test_params_within_one_percent_of_s_table1(rows):
@@ -46,16 +48,18 @@ def test_nvidia_widths_match_s_table1_params_at_81_and_gflops_at_91_labels():
                                            ("pyconvssd50", "pyconvssd", "pyconvresnet", 50),
                                            ("ssd101", "ssd", "resnet", 101),
                                            ("pyconvssd101", "pyconvssd", "pyconvresnet", 101)]:
-        paper = model_entry(name).paper
+        paper = PAPER[name]
+        assert paper.params is not None
+        paper_gflops = paper.gflops[Setup(300)]
         head = S.head_blocks(S.HEAD_PRESETS[head_name], S.NVIDIA_WIDTHS)
-        at_81 = S.SSD(family, depth, head, num_classes=81)
-        params = sum(p.numel() for p in at_81.parameters())
+        with torch.device("meta"):
+            nets = {c: S.SSD(family, depth, head, num_classes=c) for c in (81, 91)}
+        params = sum(p.numel() for p in nets[81].parameters())
         assert abs(params - paper.params) / paper.params <= 0.002, (name, params)
-        gflops = {c: count_flops(S.SSD(family, depth, head, num_classes=c), (3, 300, 300))["flops"] / 1e9
-                  for c in (81, 91)}
-        assert abs(gflops[91] - paper.gflops[300]) / paper.gflops[300] <= 0.002, (name, gflops)
+        gflops = {c: count_flops(net, (3, 300, 300))["flops"] / 1e9 for c, net in nets.items()}
+        assert abs(gflops[91] - paper_gflops) / paper_gflops <= 0.002, (name, gflops)
         if depth == 50:
-            assert (paper.gflops[300] - gflops[81]) / paper.gflops[300] > 0.03, (name, gflops)
+            assert (paper_gflops - gflops[81]) / paper_gflops > 0.03, (name, gflops)
     assert S.HEAD_WIDTHS[1:] == S.NVIDIA_WIDTHS[1:] and S.HEAD_WIDTHS[0] == (288, 512)
 
 

@@ -27,8 +27,8 @@ from pyconv_core.data.demo_segmentation import DEMO_CLASSES, make_demo_ade20k
 from pyconv_core.engine.checkpoint import load_checkpoint, save_atomic
 from pyconv_core.engine.trainer import TrainConfig, fit
 from pyconv_core.models.resnet import ResNet
-from pyconv_core.models.segmentation import profile_output_strides
-from pyconv_core.profile import count_flops, profile_rows
+from pyconv_core.paper import PAPER
+from pyconv_core.profile import profile_rows
 from pyconv_core.tasks.segmentation import (
     NEW_MODULES,
     Params,
@@ -280,31 +280,22 @@ def test_every_registered_name_exists():
 
 @pytest.fixture(scope="module")
 def paper_rows():
-    return profile_output_strides()
+    return profile_rows([n for n in list_models("segmentation") if n in PAPER])
 
 
 def test_params_and_gflops_match_s_table_6_at_both_output_strides(paper_rows):
-    assert {r["model"] for r in paper_rows} == {f"{n} os{s}" for n in ("pyconvsegnet50", "pspnet50", "deeplabv3_50",
-                                                                      "fcn50") for s in (8, 16)}
+    assert {(r["model"], r["output_stride"]) for r in paper_rows} == {
+        (n, s) for n in ("pyconvsegnet50", "pspnet50", "deeplabv3_50", "fcn50") for s in (8, 16)}
     for r in paper_rows:
+        assert r["input"] == (473, 473)
         assert abs(r["params_diff"]) <= 0.01, r
         assert abs(r["gflops_diff"]) <= 0.03, r
 
 
-def test_generic_profiler_counts_the_aux_head_as_s_table_6(paper_rows):
-    # `python -m pyconv_core.profile` (eval mode) must count what the paper counted, like profile_output_strides
-    [row] = profile_rows(["pyconvsegnet50"])
-    [os8] = [r for r in paper_rows if r["model"] == "pyconvsegnet50 os8"]
-    assert (row["params"], row["gmacs"], row["gflops"]) == (os8["params"], os8["gmacs"], os8["gflops"])
-    assert abs(row["gflops_diff"]) <= 0.03, row
-
-
-def test_shape_only_counting_equals_computed_counting():
-    with torch.device("meta"):
-        meta = build("pyconvsegnet18", num_classes=5, output_stride=8)
-        meta_counts = count_flops(meta, (3, 49, 49))
-    real = build("pyconvsegnet18", num_classes=5, output_stride=8)
-    assert count_flops(real, (3, 49, 49)) == meta_counts
+def test_the_profiler_counts_the_aux_head_as_s_table_6(paper_rows):
+    [os8] = [r for r in paper_rows if (r["model"], r["output_stride"]) == ("pyconvsegnet50", 8)]
+    [without_aux] = profile_rows(["pyconvsegnet50"], input_shape=(3, 473, 473), num_classes=150, output_stride=8)
+    assert os8["params"] == without_aux["params"] and os8["gflops"] > without_aux["gflops"]
 
 
 # ---- task and trainer ----------------------------------------------------------------------------

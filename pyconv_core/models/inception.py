@@ -44,7 +44,7 @@ from torch import nn
 from pyconv_core.layers import factory
 from pyconv_core.layers.factory import IntOrTuple
 from pyconv_core.layers.pyconv import PYCONV_PRESETS, LevelSet, PyConv
-from pyconv_core.registry import PaperFigures, register_model
+from pyconv_core.registry import register_model
 
 __all__ = ["Inception", "InceptionDesign", "Conv", "Pyramid", "Pool", "DESIGNS"]
 
@@ -254,16 +254,13 @@ class Inception(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-_S_TABLE5 = "S-Table 5 / docs/paper.md s.7"
-
-
-@register_model(input_shape=(3, 299, 299), paper=PaperFigures(params=55.84e6, gflops={299: 16.75}, source=_S_TABLE5))
+@register_model(input_shape=(3, 299, 299))
 def inception_resnet_v2(**kw) -> Inception:
     """Inception-ResNet-v2 (Szegedy et al. 2017), S-Table 5's baseline: 20.49% top-1 error."""
     return Inception("inception_resnet_v2", **kw)
 
 
-@register_model(input_shape=(3, 299, 299), paper=PaperFigures(params=43.48e6, gflops={299: 11.92}, source=_S_TABLE5))
+@register_model(input_shape=(3, 299, 299))
 def pyconvinception(**kw) -> Inception:
     """PyConvInception (S-Table 5): PyConv blocks in Inception-ResNet-v2, 20.31% top-1 error."""
     return Inception("pyconvinception", **kw)

@@ -18,7 +18,7 @@ from torch import nn
 from pyconv_core.layers import factory
 from pyconv_core.layers.factory import IntOrTuple
 from pyconv_core.layers.pyconv import PYCONV_PRESETS, LevelSet, PyConv
-from pyconv_core.registry import PaperFigures, register_model
+from pyconv_core.registry import register_model
 
 __all__ = ["ResNet", "Bottleneck", "BasicBlock", "FAMILIES", "DEPTHS"]
 
@@ -254,14 +254,6 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _paper(params: float, source: str, **gflops: float) -> PaperFigures:
-    return PaperFigures(params=params, gflops={int(k[1:]): v for k, v in gflops.items()}, source=source)
-
-
-_AUTHORS = "authors' code / docs/paper.md#counting"
-_TABLE2 = "paper Table 2 / docs/paper.md s.2"
-
-
 @register_model()
 def resnet18(**kw) -> ResNet:
     """ResNet-18 (He et al. 2016), torchvision's layout."""
@@ -292,49 +284,49 @@ def resnet152(**kw) -> ResNet:
     return ResNet("resnet", 152, **kw)
 
 
-@register_model(paper=_paper(5_911_976, _AUTHORS, s224=0.88))
+@register_model()
 def pyconvresnet18(**kw) -> ResNet:
     """PyConvResNet-18: basic blocks of one PyConv and one 1x1 conv (authors' code)."""
     return ResNet("pyconvresnet", 18, **kw)
 
 
-@register_model(paper=_paper(11_091_048, _AUTHORS, s224=1.75))
+@register_model()
 def pyconvresnet34(**kw) -> ResNet:
     """PyConvResNet-34: basic blocks of one PyConv and one 1x1 conv (authors' code)."""
     return ResNet("pyconvresnet", 34, **kw)
 
 
-@register_model(paper=_paper(24_847_720, _TABLE2, s224=3.88, s320=7.91))
+@register_model()
 def pyconvresnet50(**kw) -> ResNet:
     """PyConvResNet-50 (paper Table 2): 77.88% top-1, standard recipe."""
     return ResNet("pyconvresnet", 50, **kw)
 
 
-@register_model(paper=_paper(42.31e6, _TABLE2, s224=7.31, s320=14.92))
+@register_model()
 def pyconvresnet101(**kw) -> ResNet:
     """PyConvResNet-101 (paper Table 2): 79.01% top-1, standard recipe."""
     return ResNet("pyconvresnet", 101, **kw)
 
 
-@register_model(paper=_paper(56_640_872, _AUTHORS))
+@register_model()
 def pyconvresnet152(**kw) -> ResNet:
     """PyConvResNet-152 (paper Table 2): 79.52% top-1, standard recipe."""
     return ResNet("pyconvresnet", 152, **kw)
 
 
-@register_model(paper=_paper(25_234_728, _AUTHORS))
+@register_model()
 def pyconvhgresnet50(**kw) -> ResNet:
     """PyConvHGResNet-50 (high grouping, paper Table 2): 78.48% top-1."""
     return ResNet("pyconvhgresnet", 50, **kw)
 
 
-@register_model(paper=_paper(44_627_240, _AUTHORS))
+@register_model()
 def pyconvhgresnet101(**kw) -> ResNet:
     """PyConvHGResNet-101 (high grouping, paper Table 2): 79.22% top-1."""
     return ResNet("pyconvhgresnet", 101, **kw)
 
 
-@register_model(paper=_paper(60_657_960, _AUTHORS))
+@register_model()
 def pyconvhgresnet152(**kw) -> ResNet:
     """PyConvHGResNet-152 (high grouping, paper Table 2): 79.36% top-1."""
     return ResNet("pyconvhgresnet", 152, **kw)

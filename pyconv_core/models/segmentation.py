@@ -13,17 +13,16 @@ the same ratios for lighter backbones:
 * :class:`PlainHead` (the baseline of S-Table 6): one 3x3 conv.
 
 The paper counts params and GFLOPs with the auxiliary head, which only runs in training; so
-the registered models count a forward pass with it (``with_aux=True``, :func:`count_with_aux`), in
-``python -m pyconv_core.profile`` and in :func:`profile_output_strides`.
+its records in :mod:`pyconv_core.paper` build the counted networks with ``with_aux=True`` (a forward
+pass in evaluation mode that runs the auxiliary head too), at output strides 8 and 16.
 ``load_official_checkpoint`` reads the authors' layout (iduta/pyconvsegnet, on hszhao/semseg):
 ``layer0`` (stem) ``layer1..4``, ``pyconvhead.*`` / ``ppm.*``, ``cls.*``, ``aux.*``.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +32,10 @@ from pyconv_core.layers import factory
 from pyconv_core.layers.pyconv import PYCONV_PRESETS, PyConv
 from pyconv_core.models.official import load_backbone_weights
 from pyconv_core.models.resnet import FAMILIES, ResNet
-from pyconv_core.profile import count_flops, count_params
-from pyconv_core.registry import PaperFigures, build, list_models, model_entry, register_model
+from pyconv_core.registry import register_model
 
 __all__ = ["SegmentationNet", "PyConvPH", "PPM", "ASPP", "PlainHead", "aux_head", "HEADS", "MODEL_HEADS",
-           "S_TABLE6", "SegFigures", "segmentation_net", "paper_figures", "profile_output_strides",
-           "count_with_aux"]
+           "segmentation_net"]
 
 PAPER_INPUT = 473
 
@@ -163,13 +160,13 @@ class SegmentationNet(nn.Module):
     """
 
     def __init__(self, backbone: ResNet, head: Head, num_classes: int, dropout: float = 0.1,
-                 aux: bool = True) -> None:
+                 aux: bool = True, with_aux: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(head.out_channels, num_classes, 1))
         self.aux = aux_head(backbone.feature_info[2]["num_chs"], num_classes, dropout) if aux else None
-        self.num_classes, self.with_aux = num_classes, False
+        self.num_classes, self.with_aux = num_classes, with_aux
         self.official_prefixes = [("backbone.conv1.", "layer0.0."), ("backbone.bn1.", "layer0.1."),
                                   ("backbone.", ""), *type(head).OFFICIAL_KEYS]
 
@@ -184,14 +181,15 @@ class SegmentationNet(nn.Module):
 
 
 def segmentation_net(head: str, depth: int, num_classes: int = 150, output_stride: int = 8,
-                     backbone: str = "resnet", dropout: float = 0.1, aux: bool = True,
+                     backbone: str = "resnet", dropout: float = 0.1, aux: bool = True, with_aux: bool = False,
                      backbone_weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None) -> SegmentationNet:
     """A segmentation network: ``head`` (a key of ``HEADS``) on a ``backbone`` family ("resnet",
     "pyconvresnet", ...) of ``depth`` layers, dilated to ``output_stride`` 8 or 16.
 
     ``backbone_weights``: an ImageNet checkpoint of the backbone (authors', torchvision's or this
     workbook's layout, path or state_dict; the classifier is dropped) loaded before training, as the
-    paper's recipe starts from one.
+    paper's recipe starts from one. ``with_aux``: evaluation mode runs the auxiliary head too (to be
+    counted as S-Table 6 counts it).
     """
     if head not in HEADS:
         raise ValueError(f"unknown segmentation head {head!r}; choose one of {sorted(HEADS)}")
@@ -203,70 +201,10 @@ def segmentation_net(head: str, depth: int, num_classes: int = 150, output_strid
     if backbone_weights is not None:
         load_backbone_weights(net, backbone_weights, label=f"{backbone}{depth} (segmentation backbone)")
     head_module = HEADS[head](net.num_features, output_stride=output_stride)
-    return SegmentationNet(net, head_module, num_classes, dropout=dropout, aux=aux)
+    return SegmentationNet(net, head_module, num_classes, dropout=dropout, aux=aux, with_aux=with_aux)
 
 
-@dataclass(frozen=True)
-class SegFigures:
-    """One row of S-Table 6 (ADE20K val, ResNet-50 backbone, input 473, aux head counted)."""
-
-    miou: float
-    pixel_acc: float
-    params: float
-    gflops: float
-
-
-# S-Table 6: head -> output stride -> figures (params in millions).
-S_TABLE6: dict[str, dict[int, SegFigures]] = {
-    "plain": {8: SegFigures(37.87, 78.17, 35.42, 131.37), 16: SegFigures(36.84, 77.84, 35.42, 39.52)},
-    "aspp": {8: SegFigures(40.91, 79.92, 41.48, 151.17), 16: SegFigures(40.34, 79.44, 41.48, 44.47)},
-    "ppm": {8: SegFigures(41.24, 80.01, 49.06, 165.42), 16: SegFigures(39.75, 79.17, 49.06, 48.08)},
-    "pyconvph": {8: SegFigures(41.54, 80.18, 34.40, 116.84), 16: SegFigures(40.43, 79.45, 34.40, 36.08)},
-}
-
-
-def paper_figures(head: str, output_stride: int = 8) -> PaperFigures:
-    """S-Table 6's params and GFLOPs (input 473) of ``head`` on ResNet-50 at ``output_stride``."""
-    row = S_TABLE6[head][output_stride]
-    return PaperFigures(params=row.params * 1e6, gflops={PAPER_INPUT: row.gflops},
-                        source=f"S-Table 6, output stride {output_stride}")
-
-
-def profile_output_strides(names: Iterable[str] | None = None, output_strides: Sequence[int] = (8, 16),
-                           device: str = "meta") -> list[dict]:
-    """Rows like :func:`pyconv_core.profile.profile_rows`, one per (model, output stride), beside
-    S-Table 6 for the models registered with its figures, counting the auxiliary head as the paper.
-
-    ``device="meta"`` counts shapes only (the same counts, instant at 473x473 and OS8); "cpu" computes.
-    """
-    heads = {cls: key for key, cls in HEADS.items()}
-    rows = []
-    for name in names or [n for n in list_models("segmentation") if model_entry(n).paper.params]:
-        for stride in output_strides:
-            with torch.device(device):
-                model = cast(SegmentationNet, build(name, output_stride=stride))
-                count_with_aux(model)
-                params = count_params(model)
-                counts = count_flops(model, model_entry(name).input_shape)
-            gflops = counts["flops"] / 1e9
-            row = {"model": f"{name} os{stride}", "input": PAPER_INPUT, "params": params, "paper_params": None,
-                   "params_diff": None, "gmacs": counts["macs"] / 1e9, "gflops": gflops, "paper_gflops": None,
-                   "gflops_diff": None}
-            if model_entry(name).paper.params:
-                paper = S_TABLE6[heads[type(model.head)]][stride]
-                row.update(paper_params=paper.params * 1e6, params_diff=params / (paper.params * 1e6) - 1,
-                           paper_gflops=paper.gflops, gflops_diff=gflops / paper.gflops - 1)
-            rows.append(row)
-    return rows
-
-
-def count_with_aux(model: SegmentationNet) -> None:
-    """Count ``model`` as S-Table 6 does: with the auxiliary head in the forward pass."""
-    model.with_aux = True
-
-
-_SEG: dict[str, Any] = {"task": "segmentation", "input_shape": (3, PAPER_INPUT, PAPER_INPUT),
-                        "count_setup": count_with_aux}
+_SEG: dict[str, Any] = {"task": "segmentation", "input_shape": (3, PAPER_INPUT, PAPER_INPUT)}
 
 
 @register_model(**_SEG)
@@ -275,7 +213,7 @@ def pyconvsegnet18(**kw) -> SegmentationNet:
     return segmentation_net("pyconvph", 18, **kw)
 
 
-@register_model(**_SEG, paper=paper_figures("pyconvph"))
+@register_model(**_SEG)
 def pyconvsegnet50(**kw) -> SegmentationNet:
     """PyConvSegNet-50 (S-Table 6): 41.54 / 40.43 mIoU on ADE20K at output stride 8 / 16."""
     return segmentation_net("pyconvph", 50, **kw)
@@ -299,7 +237,7 @@ def pspnet18(**kw) -> SegmentationNet:
     return segmentation_net("ppm", 18, **kw)
 
 
-@register_model(**_SEG, paper=paper_figures("ppm"))
+@register_model(**_SEG)
 def pspnet50(**kw) -> SegmentationNet:
     """PSPNet-50 (PPM head, S-Table 6): 41.24 / 39.75 mIoU on ADE20K at output stride 8 / 16."""
     return segmentation_net("ppm", 50, **kw)
@@ -323,7 +261,7 @@ def deeplabv3_18(**kw) -> SegmentationNet:
     return segmentation_net("aspp", 18, **kw)
 
 
-@register_model(**_SEG, paper=paper_figures("aspp"))
+@register_model(**_SEG)
 def deeplabv3_50(**kw) -> SegmentationNet:
     """DeepLabv3-50 (ASPP head, S-Table 6): 40.91 / 40.34 mIoU on ADE20K at output stride 8 / 16."""
     return segmentation_net("aspp", 50, **kw)
@@ -347,7 +285,7 @@ def fcn18(**kw) -> SegmentationNet:
     return segmentation_net("plain", 18, **kw)
 
 
-@register_model(**_SEG, paper=paper_figures("plain"))
+@register_model(**_SEG)
 def fcn50(**kw) -> SegmentationNet:
     """The S-Table 6 baseline (one 3x3 conv head): 37.87 / 36.84 mIoU on ADE20K at output stride 8 / 16."""
     return segmentation_net("plain", 50, **kw)

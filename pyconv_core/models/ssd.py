@@ -30,7 +30,7 @@ from pyconv_core.layers import factory
 from pyconv_core.layers.pyconv import PYCONV_PRESETS, LevelSet, PyConv
 from pyconv_core.models.official import load_backbone_weights
 from pyconv_core.models.resnet import FAMILIES, ResNet
-from pyconv_core.registry import PaperFigures, register_model
+from pyconv_core.registry import register_model
 
 __all__ = ["SSD", "ExtraBlock", "HEADS", "HEAD_PRESETS", "HEAD_WIDTHS", "NVIDIA_WIDTHS", "head_blocks", "BoxGeometry",
            "SSD300", "geometry_for", "map_sizes", "default_boxes", "encode", "decode", "match", "multibox_loss",
@@ -344,32 +344,28 @@ def load_backbone_checkpoint(model: SSD, source: str | os.PathLike | Mapping[str
     return model
 
 
-def _paper(params: float, gflops: float) -> PaperFigures:
-    return PaperFigures(params=params, gflops={300: gflops}, source="S-Table 1 / docs/paper.md s.4")
-
-
 _DETECTION: dict[str, Any] = dict(task="detection", input_shape=(3, 300, 300))
 
 
-@register_model(**_DETECTION, paper=_paper(22.89e6, 20.92))
+@register_model(**_DETECTION)
 def ssd50(num_classes: int = 81, image_size: int = 300) -> SSD:
     """Baseline SSD300 with a ResNet-50 backbone (S-Table 1: AP 26.20 on COCO val2017)."""
     return SSD("resnet", 50, HEADS["ssd"], num_classes, image_size)
 
 
-@register_model(**_DETECTION, paper=_paper(41.89e6, 48.45))
+@register_model(**_DETECTION)
 def ssd101(num_classes: int = 81, image_size: int = 300) -> SSD:
     """Baseline SSD300 with a ResNet-101 backbone (S-Table 1: AP 29.58)."""
     return SSD("resnet", 101, HEADS["ssd"], num_classes, image_size)
 
 
-@register_model(**_DETECTION, paper=_paper(21.55e6, 19.71))
+@register_model(**_DETECTION)
 def pyconvssd50(num_classes: int = 81, image_size: int = 300) -> SSD:
     """PyConvSSD300 with a PyConvResNet-50 backbone (S-Table 1: AP 29.16)."""
     return SSD("pyconvresnet", 50, HEADS["pyconvssd"], num_classes, image_size)
 
 
-@register_model(**_DETECTION, paper=_paper(39.01e6, 45.02))
+@register_model(**_DETECTION)
 def pyconvssd101(num_classes: int = 81, image_size: int = 300) -> SSD:
     """PyConvSSD300 with a PyConvResNet-101 backbone (S-Table 1: AP 31.27)."""
     return SSD("pyconvresnet", 101, HEADS["pyconvssd"], num_classes, image_size)

@@ -21,7 +21,7 @@ from torch import nn
 
 from pyconv_core.layers.pyconv import LevelSet
 from pyconv_core.models.resnet import ResNet
-from pyconv_core.registry import PaperFigures, register_model
+from pyconv_core.registry import register_model
 
 __all__ = ["VIDEO_LEVELS", "VIDEO_ARGS", "video_resnet", "inflate_2d", "resnet3d50", "pyconvresnet3d50"]
 
@@ -43,9 +43,6 @@ VIDEO_ARGS: dict[str, dict] = {
     "pyconvresnet": dict(stem_pool=None, stage_strides=((1, 2, 2), (1, 2, 2), 2, 2)),
 }
 
-_SOURCE = "S-Tables 2-3 (Kinetics-400, 16x224x224 clips)"
-
-
 def video_resnet(family: str, depth: int = 50, **kw) -> ResNet:
     """A 3D network of S-Table 2's design: ``family`` is ``resnet`` or ``pyconvresnet``; keyword
     arguments override the defaults (400 classes, dropout 0.5) and the ResNet builder's options,
@@ -56,15 +53,13 @@ def video_resnet(family: str, depth: int = 50, **kw) -> ResNet:
     return ResNet(family, depth, **args)
 
 
-@register_model(task="video", input_shape=(3, 16, 224, 224),
-                paper=PaperFigures(params=47.00e6, gflops={(16, 224): 93.26}, source=_SOURCE))
+@register_model(task="video", input_shape=(3, 16, 224, 224))
 def resnet3d50(**kw) -> ResNet:
     """ResNet3D-50 (S-Table 2): Kinetics-400 top-1/top-5 error 37.01/15.41 (S-Table 3)."""
     return video_resnet("resnet", **kw)
 
 
-@register_model(task="video", input_shape=(3, 16, 224, 224),
-                paper=PaperFigures(params=44.91e6, gflops={(16, 224): 91.81}, source=_SOURCE))
+@register_model(task="video", input_shape=(3, 16, 224, 224))
 def pyconvresnet3d50(**kw) -> ResNet:
     """PyConvResNet3D-50 (S-Table 2): Kinetics-400 top-1/top-5 error 34.56/13.34 (S-Table 3)."""
     return video_resnet("pyconvresnet", **kw)

@@ -25,22 +25,14 @@ from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.logging import workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, check_run_dir, fit, seed_everything
 from pyconv_core.models.ssd import HEADS, SSD, load_backbone_checkpoint, map_sizes, match, multibox_loss, postprocess
+from pyconv_core.paper import COCO_METRICS, PAPER
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import Recipe, RunParams, at_least, between, check_model, merge_recipe, one_of
 from pyconv_core.tasks.classification import resolve_backbone_weights
 
-__all__ = ["DetectionTask", "DetectionRecipe", "Params", "RECIPES", "COCO_METRICS", "PAPER_METRICS", "run", "datasets",
-           "train_config", "build_model", "predict", "paper_table", "untrained_metrics", "browse"]
+__all__ = ["DetectionTask", "Params", "RECIPES", "run", "datasets",
+           "train_config", "build_model", "predict", "paper_table", "untrained_metrics", "browse", "DetectionRecipe"]
 
-COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-# S-Table 1 (COCO val2017, 300x300), in the order of COCO_METRICS.
-PAPER_METRICS: dict[str, tuple[float, ...]] = {
-    "ssd50": (26.20, 43.97, 26.96, 8.12, 28.22, 42.64, 24.50, 35.41, 37.07, 12.61, 40.76, 57.25),
-    "pyconvssd50": (29.16, 47.26, 30.24, 9.31, 31.21, 47.79, 26.14, 37.81, 39.61, 13.79, 43.87, 60.98),
-    "ssd101": (29.58, 47.69, 30.80, 9.38, 31.96, 47.64, 26.47, 38.00, 39.64, 14.09, 43.54, 61.03),
-    "pyconvssd101": (31.27, 50.00, 32.67, 10.65, 33.76, 51.75, 27.33, 39.33, 41.07, 15.48, 45.53, 63.44),
-}
 
 @dataclass(frozen=True)
 class DetectionRecipe(Recipe):
@@ -154,7 +146,8 @@ def paper_table(metrics: dict[str, float], model_name: str, untrained: dict[str,
     """Our 12 COCO numbers beside S-Table 1's row for ``model_name`` (and the untrained model's, if given)."""
     columns = {} if untrained is None else {"untrained": [untrained.get(k, np.nan) for k in COCO_METRICS]}
     columns["ours"] = [metrics.get(k, np.nan) for k in COCO_METRICS]
-    columns[f"paper {model_name}"] = list(PAPER_METRICS.get(model_name, [np.nan] * len(COCO_METRICS)))
+    paper = PAPER[model_name].metrics_at() if model_name in PAPER else {}
+    columns[f"paper {model_name}"] = [paper.get(k, np.nan) for k in COCO_METRICS]
     return pd.DataFrame(columns, index=list(COCO_METRICS)).round(2)
 
 

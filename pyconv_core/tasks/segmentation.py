@@ -25,6 +25,8 @@ from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.logging import workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, check_run_dir, fit, seed_everything
 from pyconv_core.models.segmentation import MODEL_HEADS
+from pyconv_core.paper import PAPER
+from pyconv_core.profile import profile_rows
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import Recipe, RunParams, at_least, check_model, merge_recipe, one_of
 from pyconv_core.tasks.classification import resolve_backbone_weights
@@ -331,14 +333,15 @@ def head_to_head(run_dirs: dict[str, str | Path], output_stride: int = 8) -> lis
     """Per head: the best validation mIoU / pixel accuracy of its run, beside S-Table 6 (ADE20K,
     ResNet-50) at ``output_stride``, with our params / GFLOPs of the 50-layer model at 473x473."""
     from pyconv_core.engine.logging import read_metrics
-    from pyconv_core.models.segmentation import MODEL_HEADS, S_TABLE6, profile_output_strides
 
     rows = []
     for head, run_dir in run_dirs.items():
         best = max(read_metrics(run_dir, "eval"), key=lambda r: r["miou"])
-        paper = S_TABLE6[MODEL_HEADS[head]][output_stride]
-        cost = profile_output_strides([Params(head=head, depth=50).model_name], [output_stride])[0]
-        rows.append({"head": head, "mIoU": best["miou"], "pixel acc": best["pixel_acc"], "paper mIoU": paper.miou,
-                     "paper pixel acc": paper.pixel_acc, "params-50 (M)": cost["params"] / 1e6,
-                     "paper params (M)": paper.params, "GFLOPs-50": cost["gflops"], "paper GFLOPs": paper.gflops})
+        name = Params(head=head, depth=50).model_name
+        paper = PAPER[name].metrics_at(output_stride)
+        [cost] = [r for r in profile_rows([name]) if r["output_stride"] == output_stride]
+        rows.append({"head": head, "mIoU": best["miou"], "pixel acc": best["pixel_acc"], "paper mIoU": paper["miou"],
+                     "paper pixel acc": paper["pixel_acc"], "params-50 (M)": cost["params"] / 1e6,
+                     "paper params (M)": cost["paper_params"] / 1e6, "GFLOPs-50": cost["gflops"],
+                     "paper GFLOPs": cost["paper_gflops"]})
     return rows

@@ -33,13 +33,12 @@ from pyconv_core.engine.logging import workbook_path
 from pyconv_core.engine.trainer import FitResult, TrainConfig, check_run_dir, evaluate, fit, seed_everything
 from pyconv_core.models.official import load_official_checkpoint
 from pyconv_core.models.video import inflate_2d
-from pyconv_core.profile import count_flops, count_params, profile_rows
 from pyconv_core.registry import build, list_models
 from pyconv_core.tasks.base import Recipe, RunParams, at_least, between, merge_recipe, one_of
 
-__all__ = ["VideoTask", "Params", "RECIPES", "PAPER_ERRORS", "run", "datasets", "sampling", "train_config",
-           "build_model", "multiview_test", "predict_videos", "show_clips", "normalize", "paper_profile", "model_cost",
-           "VideoRecipe"]
+__all__ = ["VideoTask", "Params", "RECIPES", "run", "datasets", "sampling", "train_config",
+           "model_args", "build_model", "multiview_test", "predict_videos", "show_clips", "normalize", "VideoRecipe"]
+
 
 @dataclass(frozen=True)
 class VideoRecipe(Recipe):
@@ -59,8 +58,6 @@ RECIPES: dict[str, VideoRecipe] = {
     "demo": dataclasses.replace(_KINETICS, lr=0.02, batch_size=16, epochs=16, frames=4, crop=32, test_clips=2,
                                 stage_blocks="1,1,1,1"),
 }
-# S-Table 3: Kinetics-400 top-1 / top-5 error (%), 10 clips x 3 crops.
-PAPER_ERRORS = {"resnet3d50": (37.01, 15.41), "pyconvresnet3d50": (34.56, 13.34)}
 
 
 def normalize(clips: torch.Tensor) -> torch.Tensor:
@@ -230,33 +227,23 @@ def train_config(p: Params) -> TrainConfig:
     return p.train_config(f"{p.model_name}-{'demo' if p.demo else 'kinetics'}-s{p.seed}")
 
 
-def build_model(p: Params, num_classes: int) -> nn.Module:
-    """The registered network (optionally shallower), inflated from a 2D checkpoint if one is given (not
-    with ``weights``: the run then loads the whole model)."""
+def model_args(p: Params, num_classes: int) -> dict[str, Any]:
+    """Builder arguments of the experiment's network (classes, dropout, blocks per stage if shallower),
+    shared by :func:`build_model` and the profiler (``profile_rows([p.arch], ..., **model_args(p, n))``)."""
     kwargs: dict[str, Any] = dict(num_classes=num_classes, dropout=p.dropout)
     if p.blocks:
         kwargs["stage_blocks"] = p.blocks
-    model = build(p.arch, **kwargs)
+    return kwargs
+
+
+def build_model(p: Params, num_classes: int) -> nn.Module:
+    """The registered network (optionally shallower), inflated from a 2D checkpoint if one is given (not
+    with ``weights``: the run then loads the whole model)."""
+    model = build(p.arch, **model_args(p, num_classes))
     if p.checkpoint_2d and not p.weights:
         twin = build(p.arch.replace("3d", ""), **({"stage_blocks": p.blocks} if p.blocks else {}))
         inflate_2d(model, load_official_checkpoint(twin, p.checkpoint_2d))
     return model
-
-
-def paper_profile(names: Sequence[str] = ("resnet3d50", "pyconvresnet3d50")) -> list[dict]:
-    """Params and GFLOPs of 16x224x224 clips beside S-Table 3 (profile rows), counted on the meta
-    device: the same counter on shapes only, so it takes a second instead of minutes on a CPU."""
-    with torch.device("meta"):
-        return profile_rows(names)
-
-
-def model_cost(p: Params, num_classes: int) -> dict[str, float]:
-    """Params (M) and GFLOPs of the experiment's network on one clip of its own size."""
-    s = sampling(p)
-    with torch.device("meta"):
-        model = build_model(dataclasses.replace(p, checkpoint_2d=""), num_classes)
-        flops = count_flops(model, (3, s.frames, s.crop, s.crop))["flops"]
-    return {"params_m": count_params(model) / 1e6, "gflops": flops / 1e9}
 
 
 def run(p: Params) -> FitResult:
