@@ -13,10 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from pyconv_core import build, load_official_checkpoint
+from pyconv_core import CheckpointMismatchError, build, load_official_checkpoint
 from pyconv_core.data.classification import FashionMNIST
 from pyconv_core.engine import files
-from pyconv_core.engine.checkpoint import checksum_path, load_checkpoint, rng_state, save_atomic, set_rng_state
+from pyconv_core.engine.checkpoint import (
+    checksum_path,
+    diff_state_dicts,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from pyconv_core.engine.logging import read_metrics
 from pyconv_core.engine.trainer import TrainConfig, fit
 from pyconv_core.models import ssd as S
@@ -72,6 +79,35 @@ def test_no_load_path_runs_code_from_the_file_and_the_error_names_it(tmp_path, p
         LOADERS[path_name](path, tmp_path)
     assert not marker.exists(), "loading the checkpoint ran code from it"
     assert str(path) in str(caught.value) and "weights-only" in str(caught.value)
+
+
+def test_the_state_dict_diff_names_missing_unexpected_and_mis_shaped_keys_and_the_file():
+    model = {"conv1.weight": torch.zeros(4, 3), "bn1.num_batches_tracked": torch.zeros(()),
+             "fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}
+    checkpoint = {"conv1.weight": torch.ones(4, 3), "fc.weight": torch.ones(7, 4), "head.weight": torch.ones(1)}
+    diff = diff_state_dicts(model, checkpoint)
+    assert diff.missing == ("fc.bias",) and diff.unexpected == ("head.weight",)
+    assert diff.mismatched == ("fc.weight: checkpoint (7, 4) vs model (10, 4)",)
+    assert diff_state_dicts(model, checkpoint, optional=()).missing == ("bn1.num_batches_tracked", "fc.bias")
+    assert not diff_state_dicts(model, {k: v for k, v in model.items() if "num_batches" not in k})
+    assert diff.message("runs/a/best.pt", "fit model resnet18", "Use weights of resnet18.").splitlines() == [
+        "checkpoint runs/a/best.pt does not fit model resnet18:", "  1 missing: fc.bias", "  1 unexpected: head.weight",
+        "  1 mis-shaped: fc.weight: checkpoint (7, 4) vs model (10, 4)", "  Use weights of resnet18."]
+    many = diff_state_dicts({}, {f"k{i}": torch.zeros(1) for i in range(15)}).message("f.pt", "fit m", "Fix it.")
+    assert "15 unexpected: k0, k1," in many and "k11 ... and 3 more" in many and "k12" not in many
+
+
+def test_resuming_a_run_with_another_model_names_the_checkpoint_and_the_keys_that_differ(tmp_path):
+    (tmp_path / "victim").mkdir()
+    path = tmp_path / "victim" / "last.pt"
+    torch.save({"model": build("resnet18", num_classes=3).state_dict(), "epoch": 1}, path)
+    with pytest.raises(CheckpointMismatchError) as caught:
+        _resume(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"checkpoint {path} does not fit this run's model:")
+    assert "fc.weight: checkpoint (3, 512) vs model (10, 512)" in message
+    assert message.endswith("Resume with the model parameters the run started with, or start a new run "
+                            "(another run_name).")
 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):

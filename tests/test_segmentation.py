@@ -227,11 +227,8 @@ def test_demo_set_size_and_folder_come_from_the_parameters(tmp_path):
 @pytest.mark.parametrize("family", ["resnet", "pyconvresnet"])
 def test_dilated_backbone_stops_downsampling_at_the_output_stride(family, output_stride, sizes):
     net = ResNet(family, 50, num_classes=0, output_stride=output_stride).eval()
-    x, seen = torch.randn(1, 3, 65, 65), []
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
-        x = stage(x)
-        seen.append(x.shape[-1])
+    with torch.no_grad():
+        seen = [x.shape[-1] for x in net.features(torch.randn(1, 3, 65, 65)).values()]
     assert seen == sizes
     stage4 = net.layer4[0]
     assert stage4.conv2.levels[0].dilation == ((4, 4) if output_stride == 8 else (2, 2))

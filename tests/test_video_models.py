@@ -50,11 +50,7 @@ def test_stage_outputs_of_s_table2(name):
         model = build(name).eval()
         x = model.relu(model.bn1(model.conv1(torch.zeros(1, 3, 16, 224, 224))))
         assert x.shape[1:] == (64, 16, 112, 112)
-        x = model.maxpool(x)
-        sizes = []
-        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-            x = stage(x)
-            sizes.append(tuple(x.shape[1:]))
+        sizes = [tuple(x.shape[1:]) for x in model.features(torch.zeros(1, 3, 16, 224, 224)).values()]
         assert model(torch.zeros(2, 3, 16, 224, 224)).shape == (2, 400)
     assert sizes == [(256, 16, 56, 56), (512, 16, 28, 28), (1024, 8, 14, 14), (2048, 4, 7, 7)]
     assert model.conv1.kernel_size == (5, 7, 7) and model.conv1.stride == (1, 2, 2)
@@ -106,9 +102,9 @@ def test_inflated_network_repeats_the_2d_responses_on_a_still_clip(name):
     assert inflate_2d(model, twin) == ["fc.weight", "fc.bias"]
     frame = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        flat = twin.layer1(twin.maxpool(twin.relu(twin.bn1(twin.conv1(frame)))))
+        flat = twin.features(frame, ["layer1"])["layer1"]
         clip = frame[:, :, None].expand(1, 3, 12, 64, 64)
-        deep = model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(clip)))))
+        deep = model.features(clip, ["layer1"])["layer1"]
     for t in range(5, 7):  # the stem's and stage 1's temporal padding reach 2 + 3 frames in
         torch.testing.assert_close(deep[:, :, t], flat, rtol=1e-4, atol=1e-4)
 

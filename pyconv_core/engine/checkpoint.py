@@ -15,6 +15,8 @@ import json
 import os
 import pickle
 import random
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -24,7 +26,9 @@ import torch
 from pyconv_core.engine.files import AtomicFile, write_atomic
 
 __all__ = ["save_atomic", "load_checkpoint", "remove_checkpoint", "checksum_path", "rng_state", "set_rng_state",
-           "refused_as_code"]
+           "refused_as_code", "StateDictDiff", "diff_state_dicts"]
+
+_SHOWN = 12  # keys listed per kind in a mismatch message
 
 
 def checksum_path(path: str | os.PathLike) -> Path:
@@ -152,3 +156,41 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class StateDictDiff:
+    """How a checkpoint's state_dict fails to fit a model's: keys the model has and the checkpoint lacks
+    (``missing``), keys only the checkpoint has (``unexpected``), and keys of both whose shapes differ
+    (``mismatched``, each as ``"key: checkpoint (shape) vs model (shape)"``). False when it fits."""
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+    def message(self, where: str, problem: str, fix: str) -> str:
+        """The error every checkpoint loader gives: ``checkpoint <where> does not <problem>:``, one line
+        per kind of key (the first few of each), then ``fix``, what to do about it."""
+        lines = [f"checkpoint {where} does not {problem}:"]
+        for title, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                            ("mis-shaped", self.mismatched)):
+            if keys:
+                more = f" ... and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+                lines.append(f"  {len(keys)} {title}: " + ", ".join(keys[:_SHOWN]) + more)
+        lines.append(f"  {fix}")
+        return "\n".join(lines)
+
+
+def diff_state_dicts(model: Mapping[str, torch.Tensor], checkpoint: Mapping[str, Any],
+                     optional: tuple[str, ...] = ("num_batches_tracked",)) -> StateDictDiff:
+    """Compare a model's state_dict with a checkpoint's, key by key and shape by shape (the one check
+    behind every loader's error). Model keys ending with ``optional`` may be absent (BN's
+    ``num_batches_tracked``, which old checkpoints lack)."""
+    missing = tuple(k for k in model if k not in checkpoint and not k.endswith(optional))
+    unexpected = tuple(k for k in checkpoint if k not in model)
+    mismatched = tuple(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model[k].shape)}"
+                       for k, v in checkpoint.items() if k in model and v.shape != model[k].shape)
+    return StateDictDiff(missing, unexpected, mismatched)

@@ -45,7 +45,14 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from tqdm.auto import tqdm
 
 from pyconv_core.engine import distributed as dist
-from pyconv_core.engine.checkpoint import load_checkpoint, remove_checkpoint, rng_state, save_atomic, set_rng_state
+from pyconv_core.engine.checkpoint import (
+    diff_state_dicts,
+    load_checkpoint,
+    remove_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from pyconv_core.engine.files import check_run_dir_free, check_run_name, hold_run_dir
 from pyconv_core.engine.logging import (
     TensorBoardLog,
@@ -60,7 +67,7 @@ from pyconv_core.engine.logging import (
 )
 from pyconv_core.engine.schedules import lr_multiplier, scaled_lr
 from pyconv_core.layers.pyconv import PyConv, load_pyconv_plans, pyconv_plans, set_pyconv_plan
-from pyconv_core.models.official import load_model_weights
+from pyconv_core.models.official import CheckpointMismatchError, load_model_weights
 
 __all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "seed_everything", "param_groups", "tune_plans_eagerly",
            "check_run_dir", "NonFiniteLossError"]
@@ -386,6 +393,11 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
         changes = changed_parameters(earlier.get("train", {}), dataclasses.asdict(cfg),
                                      ignore=("resume", "run_name", "runs_dir"))
         state = load_checkpoint(ckpt_path)
+        diff = diff_state_dicts(model.state_dict(), state["model"], optional=())
+        if diff:
+            raise CheckpointMismatchError(diff.message(
+                str(ckpt_path), "fit this run's model", "Resume with the model parameters the run started "
+                "with, or start a new run (another run_name)."))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -16,13 +16,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from pyconv_core.engine.checkpoint import load_checkpoint, refused_as_code
+from pyconv_core.engine.checkpoint import diff_state_dicts, load_checkpoint, refused_as_code
 from pyconv_core.layers.pyconv import PyConv, load_pyconv_plans
 
 __all__ = ["CheckpointMismatchError", "load_official_checkpoint", "load_backbone_weights", "load_model_weights",
            "to_official_state_dict", "official_key_map"]
-
-_SHOWN = 12
 
 
 class CheckpointMismatchError(ValueError):
@@ -118,19 +116,11 @@ def _load_official(model: nn.Module, state: dict, where: str, label: str | None)
     mapping = official_key_map(model)
     own = model.state_dict()
     by_official = {official: ours for ours, official in mapping.items()}
-    missing = [o for o, ours in by_official.items() if o not in state and not ours.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in by_official]
-    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[by_official[k]].shape)}"
-                 for k in state if k in by_official and state[k].shape != own[by_official[k]].shape]
-    if missing or unexpected or misshaped:
-        parts = [f"checkpoint {where} does not match model {label or _name(model)}:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                more = f" ... and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
-                parts.append(f"  {len(keys)} {title}: " + ", ".join(keys[:_SHOWN]) + more)
-        parts.append("  Check the architecture name and depth (and num_classes for the classifier); "
-                     "a checkpoint of a different model cannot be loaded.")
-        raise CheckpointMismatchError("\n".join(parts))
+    diff = diff_state_dicts({official: own[ours] for official, ours in by_official.items()}, state)
+    if diff:
+        raise CheckpointMismatchError(diff.message(
+            where, f"match model {label or _name(model)}", "Check the architecture name and depth (and "
+            "num_classes for the classifier); a checkpoint of a different model cannot be loaded."))
     ours = {by_official[k]: v for k, v in state.items()}
     for key, value in own.items():
         ours.setdefault(key, value)
@@ -167,14 +157,9 @@ def _load_own_layout(model: nn.Module, state: Mapping[str, torch.Tensor], where:
                      fix: str) -> nn.Module:
     """Load a state_dict in this workbook's layout exactly into ``model`` (``num_batches_tracked`` may be absent)."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    misshaped = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or misshaped:
-        raise CheckpointMismatchError(
-            f"checkpoint {where} does not fit {what}: {len(missing)} missing "
-            f"({', '.join(missing[:5])}), {len(unexpected)} unexpected ({', '.join(unexpected[:5])}), "
-            f"{len(misshaped)} mis-shaped ({', '.join(misshaped[:5])}). {fix}")
+    diff = diff_state_dicts(own, state)
+    if diff:
+        raise CheckpointMismatchError(diff.message(where, f"fit {what}", fix))
     model.load_state_dict({**own, **state})
     return model
 

@@ -20,7 +20,7 @@ from pyconv_core.layers.factory import IntOrTuple
 from pyconv_core.layers.pyconv import PYCONV_PRESETS, LevelSet, PyConv
 from pyconv_core.registry import register_model
 
-__all__ = ["ResNet", "Bottleneck", "BasicBlock", "FAMILIES", "DEPTHS"]
+__all__ = ["ResNet", "Bottleneck", "BasicBlock", "FAMILIES", "DEPTHS", "STAGES"]
 
 PLAIN_3X3 = PYCONV_PRESETS["pyconv1"]
 PLAIN_1X1 = LevelSet(kernels=(1,), groups=(1,), parts=(1,))
@@ -55,6 +55,9 @@ FAMILIES: dict[str, Family] = {
                       LevelSet((3,), (32,), (1,))),
         widths=(128, 256, 512, 1024), bottleneck_expansion=2, stem_pool=False, pool_shortcut=True),
 }
+
+# The stages' module names, as in torchvision and the authors' checkpoints.
+STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 # depth -> (block, blocks per stage)
 DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -151,6 +154,11 @@ class ResNet(nn.Module):
         stage_blocks: blocks per stage, overriding the depth's (e.g. a shallow CPU demo network).
         output_stride: 32, or 16 / 8 for dense prediction (2D): stages that would downsample
             past it trade their stride for dilation (:func:`dilate_stages`; docs/paper.md s.6).
+
+    The backbone contract, for the heads built on it: :meth:`stem`, then the stages named in
+    ``stage_names``; :meth:`features` gives the maps of named stages; ``feature_info`` gives each
+    stage's module name, channels (``num_chs``) and downsampling per axis from the input
+    (``reduction``); :meth:`truncate` drops the stages after one and the classifier.
     """
 
     layer1: nn.Sequential  # the stages, added by name in __init__
@@ -178,6 +186,7 @@ class ResNet(nn.Module):
                 raise ValueError(f"stem_pool must be (kernel, stride, padding), None or 'family', got {stem_pool!r}")
             stem_pool = (3, 2, 1) if family.stem_pool else None
         self.dim, self.family, self.pool_shortcut = dim, family, family.pool_shortcut
+        self.truncated = False
 
         self.conv1 = factory.conv(dim, in_channels, 64, stem_kernel, stride=stem_stride)
         self.bn1 = factory.norm(dim, 64)
@@ -197,10 +206,13 @@ class ResNet(nn.Module):
             stem_reduction = side(stem_stride) * (side(stem_pool[1]) if stem_pool else 1)
             strides, dilations = dilate_stages([side(s) for s in strides], stem_reduction, output_stride)
         channels = 64
+        reduction = [a * b for a, b in zip(factory.ntuple(stem_stride, dim),
+                                           factory.ntuple(stem_pool[1] if stem_pool else 1, dim))]
         self.feature_info: list[dict[str, Any]] = []
-        for i, (n, width, stride, dilation, level_set) in enumerate(
-                zip(blocks, family.widths, strides, dilations, levels)):
+        for name, n, width, stride, dilation, level_set in zip(
+                STAGES, blocks, family.widths, strides, dilations, levels):
             out = width * expansion
+            reduction = [r * s for r, s in zip(reduction, factory.ntuple(stride, dim))]
             stage = []
             for b in range(n):
                 block_stride = stride if b == 0 else 1
@@ -208,8 +220,9 @@ class ResNet(nn.Module):
                 stage.append(block(channels, width, out, level_set, block_stride, dilation, shortcut, dim,
                                    second=family.basic_second))
                 channels = out
-            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
-            self.feature_info.append({"module": f"layer{i + 1}", "num_chs": out})
+            self.add_module(name, nn.Sequential(*stage))
+            self.feature_info.append({"module": name, "num_chs": out, "reduction": tuple(reduction)})
+        self.stage_names: tuple[str, ...] = tuple(info["module"] for info in self.feature_info)
         self.num_features = channels
         self.avgpool = factory.global_avg_pool(dim)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -243,15 +256,55 @@ class ResNet(nn.Module):
                 if isinstance(m, (Bottleneck, BasicBlock)):
                     nn.init.zeros_(m.last_norm().weight)
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The maps that enter the first stage: conv1, BN, ReLU and the max pool (where the family has one)."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def stages(self) -> list[tuple[str, nn.Sequential]]:
+        """The stages this network holds, as (name, module), in order."""
+        return [(name, getattr(self, name)) for name in self.stage_names]
+
+    def features(self, x: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """The maps of the stages ``names`` (default: every stage), by name; the stages after the
+        last one asked for do not run. A head asks for stages by name instead of chaining modules."""
+        wanted = self.stage_names if names is None else tuple(names)
+        unknown = [name for name in wanted if name not in self.stage_names]
+        if unknown or not wanted:
+            raise ValueError(f"features() takes stage names among {self.stage_names}, got {list(wanted)}")
+        last = max(self.stage_names.index(name) for name in wanted)
+        x, maps = self.stem(x), {}
+        for name, stage in self.stages()[:last + 1]:
+            x = stage(x)
+            if name in wanted:
+                maps[name] = x
+        return maps
+
+    def truncate(self, after: str) -> ResNet:
+        """Drop the stages after ``after`` and the classifier, in place, and return the network: its
+        ``forward`` then gives ``after``'s maps (a detection backbone). The kept modules keep their
+        state_dict keys, so classifier checkpoints still load (without the dropped stages and ``fc``)."""
+        if after not in self.stage_names:
+            raise ValueError(f"truncate(after=...) takes one of {self.stage_names}, got {after!r}")
+        keep = self.stage_names.index(after) + 1
+        for name in self.stage_names[keep:]:
+            delattr(self, name)
+        del self.avgpool, self.dropout, self.fc
+        self.stage_names, self.feature_info = self.stage_names[:keep], self.feature_info[:keep]
+        self.num_features, self.truncated = self.feature_info[-1]["num_chs"], True
+        return self
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        """The last stage's maps."""
+        return self.features(x, self.stage_names[-1:])[self.stage_names[-1]]
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Global pooling, dropout and the classifier (pooled features when ``num_classes=0``)."""
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        """Class logits; after :meth:`truncate`, the last kept stage's maps."""
+        features = self.forward_features(x)
+        return features if self.truncated else self.forward_head(features)
 
 
 @register_model()

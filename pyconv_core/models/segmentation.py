@@ -165,19 +165,19 @@ class SegmentationNet(nn.Module):
         self.backbone = backbone
         self.head = head
         self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(head.out_channels, num_classes, 1))
-        self.aux = aux_head(backbone.feature_info[2]["num_chs"], num_classes, dropout) if aux else None
+        channels = {info["module"]: info["num_chs"] for info in backbone.feature_info}
+        self.aux = aux_head(channels["layer3"], num_classes, dropout) if aux else None
         self.num_classes, self.with_aux = num_classes, with_aux
         self.official_prefixes = [("backbone.conv1.", "layer0.0."), ("backbone.bn1.", "layer0.1."),
                                   ("backbone.", ""), *type(head).OFFICIAL_KEYS]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        size, b = x.shape[-2:], self.backbone
-        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-        stage3 = b.layer3(b.layer2(b.layer1(x)))
-        logits = _resize(self.classifier(self.head(b.layer4(stage3))), size)
+        size = x.shape[-2:]
+        maps = self.backbone.features(x, ("layer3", "layer4"))
+        logits = _resize(self.classifier(self.head(maps["layer4"])), size)
         if self.aux is None or not (self.training or self.with_aux):
             return logits
-        return {"out": logits, "aux": _resize(self.aux(stage3), size)}
+        return {"out": logits, "aux": _resize(self.aux(maps["layer3"]), size)}
 
 
 def segmentation_net(head: str, depth: int, num_classes: int = 150, output_stride: int = 8,

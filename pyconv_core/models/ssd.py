@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ from torchvision.ops import batched_nms, box_convert, box_iou
 from pyconv_core.layers import factory
 from pyconv_core.layers.pyconv import PYCONV_PRESETS, LevelSet, PyConv
 from pyconv_core.models.official import load_backbone_weights
-from pyconv_core.models.resnet import FAMILIES, ResNet
+from pyconv_core.models.resnet import FAMILIES, STAGES, ResNet
 from pyconv_core.registry import register_model
 
 __all__ = ["SSD", "ExtraBlock", "HEADS", "HEAD_PRESETS", "HEAD_WIDTHS", "NVIDIA_WIDTHS", "head_blocks", "BoxGeometry",
@@ -229,13 +228,11 @@ def postprocess(loc: torch.Tensor, logits: torch.Tensor, priors: torch.Tensor, s
     return results
 
 
-def _backbone(family: str, depth: int) -> tuple[nn.Sequential, int]:
+def _backbone(family: str, depth: int) -> ResNet:
     """The ResNet builder's network with stage 3 at stride 1, cut after stage 3 (docs/paper.md s.4)."""
     strides = list(FAMILIES[family].stage_strides)
     strides[2] = 1
-    net = ResNet(family, depth, num_classes=0, stage_strides=strides)
-    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
-    return nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names)), net.feature_info[2]["num_chs"]
+    return ResNet(family, depth, num_classes=0, stage_strides=strides).truncate(after="layer3")
 
 
 def _extra(in_channels: int, spec: ExtraBlock) -> nn.Sequential:
@@ -285,8 +282,8 @@ class SSD(nn.Module):
             raise ValueError(f"image_size={image_size} is too small for SSD: it leaves {len(sizes)} detection map")
         self.family, self.depth, self.num_classes = family, depth, num_classes
         self.geometry = geometry_for(image_size, sizes)
-        self.backbone, channels = _backbone(family, depth)
-        extras, map_channels = [], [channels]
+        self.backbone = _backbone(family, depth)
+        extras, map_channels = [], [self.backbone.num_features]
         for spec in head[:len(sizes) - 1]:
             extras.append(_extra(map_channels[-1], spec))
             map_channels.append(spec.out)
@@ -325,21 +322,20 @@ class SSD(nn.Module):
         return loc, conf
 
 
-_DROPPED = ("layer4.", "fc.")
-
-
 def load_backbone_checkpoint(model: SSD, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> SSD:
     """Load an ImageNet checkpoint of the same family and depth into ``model.backbone``
-    (:func:`load_backbone_weights`: the authors', torchvision's or this workbook's layout). Stage 4
-    and the classifier are dropped. Documented filter: in families whose shortcut is MaxPool -> 1x1 ->
-    BN, stage 3 at stride 1 has no MaxPool, so its ``layer3.0.downsample.{1,2}`` become ``downsample.{0,1}``.
+    (:func:`load_backbone_weights`: the authors', torchvision's or this workbook's layout). The stages
+    that the truncated backbone lacks (stage 4) and the classifier are dropped. Documented filter: in
+    families whose shortcut is MaxPool -> 1x1 -> BN, stage 3 at stride 1 has no MaxPool, so its
+    ``layer3.0.downsample.{1,2}`` become ``downsample.{0,1}``.
     """
     rename = {}
     if FAMILIES[model.family].pool_shortcut:
         rename = {"layer3.0.downsample.1.": "layer3.0.downsample.0.",
                   "layer3.0.downsample.2.": "layer3.0.downsample.1."}
     name = getattr(model, "model_args", {}).get("name", type(model).__name__)
-    load_backbone_weights(model.backbone, source, drop=_DROPPED, rename=rename,
+    dropped = tuple(f"{stage}." for stage in STAGES if stage not in model.backbone.stage_names) + ("fc.",)
+    load_backbone_weights(model.backbone, source, drop=dropped, rename=rename,
                           label=f"{name} backbone ({model.family}{model.depth} up to stage 3)")
     return model
 
