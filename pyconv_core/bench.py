@@ -141,10 +141,6 @@ def make_candidate(spec: str, settings: BenchSettings) -> Candidate:
     return Candidate(spec, model, shape, count_params(model))
 
 
-def _memory_format(shape: Sequence[int]) -> torch.memory_format:
-    return torch.channels_last_3d if len(shape) == 4 else torch.channels_last
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -158,7 +154,8 @@ class _Runner:
         self.candidate, self.model, self.mode, self.device = candidate, model, mode, device
         self.amp = _AMP_DTYPES.get(settings.amp) if settings.amp else None
         x = torch.randn(settings.batch, *candidate.sample_shape, device=device)
-        self.x = x.contiguous(memory_format=_memory_format(candidate.sample_shape)) if settings.channels_last else x
+        dim = len(candidate.sample_shape) - 1  # spatial (and temporal) axes
+        self.x = x.contiguous(memory_format=factory.channels_last(dim)) if settings.channels_last else x
         # any valid class index will do (every classifier has at least 2); timing does not depend on it
         self.y = torch.randint(0, settings.num_classes or 2, (settings.batch,), device=device)
         self.steps = settings.iters
@@ -203,7 +200,7 @@ def _prepare(candidate: Candidate, settings: BenchSettings, device: torch.device
              setup: Sequence[SetupHook]) -> nn.Module:
     model = candidate.model.to(device)
     if settings.channels_last:
-        model = model.to(memory_format=_memory_format(candidate.sample_shape))
+        model = model.to(memory_format=factory.channels_last(len(candidate.sample_shape) - 1))
     for hook in setup:
         model = hook(model, settings)
     if settings.compile:

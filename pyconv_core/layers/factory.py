@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 IntOrTuple = int | Sequence[int]
@@ -17,6 +18,7 @@ _CONV: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3
 _NORM: dict[int, type[nn.BatchNorm2d] | type[nn.BatchNorm3d]] = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _MAX_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _AVG_POOL = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
 def _check_dim(dim: int) -> None:
@@ -64,6 +66,12 @@ def global_avg_pool(dim: int) -> nn.Module:
     """Global average pooling to one value per channel."""
     _check_dim(dim)
     return _AVG_POOL[dim](1)
+
+
+def channels_last(dim: int) -> torch.memory_format:
+    """The channels-last memory format of ``dim``-D feature maps: NHWC for images, NDHWC for videos."""
+    _check_dim(dim)
+    return _CHANNELS_LAST[dim]
 
 
 def conv_types() -> tuple[type[nn.Conv2d] | type[nn.Conv3d], ...]:

@@ -35,6 +35,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
+from pyconv_core.layers import factory
 from pyconv_core.layers.factory import ConvNd
 
 __all__ = ["Plan", "naive_plan", "parse_plan", "format_plan", "partitions", "all_plans", "mac_ratio",
@@ -208,7 +209,7 @@ def _channels_last_format(x: torch.Tensor) -> torch.memory_format | None:
     """``channels_last`` (4D) or ``channels_last_3d`` (5D) when ``x`` is laid out so, else None."""
     if x.dim() not in (4, 5) or x.is_contiguous():
         return None
-    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    fmt = factory.channels_last(x.dim() - 2)
     return fmt if x.is_contiguous(memory_format=fmt) else None
 
 
