@@ -294,7 +294,7 @@ def untrained_metrics(p: Params, val: Dataset, num_classes: int) -> dict[str, fl
     """COCO metrics of the freshly initialized model (same seed): the floor a run must rise above."""
     torch.manual_seed(p.seed)
     model = build_model(p, num_classes).eval()
-    loader = DataLoader(val, batch_size=p.batch_size, collate_fn=detection_collate)
+    loader = DataLoader(val, batch_size=p.merged_recipe().batch_size, collate_fn=detection_collate)
     return DetectionTask(p.score_threshold, p.nms_iou, p.top_k).evaluate(model, loader, torch.device("cpu"))
 
 
