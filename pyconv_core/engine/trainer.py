@@ -1,8 +1,9 @@
 """The one training loop of all four tasks (classification, detection, video, segmentation).
 
 A task supplies ``train_step`` and ``evaluate`` (see ``tasks/base.py``); ``fit`` does the rest:
-device, AMP (bf16, or fp16 with a grad scaler), channels_last, the PyConv execution plan (measured
-once per layer shape, recorded in config.json and checkpoints), torch.compile, DDP under
+device, AMP (bf16, or fp16 with a grad scaler), channels_last, the layers' execution plans (PyConv's,
+measured once per layer shape, recorded in config.json; the checkpoints carry them in the layers' state,
+see :class:`PlannedLayer`), torch.compile, DDP under
 torchrun (sharded sampler, optional SyncBatchNorm, metrics reduced, rank 0 writes), linear lr
 scaling, warmup + multistep/cosine/poly schedules, ``runs/<name>/`` records, atomic
 checkpoints every epoch plus ``best.pt``, exact resume, and a clean stop on NaN or a signal. A run may
@@ -35,7 +36,7 @@ import time
 from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -59,11 +60,10 @@ from pyconv_core.engine.logging import (
     write_jsonl,
 )
 from pyconv_core.engine.schedules import lr_multiplier, scaled_lr
-from pyconv_core.layers.pyconv import PyConv, load_pyconv_plans, pyconv_plans, set_pyconv_plan
 from pyconv_core.models.official import load_model_weights
 
-__all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "seed_everything", "param_groups", "tune_plans_eagerly",
-           "check_run_dir", "NonFiniteLossError"]
+__all__ = ["TrainConfig", "FitResult", "PlannedLayer", "fit", "evaluate", "seed_everything", "param_groups",
+           "tune_plans_eagerly", "check_run_dir", "NonFiniteLossError"]
 
 
 @dataclass
@@ -106,6 +106,29 @@ class FitResult:
     model: nn.Module
     best_metric: float | None
     stopped_by: int | None = None  # the signal that stopped the run early (last.pt holds where), None if it finished
+
+
+@runtime_checkable
+class PlannedLayer(Protocol):
+    """A layer that computes its forward by one of several equivalent execution plans (PyConv: layers/plans.py).
+    The Trainer sets the run's plan mode on each, lets ``"auto"`` time its plans eagerly before torch.compile
+    and records ``choices`` (input signature -> plan) in config.json; the plans travel in the layer's own
+    state (its extra state), so checkpoints and resumes carry them without the Trainer."""
+
+    choices: dict[str, str]
+
+    def set_plan(self, plan: str) -> None: ...
+
+    def awaits_tuning(self) -> bool: ...
+
+
+def _planned_layers(model: nn.Module) -> dict[str, PlannedLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, PlannedLayer)}
+
+
+def _recorded_plans(model: nn.Module) -> dict[str, dict[str, str]]:
+    """The plans chosen so far, per layer (module name) and input signature, for config.json."""
+    return {name: dict(m.choices) for name, m in _planned_layers(model).items() if m.choices}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -258,7 +281,7 @@ def param_groups(model: nn.Module, base_lr: float, lr_multipliers: dict[str, flo
 
 
 def tune_plans_eagerly(model: nn.Module, task, batch: Any, device: torch.device, amp: str | None) -> None:
-    """Measure ``"auto"`` PyConv training plans with one eager forward of ``batch`` (torch.compile
+    """Measure ``"auto"`` training plans (:class:`PlannedLayer`) with one eager forward of ``batch`` (torch.compile
     traces the layers without timing them, so a compiled run would otherwise keep the naive plan).
     The loss is dropped and the pass's side effects (BN running statistics, RNG) are undone."""
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
@@ -363,7 +386,6 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last if getattr(model, "dim", 2) == 2 else torch.channels_last_3d)
-    set_pyconv_plan(model, cfg.pyconv_plan)
     if cfg.sync_bn and dist.is_distributed():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch)
@@ -393,7 +415,6 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
         start_epoch, skip, history, best = state["epoch"], state["step_in_epoch"], state["history"], state["best"]
         partial, pending_eval = state["partial_epoch"], state.get("pending_eval", False)
         set_rng_state(state["rng"])
-        load_pyconv_plans(model, state.get("pyconv_plans", {}))
         resumes = [*earlier.get("resumes", []), {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "at": [start_epoch, skip],
                                                  "changed": {name: list(change) for name, change in changes.items()}}]
     else:
@@ -407,6 +428,8 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
         if dist.is_main():  # no checkpoint of an earlier run may outlive this one's start
             remove_checkpoint(ckpt_path)
             remove_checkpoint(best_path)
+    for layer in _planned_layers(model).values():  # after loading: the run's mode, whatever the checkpoint's
+        layer.set_plan(cfg.pyconv_plan)
     if cfg.epochs == 0 and not any(row["kind"] == "eval" for row in history):
         pending_eval = val_set is not None  # epochs 0: only evaluate the weights the run starts from
     record = {"train": dataclasses.asdict(cfg), "task": task.name, "model_args": getattr(model, "model_args", None),
@@ -418,7 +441,7 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
     board = TensorBoardLog(run_dir, steps_per_epoch, history, start_epoch * steps_per_epoch + skip if resumed else None,
                            record["train"], f"eval/{task.main_metric}", enabled=dist.is_main())
 
-    if cfg.compile and any(isinstance(m, PyConv) and m.plan == "auto" and not m.chosen(True) for m in model.modules()):
+    if cfg.compile and any(layer.awaits_tuning() for layer in _planned_layers(model).values()):
         with contextlib.closing(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, start_epoch, True)) as first:
             tune_plans_eagerly(model, task, next(iter(first)), device, cfg.amp)
     net = DistributedDataParallel(model) if dist.is_distributed() else model
@@ -449,8 +472,8 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
                          "step_in_epoch": step_in_epoch, "partial_epoch": partial, "pending_eval": pending_eval,
                          "history": history,
                          "best": best, "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                         "model_args": getattr(model, "model_args", None), "pyconv_plans": pyconv_plans(model)}, path)
-            write_json(run_dir / "config.json", {**record, "pyconv_plans": pyconv_plans(model)})
+                         "model_args": getattr(model, "model_args", None)}, path)
+            write_json(run_dir / "config.json", {**record, "pyconv_plans": _recorded_plans(model)})
 
     def log(row: dict) -> None:
         history.append(row)
