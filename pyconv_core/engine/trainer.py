@@ -1,6 +1,6 @@
 """The one training loop of all four tasks (classification, detection, video, segmentation).
 
-A task supplies ``train_step`` and ``evaluate`` (see ``tasks/base.py``); ``fit`` does the rest:
+A task supplies ``train_step`` and ``evaluate`` (:class:`Task`); ``fit`` does the rest:
 device, AMP (bf16, or fp16 with a grad scaler), channels_last, the layers' execution plans (PyConv's,
 measured once per layer shape, recorded in config.json; the checkpoints carry them in the layers' state,
 see :class:`PlannedLayer`), torch.compile, DDP under
@@ -33,7 +33,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterable, Sized
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
@@ -62,7 +62,7 @@ from pyconv_core.engine.logging import (
 from pyconv_core.engine.schedules import lr_multiplier, scaled_lr
 from pyconv_core.models.official import load_model_weights
 
-__all__ = ["TrainConfig", "FitResult", "PlannedLayer", "fit", "evaluate", "seed_everything", "param_groups",
+__all__ = ["TrainConfig", "FitResult", "Task", "PlannedLayer", "fit", "evaluate", "seed_everything", "param_groups",
            "tune_plans_eagerly", "check_run_dir", "NonFiniteLossError"]
 
 
@@ -106,6 +106,35 @@ class FitResult:
     model: nn.Module
     best_metric: float | None
     stopped_by: int | None = None  # the signal that stopped the run early (last.pt holds where), None if it finished
+
+
+class Task(Protocol):
+    """Protocol of the classification, detection, video and segmentation tasks.
+
+    Attributes:
+        name: the task's name, recorded in ``config.json``.
+        main_metric: key of :meth:`evaluate`'s result that picks ``best.pt`` (higher is better).
+        collate_fn: batch collation for the DataLoader, or None for PyTorch's default.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def main_metric(self) -> str: ...
+
+    @property
+    def collate_fn(self) -> Callable[[list], Any] | None: ...
+
+    def train_step(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """Move ``batch`` to ``device``, run the model, return losses; ``"loss"`` is optimized, the
+        other entries are logged. Runs inside the Trainer's autocast."""
+        ...
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+        """Metrics over ``loader`` (the model is in eval mode, gradients off). Under DDP each process
+        sees a shard: sum raw counts with ``engine.distributed.all_reduce_sum`` before dividing."""
+        ...
 
 
 @runtime_checkable
@@ -280,7 +309,7 @@ def param_groups(model: nn.Module, base_lr: float, lr_multipliers: dict[str, flo
     return [{"params": params, "lr": base_lr * factor} for factor, params in factors.items() if params]
 
 
-def tune_plans_eagerly(model: nn.Module, task, batch: Any, device: torch.device, amp: str | None) -> None:
+def tune_plans_eagerly(model: nn.Module, task: Task, batch: Any, device: torch.device, amp: str | None) -> None:
     """Measure ``"auto"`` training plans (:class:`PlannedLayer`) with one eager forward of ``batch`` (torch.compile
     traces the layers without timing them, so a compiled run would otherwise keep the naive plan).
     The loss is dropped and the pass's side effects (BN running statistics, RNG) are undone."""
@@ -360,7 +389,7 @@ def _autocast(device: torch.device, amp: str | None):
     return torch.autocast(device.type, dtype=dtype, enabled=amp is not None)
 
 
-def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig) -> FitResult:
+def fit(model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig) -> FitResult:
     """Train ``model`` on ``train_set`` with ``task``'s step, evaluating on ``val_set``; see module doc.
     A folder that holds a run of the same parameters is trained again from scratch unless ``resume``.
     One process at a time trains in a folder: rank 0 holds its lock (``engine.files.hold_run_dir``)."""
@@ -370,7 +399,7 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
         return _fit(model, task, train_set, val_set, cfg, device)
 
 
-def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
+def _fit(model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
          device: torch.device) -> FitResult:
     previous = check_run_dir(cfg)  # again under the lock: what the folder holds now
     steps_per_epoch = _len(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, 0, train=True).batch_sampler)
@@ -432,9 +461,10 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
         layer.set_plan(cfg.pyconv_plan)
     if cfg.epochs == 0 and not any(row["kind"] == "eval" for row in history):
         pending_eval = val_set is not None  # epochs 0: only evaluate the weights the run starts from
-    record = {"train": dataclasses.asdict(cfg), "task": task.name, "model_args": getattr(model, "model_args", None),
-              "resumed_at": [start_epoch, skip] if start_epoch or skip else None, "resumes": resumes,
-              "lr_effective": base_lr, "environment": environment(device)}
+    record: dict[str, Any] = {
+        "train": dataclasses.asdict(cfg), "task": task.name, "model_args": getattr(model, "model_args", None),
+        "resumed_at": [start_epoch, skip] if start_epoch or skip else None, "resumes": resumes,
+        "lr_effective": base_lr, "environment": environment(device)}
     if dist.is_main():
         write_json(run_dir / "config.json", record)
         write_jsonl(run_dir / "metrics.jsonl", history)
@@ -445,7 +475,7 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
         with contextlib.closing(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, start_epoch, True)) as first:
             tune_plans_eagerly(model, task, next(iter(first)), device, cfg.amp)
     net = DistributedDataParallel(model) if dist.is_distributed() else model
-    step_fn = torch.compile(net) if cfg.compile else net
+    step_fn = cast(nn.Module, torch.compile(net)) if cfg.compile else net
     show = cfg.progress and dist.is_main() and not os.environ.get("CI") and os.environ.get("PYCONV_PROGRESS") != "0"
 
     def diverged(what: str, kept: str = "", start: Path | None = None) -> NonFiniteLossError:
@@ -577,7 +607,8 @@ def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cf
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task, dataset: Dataset, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+def evaluate(model: nn.Module, task: Task, dataset: Dataset, cfg: TrainConfig,
+             device: torch.device) -> dict[str, float]:
     """The task's metrics on ``dataset`` (sharded over processes), in eval mode under the run's AMP."""
     model.eval()
     with contextlib.closing(_loader(dataset, cfg.batch_size, cfg, task.collate_fn, 0, train=False)) as loader, \
