@@ -38,7 +38,6 @@ from torch import nn
 from pyconv_core.engine import distributed as dist
 from pyconv_core.engine.checkpoint import load_checkpoint
 from pyconv_core.engine.logging import workbook_path
-from pyconv_core.layers.pyconv import load_pyconv_plans, set_pyconv_plan
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import annotation_kind, check_value
 
@@ -194,14 +193,12 @@ def _launch(task: str, params: Any) -> tuple[Path, int | None]:
 
 
 def load_run_model(run_dir: str | Path, which: str = "best") -> nn.Module:
-    """Rebuild a run's model from its checkpoint alone (``best`` or ``last``), in eval mode, with the
-    run's PyConv execution plan."""
+    """Rebuild a run's model from its checkpoint alone (``best`` or ``last``), in eval mode; its layers'
+    state brings the run's PyConv execution plans."""
     state = load_checkpoint(Path(run_dir) / f"{which}.pt")
     args = dict(state["model_args"])
     model = build(args.pop("name"), **args)
     model.load_state_dict(state["model"])
-    set_pyconv_plan(model, state["config"].get("pyconv_plan", "naive"))
-    load_pyconv_plans(model, state.get("pyconv_plans", {}))
     return model.eval()
 
 

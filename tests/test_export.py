@@ -12,7 +12,7 @@ import torch
 from pyconv_core import build, to_official_state_dict
 from pyconv_core.engine.checkpoint import load_checkpoint, save_atomic
 from pyconv_core.export import main
-from pyconv_core.layers.pyconv import PyConv, set_pyconv_plan
+from pyconv_core.layers.pyconv import PyConv, pyconv_plans, set_pyconv_plan
 from pyconv_core.run import load_run_model
 from pyconv_core.tasks import classification
 from tests.official_reference import randomize_bn
@@ -29,9 +29,9 @@ def run_dir(tmp_path_factory):
     return classification.run(classification.Params(epochs=1, runs_dir=str(runs), run_name="tiny", **TINY)).run_dir
 
 
-def _eval_choices(checkpoint) -> dict[str, list[str]]:
+def _eval_choices(run_dir, which: str) -> dict[str, list[str]]:
     return {name: [plan for key, plan in table.items() if key.endswith(" eval")]
-            for name, table in load_checkpoint(checkpoint)["pyconv_plans"].items()}
+            for name, table in pyconv_plans(load_run_model(run_dir, which)).items()}
 
 
 def _naive_reference(run_dir, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def test_a_run_folder_exports_with_its_recorded_plans_and_round_trips(run_dir, f
     result = main(["pyconvresnet18", "--weights", str(run_dir), "--format", fmt, *SIZE])
     assert result.path == run_dir / ("best.pt2" if fmt == "torch_export" else "best.onnx") and result.path.is_file()
     assert result.max_abs_diff <= result.tolerance
-    recorded = _eval_choices(run_dir / "best.pt")
+    recorded = _eval_choices(run_dir, "best")
     assert recorded and all(result.plans[name] in plans for name, plans in recorded.items())
     x = torch.randn(5, 3, 16, 16)  # another batch size than the one traced
     if fmt == "torch_export":
@@ -69,10 +69,14 @@ def test_a_run_folder_exports_with_its_recorded_plans_and_round_trips(run_dir, f
 def test_the_graph_holds_the_recorded_plan_not_the_naive_one(run_dir, tmp_path):
     """A checkpoint whose recorded plans merge every level into one convolution exports with one convolution
     per such PyConv, where the naive export has one per level."""
-    state = load_checkpoint(run_dir / "best.pt")
-    levels = {name: len(m.levels) for name, m in load_run_model(run_dir).named_modules() if isinstance(m, PyConv)}
-    merged = {name: "".join(str(i) for i in range(levels[name])) for name in state["pyconv_plans"]}
-    state["pyconv_plans"] = {name: dict.fromkeys(table, merged[name]) for name, table in state["pyconv_plans"].items()}
+    state, model = load_checkpoint(run_dir / "best.pt"), load_run_model(run_dir)
+    levels = {name: len(m.levels) for name, m in model.named_modules() if isinstance(m, PyConv)}
+    recorded = pyconv_plans(model)
+    merged = {name: "".join(str(i) for i in range(levels[name])) for name in recorded}
+    for name, m in model.named_modules():
+        if name in recorded:
+            m.choices = dict.fromkeys(recorded[name], merged[name])
+    state["model"] = model.state_dict()
     doctored = tmp_path / "merged.pt"
     save_atomic(state, doctored)
     result = main(["pyconvresnet18", "--weights", str(doctored), *SIZE])

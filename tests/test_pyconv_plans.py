@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from pyconv_core import build
+from pyconv_core.engine.checkpoint import load_checkpoint, save_atomic
 from pyconv_core.engine.logging import read_metrics
 from pyconv_core.layers import plans
 from pyconv_core.layers.plans import candidate_plans, format_plan, mac_ratio, max_mac_ratio_for, parse_plan
-from pyconv_core.layers.pyconv import PYCONV_PRESETS, PyConv, load_pyconv_plans, pyconv_plans, set_pyconv_plan
+from pyconv_core.layers.pyconv import PYCONV_PRESETS, PyConv, pyconv_plans, set_pyconv_plan
 from pyconv_core.run import load_run_model
 from pyconv_core.tasks.classification import Params, run
 
@@ -124,7 +125,7 @@ def test_auto_plan_records_its_choice_and_keeps_the_parameters():
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
     fresh = build("pyconvresnet18", num_classes=10)
     set_pyconv_plan(fresh, "auto")
-    load_pyconv_plans(fresh, chosen)
+    fresh.load_state_dict(model.state_dict())
     assert pyconv_plans(fresh) == chosen
 
 
@@ -152,6 +153,29 @@ def test_a_run_records_its_plans_and_the_reloaded_model_uses_them(tmp_path, monk
     resumed = run(dataclasses.replace(params, epochs=2, resume=True))
     assert len(read_metrics(resumed.run_dir, "train")) == 2
     assert pyconv_plans(resumed.model) == config["pyconv_plans"]
+
+
+def test_a_checkpoint_saved_before_the_layers_carried_their_plans_loads_and_resumes_with_them(tmp_path, monkeypatch):
+    """Runs saved before plans moved into the layers' state kept them in a ``pyconv_plans`` entry (and the mode
+    in ``config``), with no ``_extra_state`` keys: loading and resuming such a run restores its plans."""
+    params = Params(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
+                    epochs=1, runs_dir=str(tmp_path), run_name="old")
+    result = run(params)
+    recorded = pyconv_plans(result.model)
+    for name in ("last.pt", "best.pt"):  # rewritten in the old layout
+        state = load_checkpoint(result.run_dir / name)
+        state["model"] = {k: v for k, v in state["model"].items() if not k.endswith("_extra_state")}
+        save_atomic({**state, "pyconv_plans": recorded}, result.run_dir / name)
+    reloaded = load_run_model(result.run_dir, "last")
+    assert pyconv_plans(reloaded) == recorded
+    assert {m.plan for m in reloaded.modules() if isinstance(m, PyConv) and m.choices} == {"auto"}
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("a resumed run measured PyConv plans again instead of restoring them")
+    monkeypatch.setattr("pyconv_core.layers.pyconv.tune", no_tuning)
+    resumed = run(dataclasses.replace(params, epochs=2, resume=True))
+    assert len(read_metrics(resumed.run_dir, "train")) == 2
+    assert pyconv_plans(resumed.model) == recorded
 
 
 def _prefer(monkeypatch, naive: bool) -> None:

@@ -6,7 +6,8 @@ whoever made it. Beside each, ``<name>.sha256.json`` records the file's sha256 w
 a file that no longer matches (a partial copy, a disk error) is refused by name, never loaded. The
 record is written before the rename and also lists the file it replaces, so a kill at any instant
 leaves a file the record accepts. A file without a record (older runs, downloaded weights) loads
-unchecked.
+unchecked. What a layer must carry besides its weights (a PyConv's execution plans) is its extra state
+in the model's state_dict, a tensor too (:func:`json_tensor`).
 """
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ import torch
 from pyconv_core.engine.files import AtomicFile, write_atomic
 
 __all__ = ["save_atomic", "load_checkpoint", "remove_checkpoint", "checksum_path", "rng_state", "set_rng_state",
-           "refused_as_code", "StateDictDiff", "diff_state_dicts"]
+           "refused_as_code", "StateDictDiff", "diff_state_dicts", "json_tensor", "from_json_tensor",
+           "EXTRA_STATE_KEY"]
 
 _SHOWN = 12  # keys listed per kind in a mismatch message
+EXTRA_STATE_KEY = "_extra_state"  # a module's extra state in a state_dict (torch.nn.Module.get_extra_state)
 
 
 def checksum_path(path: str | os.PathLike) -> Path:
@@ -112,7 +115,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                                 f"{', '.join(held) or 'no checkpoint'}): give the path of one that exists")
     _verify(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _plans_into_the_model(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as err:
         if refused_as_code(err):
             raise OSError(f"checkpoint {path} holds Python objects other than tensors and plain values, which a "
@@ -121,6 +124,32 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                           f"(torch.save(model.state_dict(), path))") from None
         raise OSError(f"checkpoint {path} cannot be read ({_first_line(err)}); delete it and start the run "
                       f"again, or restore the file from a copy") from err
+
+
+def _plans_into_the_model(checkpoint: Any) -> Any:
+    """A run's checkpoint saved before PyConv layers carried their execution plans in their own state holds
+    them in a ``pyconv_plans`` entry (layer name -> the choices of ``"auto"``) and the plan mode in its
+    ``config``: they move into the model's state as those layers' extra state (``PyConv.get_extra_state``),
+    the layout that resumes and every loader read, so such a run computes with the plans it had."""
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("pyconv_plans"), dict)
+            and isinstance(checkpoint.get("model"), dict)):
+        return checkpoint
+    plans = checkpoint.pop("pyconv_plans")
+    mode = (checkpoint.get("config") or {}).get("pyconv_plan", "auto")
+    for name, choices in plans.items():
+        checkpoint["model"].setdefault(f"{name}.{EXTRA_STATE_KEY}", json_tensor({"plan": mode, "choices": choices}))
+    return checkpoint
+
+
+def json_tensor(value: Any) -> torch.Tensor:
+    """Plain values (numbers, strings, lists, dicts) as the UTF-8 bytes of their JSON in a uint8 tensor: a
+    module's extra state that keeps its state_dict all tensors, as weights-only loads and comparisons expect."""
+    return torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8)
+
+
+def from_json_tensor(tensor: torch.Tensor) -> Any:
+    """The values :func:`json_tensor` encoded."""
+    return json.loads(bytes(tensor.tolist()).decode())
 
 
 def refused_as_code(err: BaseException) -> bool:
@@ -185,12 +214,14 @@ class StateDictDiff:
 
 
 def diff_state_dicts(model: Mapping[str, torch.Tensor], checkpoint: Mapping[str, Any],
-                     optional: tuple[str, ...] = ("num_batches_tracked",)) -> StateDictDiff:
+                     optional: tuple[str, ...] = ("num_batches_tracked", EXTRA_STATE_KEY)) -> StateDictDiff:
     """Compare a model's state_dict with a checkpoint's, key by key and shape by shape (the one check
     behind every loader's error). Model keys ending with ``optional`` may be absent (BN's
-    ``num_batches_tracked``, which old checkpoints lack)."""
+    ``num_batches_tracked``, which old checkpoints lack; a layer's extra state, which it keeps when the
+    file has none). Extra state is encoded data, not a weight: its shape is not compared."""
     missing = tuple(k for k in model if k not in checkpoint and not k.endswith(optional))
     unexpected = tuple(k for k in checkpoint if k not in model)
     mismatched = tuple(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model[k].shape)}"
-                       for k, v in checkpoint.items() if k in model and v.shape != model[k].shape)
+                       for k, v in checkpoint.items()
+                       if k in model and not k.endswith(EXTRA_STATE_KEY) and v.shape != model[k].shape)
     return StateDictDiff(missing, unexpected, mismatched)

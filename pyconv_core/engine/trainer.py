@@ -1,8 +1,9 @@
 """The one training loop of all four tasks (classification, detection, video, segmentation).
 
-A task supplies ``train_step`` and ``evaluate`` (see ``tasks/base.py``); ``fit`` does the rest:
-device, AMP (bf16, or fp16 with a grad scaler), channels_last, the PyConv execution plan (measured
-once per layer shape, recorded in config.json and checkpoints), torch.compile, DDP under
+A task supplies ``train_step`` and ``evaluate`` (:class:`Task`); ``fit`` does the rest:
+device, AMP (bf16, or fp16 with a grad scaler), channels_last, the layers' execution plans (PyConv's,
+measured once per layer shape, recorded in config.json; the checkpoints carry them in the layers' state,
+see :class:`PlannedLayer`), torch.compile, DDP under
 torchrun (sharded sampler, optional SyncBatchNorm, metrics reduced, rank 0 writes), linear lr
 scaling, warmup + multistep/cosine/poly schedules, ``runs/<name>/`` records, atomic
 checkpoints every epoch plus ``best.pt``, exact resume, and a clean stop on NaN or a signal. A run may
@@ -32,10 +33,10 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterable, Sized
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -66,11 +67,11 @@ from pyconv_core.engine.logging import (
     write_jsonl,
 )
 from pyconv_core.engine.schedules import lr_multiplier, scaled_lr
-from pyconv_core.layers.pyconv import PyConv, load_pyconv_plans, pyconv_plans, set_pyconv_plan
+from pyconv_core.layers import factory
 from pyconv_core.models.official import CheckpointMismatchError, load_model_weights
 
-__all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "seed_everything", "param_groups", "tune_plans_eagerly",
-           "check_run_dir", "NonFiniteLossError"]
+__all__ = ["TrainConfig", "FitResult", "Task", "PlannedLayer", "fit", "evaluate", "seed_everything", "param_groups",
+           "tune_plans_eagerly", "check_run_dir", "NonFiniteLossError"]
 
 
 @dataclass
@@ -113,6 +114,58 @@ class FitResult:
     model: nn.Module
     best_metric: float | None
     stopped_by: int | None = None  # the signal that stopped the run early (last.pt holds where), None if it finished
+
+
+class Task(Protocol):
+    """Protocol of the classification, detection, video and segmentation tasks.
+
+    Attributes:
+        name: the task's name, recorded in ``config.json``.
+        main_metric: key of :meth:`evaluate`'s result that picks ``best.pt`` (higher is better).
+        collate_fn: batch collation for the DataLoader, or None for PyTorch's default.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def main_metric(self) -> str: ...
+
+    @property
+    def collate_fn(self) -> Callable[[list], Any] | None: ...
+
+    def train_step(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """Move ``batch`` to ``device``, run the model, return losses; ``"loss"`` is optimized, the
+        other entries are logged. Runs inside the Trainer's autocast."""
+        ...
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+        """Metrics over ``loader`` (the model is in eval mode, gradients off). Under DDP each process
+        sees a shard: sum raw counts with ``engine.distributed.all_reduce_sum`` before dividing."""
+        ...
+
+
+@runtime_checkable
+class PlannedLayer(Protocol):
+    """A layer that computes its forward by one of several equivalent execution plans (PyConv: layers/plans.py).
+    The Trainer sets the run's plan mode on each, lets ``"auto"`` time its plans eagerly before torch.compile
+    and records ``choices`` (input signature -> plan) in config.json; the plans travel in the layer's own
+    state (its extra state), so checkpoints and resumes carry them without the Trainer."""
+
+    choices: dict[str, str]
+
+    def set_plan(self, plan: str) -> None: ...
+
+    def awaits_tuning(self) -> bool: ...
+
+
+def _planned_layers(model: nn.Module) -> dict[str, PlannedLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, PlannedLayer)}
+
+
+def _recorded_plans(model: nn.Module) -> dict[str, dict[str, str]]:
+    """The plans chosen so far, per layer (module name) and input signature, for config.json."""
+    return {name: dict(m.choices) for name, m in _planned_layers(model).items() if m.choices}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -264,8 +317,8 @@ def param_groups(model: nn.Module, base_lr: float, lr_multipliers: dict[str, flo
     return [{"params": params, "lr": base_lr * factor} for factor, params in factors.items() if params]
 
 
-def tune_plans_eagerly(model: nn.Module, task, batch: Any, device: torch.device, amp: str | None) -> None:
-    """Measure ``"auto"`` PyConv training plans with one eager forward of ``batch`` (torch.compile
+def tune_plans_eagerly(model: nn.Module, task: Task, batch: Any, device: torch.device, amp: str | None) -> None:
+    """Measure ``"auto"`` training plans (:class:`PlannedLayer`) with one eager forward of ``batch`` (torch.compile
     traces the layers without timing them, so a compiled run would otherwise keep the naive plan).
     The loss is dropped and the pass's side effects (BN running statistics, RNG) are undone."""
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
@@ -344,7 +397,7 @@ def _autocast(device: torch.device, amp: str | None):
     return torch.autocast(device.type, dtype=dtype, enabled=amp is not None)
 
 
-def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig) -> FitResult:
+def fit(model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig) -> FitResult:
     """Train ``model`` on ``train_set`` with ``task``'s step, evaluating on ``val_set``; see module doc.
     A folder that holds a run of the same parameters is trained again from scratch unless ``resume``.
     One process at a time trains in a folder: rank 0 holds its lock (``engine.files.hold_run_dir``)."""
@@ -354,219 +407,261 @@ def fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg
         return _fit(model, task, train_set, val_set, cfg, device)
 
 
-def _fit(model: nn.Module, task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
+def _fit(model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
          device: torch.device) -> FitResult:
-    previous = check_run_dir(cfg)  # again under the lock: what the folder holds now
-    steps_per_epoch = _len(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, 0, train=True).batch_sampler)
-    if steps_per_epoch == 0 and cfg.epochs:
-        raise ValueError(f"{_len(train_set)} training samples give no full batch of {cfg.batch_size}: "
-                         f"lower batch_size or add data")
-    run_dir = workbook_path(cfg.runs_dir) / cfg.run_name
-    ckpt_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    seed_everything(cfg.seed)
+    run = _Run(model, task, train_set, val_set, cfg, device)
+    with _StopRequest() as stop, run.board, contextlib.ExitStack() as loaders:
+        if run.pending_eval:
+            run.evaluate_and_checkpoint(run.start_epoch)
+        for epoch in range(run.start_epoch, cfg.epochs):
+            stopped_by = run.train_epoch(epoch, stop, loaders)
+            if stopped_by:
+                return FitResult(run.run_dir, run.history, run.model, run.best, stopped_by=stopped_by)
+            due = val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
+            run.checkpoint(epoch + 1, 0, pending_eval=due)  # the trained epoch is saved before it is evaluated
+            if due:
+                run.evaluate_and_checkpoint(epoch + 1)
+    dist.barrier()
+    return FitResult(run.run_dir, run.history, run.model, run.best)
 
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last if getattr(model, "dim", 2) == 2 else torch.channels_last_3d)
-    set_pyconv_plan(model, cfg.pyconv_plan)
-    if cfg.sync_bn and dist.is_distributed():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch)
-    optimizer = torch.optim.SGD(param_groups(model, base_lr, cfg.lr_multipliers), lr=base_lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    if cfg.log_every < 1:
-        raise ValueError(f"log_every must be at least 1 optimizer step, got {cfg.log_every}")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(
-        cfg.schedule, cfg.epochs, steps_per_epoch, cfg.milestones, cfg.gamma, cfg.warmup_epochs, cfg.poly_power))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
-    partial: tuple | None  # the loss sums and counters of an epoch stopped midway
-    start_epoch, skip, history, best, partial, pending_eval = 0, 0, [], None, None, False
-    resumes: list[dict] = []  # config.json's record of this run's resumes
-    resumed = cfg.resume and ckpt_path.is_file()
-    if resumed:
+class _Run:
+    """One run of :func:`fit`: set up (or resumed) on creation, then trained epoch by epoch, evaluated,
+    logged and checkpointed by its methods."""
+
+    def __init__(self, model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
+                 device: torch.device) -> None:
+        previous = check_run_dir(cfg)  # again under the lock: what the folder holds now
+        self.steps_per_epoch = _len(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, 0, train=True)
+                                    .batch_sampler)
+        if self.steps_per_epoch == 0 and cfg.epochs:
+            raise ValueError(f"{_len(train_set)} training samples give no full batch of {cfg.batch_size}: "
+                             f"lower batch_size or add data")
+        self.task, self.train_set, self.val_set, self.cfg, self.device = task, train_set, val_set, cfg, device
+        self.run_dir = workbook_path(cfg.runs_dir) / cfg.run_name
+        self.ckpt_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        seed_everything(cfg.seed)
+
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=factory.channels_last(getattr(model, "dim", 2)))
+        if cfg.sync_bn and dist.is_distributed():
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        base_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_reference_batch)
+        self.optimizer = torch.optim.SGD(param_groups(model, base_lr, cfg.lr_multipliers), lr=base_lr,
+                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if cfg.log_every < 1:
+            raise ValueError(f"log_every must be at least 1 optimizer step, got {cfg.log_every}")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(
+            cfg.schedule, cfg.epochs, self.steps_per_epoch, cfg.milestones, cfg.gamma, cfg.warmup_epochs,
+            cfg.poly_power))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+        self.start_epoch, self.skip = 0, 0  # where training goes on: epoch, and batches of it already trained
+        self.history: list[dict] = []  # the rows of metrics.jsonl
+        self.best: float | None = None  # the best main metric so far
+        self.partial: tuple | None = None  # the loss sums and counters of an epoch stopped midway
+        self.pending_eval = False
+        resumed = cfg.resume and self.ckpt_path.is_file()
+        resumes = self._resume(previous) if resumed else self._start(previous)
+        for layer in _planned_layers(model).values():  # after loading: the run's mode, whatever the checkpoint's
+            layer.set_plan(cfg.pyconv_plan)
+        if cfg.epochs == 0 and not any(row["kind"] == "eval" for row in self.history):
+            self.pending_eval = val_set is not None  # epochs 0: only evaluate the weights the run starts from
+        self.record: dict[str, Any] = {
+            "train": dataclasses.asdict(cfg), "task": task.name, "model_args": getattr(model, "model_args", None),
+            "resumed_at": [self.start_epoch, self.skip] if self.start_epoch or self.skip else None,
+            "resumes": resumes, "lr_effective": base_lr, "environment": environment(device)}
+        if dist.is_main():
+            write_json(self.run_dir / "config.json", self.record)
+            write_jsonl(self.run_dir / "metrics.jsonl", self.history)
+        self.board = TensorBoardLog(self.run_dir, self.steps_per_epoch, self.history,
+                                    self.start_epoch * self.steps_per_epoch + self.skip if resumed else None,
+                                    self.record["train"], f"eval/{task.main_metric}", enabled=dist.is_main())
+
+        if cfg.compile and any(layer.awaits_tuning() for layer in _planned_layers(model).values()):
+            with contextlib.closing(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, self.start_epoch,
+                                            True)) as first:
+                tune_plans_eagerly(model, task, next(iter(first)), device, cfg.amp)
+        self.net = DistributedDataParallel(model) if dist.is_distributed() else model
+        self.step_fn = cast(nn.Module, torch.compile(self.net)) if cfg.compile else self.net
+        self.show = (cfg.progress and dist.is_main() and not os.environ.get("CI")
+                     and os.environ.get("PYCONV_PROGRESS") != "0")
+
+    def _resume(self, previous: dict[str, tuple[Any, Any]] | None) -> list[dict]:
+        """Continue from ``last.pt``; returns config.json's record of this run's resumes, this one added."""
+        cfg = self.cfg
         if previous:
-            print(f"resuming {run_dir} with changed parameters: {_describe(previous)}")
-        earlier = read_config(run_dir) or {}
+            print(f"resuming {self.run_dir} with changed parameters: {_describe(previous)}")
+        earlier = read_config(self.run_dir) or {}
         changes = changed_parameters(earlier.get("train", {}), dataclasses.asdict(cfg),
                                      ignore=("resume", "run_name", "runs_dir"))
-        state = load_checkpoint(ckpt_path)
-        diff = diff_state_dicts(model.state_dict(), state["model"], optional=())
+        state = load_checkpoint(self.ckpt_path)
+        diff = diff_state_dicts(self.model.state_dict(), state["model"])
         if diff:
             raise CheckpointMismatchError(diff.message(
-                str(ckpt_path), "fit this run's model", "Resume with the model parameters the run started "
+                str(self.ckpt_path), "fit this run's model", "Resume with the model parameters the run started "
                 "with, or start a new run (another run_name)."))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, skip, history, best = state["epoch"], state["step_in_epoch"], state["history"], state["best"]
-        partial, pending_eval = state["partial_epoch"], state.get("pending_eval", False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.skip, self.history, self.best = (state["epoch"], state["step_in_epoch"],
+                                                                state["history"], state["best"])
+        self.partial, self.pending_eval = state["partial_epoch"], state.get("pending_eval", False)
         set_rng_state(state["rng"])
-        load_pyconv_plans(model, state.get("pyconv_plans", {}))
-        resumes = [*earlier.get("resumes", []), {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "at": [start_epoch, skip],
-                                                 "changed": {name: list(change) for name, change in changes.items()}}]
-    else:
+        return [*earlier.get("resumes", []), {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                              "at": [self.start_epoch, self.skip],
+                                              "changed": {name: list(change) for name, change in changes.items()}}]
+
+    def _start(self, previous: dict[str, tuple[Any, Any]] | None) -> list[dict]:
+        """Start from scratch (or from ``weights``), removing an earlier run's checkpoints; no resumes yet."""
+        cfg = self.cfg
         if cfg.resume:
-            print(f"resume=True but {ckpt_path} does not exist: starting run {cfg.run_name!r} from scratch")
+            print(f"resume=True but {self.ckpt_path} does not exist: starting run {cfg.run_name!r} from scratch")
         elif previous is not None:
-            print(f"{run_dir} holds a run of the same parameters: training it again from scratch "
+            print(f"{self.run_dir} holds a run of the same parameters: training it again from scratch "
                   f"(resume=True continues it instead)")
         if cfg.weights:  # before the folder is cleared (they may be an earlier run's checkpoint)
-            load_model_weights(model, cfg.weights)
+            load_model_weights(self.model, cfg.weights)
         if dist.is_main():  # no checkpoint of an earlier run may outlive this one's start
-            remove_checkpoint(ckpt_path)
-            remove_checkpoint(best_path)
-    if cfg.epochs == 0 and not any(row["kind"] == "eval" for row in history):
-        pending_eval = val_set is not None  # epochs 0: only evaluate the weights the run starts from
-    record = {"train": dataclasses.asdict(cfg), "task": task.name, "model_args": getattr(model, "model_args", None),
-              "resumed_at": [start_epoch, skip] if start_epoch or skip else None, "resumes": resumes,
-              "lr_effective": base_lr, "environment": environment(device)}
-    if dist.is_main():
-        write_json(run_dir / "config.json", record)
-        write_jsonl(run_dir / "metrics.jsonl", history)
-    board = TensorBoardLog(run_dir, steps_per_epoch, history, start_epoch * steps_per_epoch + skip if resumed else None,
-                           record["train"], f"eval/{task.main_metric}", enabled=dist.is_main())
+            remove_checkpoint(self.ckpt_path)
+            remove_checkpoint(self.best_path)
+        return []
 
-    if cfg.compile and any(isinstance(m, PyConv) and m.plan == "auto" and not m.chosen(True) for m in model.modules()):
-        with contextlib.closing(_loader(train_set, cfg.batch_size, cfg, task.collate_fn, start_epoch, True)) as first:
-            tune_plans_eagerly(model, task, next(iter(first)), device, cfg.amp)
-    net = DistributedDataParallel(model) if dist.is_distributed() else model
-    step_fn = torch.compile(net) if cfg.compile else net
-    show = cfg.progress and dist.is_main() and not os.environ.get("CI") and os.environ.get("PYCONV_PROGRESS") != "0"
+    def train_epoch(self, epoch: int, stop: _StopRequest, loaders: contextlib.ExitStack) -> int:
+        """Train ``epoch`` (its rest, after a stop midway), logging its step rows and its train row; returns 0,
+        or the signal that stopped it, once ``last.pt`` holds where. ``loaders`` closes the loader on any exit."""
+        cfg, per_epoch = self.cfg, self.steps_per_epoch
+        skip, partial, self.partial = self.skip, self.partial, None
+        if not skip:
+            seed_everything(cfg.seed * 1_000_003 + epoch)
+        loader = loaders.enter_context(contextlib.closing(
+            _loader(self.train_set, cfg.batch_size, cfg, self.task.collate_fn, epoch, train=True, skip_batches=skip)))
+        self.net.train()
+        # sums: the epoch's loss sums; window: those since the last step row (both saved at a stop, so a
+        # resumed run writes the rows of an uninterrupted one); kept on the device (see _DeviceSums)
+        done, count, seen, elapsed, done_window, in_window = partial or ({}, 0, 0, 0.0, {}, 0)
+        sums, window = _DeviceSums(done), _DeviceSums(done_window)
+        window_losses: list[torch.Tensor] = []  # the losses since the last check, to name a non-finite one
+        tic = time.perf_counter() - elapsed
+        # tqdm.auto calls iter() on what it wraps when it is created, and again when it is iterated: given
+        # the loader, that would start two worker pools per epoch. Given one iterator, both calls return it.
+        bar = tqdm(iter(loader), total=len(loader), desc=f"{cfg.run_name} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not self.show, leave=False)
+        for step, batch in enumerate(bar, start=skip):
+            losses = self._step(batch)
+            window_losses.append(losses["loss"].detach().float())
+            sums.add(losses)
+            window.add(losses)
+            count, in_window = count + 1, in_window + 1
+            seen += _batch_len(batch)
+            row_due = (step + 1) % cfg.log_every == 0 or step + 1 == per_epoch
+            # under DDP polling the signal is a collective (and a sync): only at step rows
+            stop_signal = stop.requested(self.device) if row_due or not dist.is_distributed() else 0
+            if row_due or stop_signal:  # the losses are checked once per window, not with a sync per step
+                bad = _first_nonfinite_loss(window_losses)
+                if bad is not None:
+                    at = step + 2 - len(window_losses) + bad[0]
+                    raise self.diverged(f"loss is {bad[1]} at epoch {epoch + 1}, step {at}")
+                window_losses.clear()
+            if row_due:
+                # under DDP each rank's own mean (rank 0's is written): an all_reduce here would add a
+                # collective every log_every steps; the epoch's "train" row is the reduced mean
+                lr = self.scheduler.get_last_lr()[0]
+                self.log({"kind": "step", "epoch": epoch + (step + 1) / per_epoch, "step": epoch * per_epoch + step + 1,
+                          "lr": lr, **_means(window.values(), in_window)})
+                window, in_window = _DeviceSums(), 0
+                if self.show:
+                    bar.set_postfix(loss=f"{sums.values()['loss'] / count:.3f}", lr=f"{lr:.3g}",
+                                    img_s=f"{seen * dist.world_size() / (time.perf_counter() - tic):.0f}")
+            if stop_signal:
+                self.checkpoint(epoch, step + 1, partial=(sums.values(), count, seen, time.perf_counter() - tic,
+                                                          window.values(), in_window))
+                print(f"signal {stop_signal}: saved {self.ckpt_path} at epoch {epoch + 1}, step {step + 1}; "
+                      f"rerun with resume=True (launcher: --resume true) to continue")
+                return stop_signal
+        loader.close()  # its workers have ended; this releases them (an early exit: the ExitStack does)
+        self.skip = 0
+        row = {"kind": "train", "epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0],
+               "seconds": time.perf_counter() - tic, **_reduce_means(sums.values(), count, self.device)}
+        row["samples_per_s"] = _reduce_sum(seen, self.device) / row["seconds"]
+        self.log(row)
+        return 0
 
-    def diverged(what: str, kept: str = "", start: Path | None = None) -> NonFiniteLossError:
-        """The error of a diverged run: what happened, the checkpoint kept (``start``: the one to go on from) and
-        how to go on with a lower lr: a run from its weights, since a resume keeps the run's lr."""
-        if not kept:
-            start = ckpt_path if ckpt_path.is_file() else None
-            kept = f"The last good checkpoint {start} is kept" if start else "No checkpoint exists yet"
-        lower = f"a lower lr than {cfg.lr:g} (per {cfg.lr_reference_batch} images; a resume keeps it)"
-        how = (f"start a new run with weights={start} and {lower}" if start else
-               f"train again with {lower} under another run_name, or delete {run_dir} first")
-        return NonFiniteLossError(f"run {cfg.run_name!r}: {what}. {kept}: {how}.")
+    def _step(self, batch: Any) -> dict[str, torch.Tensor]:
+        """One optimizer step on ``batch`` (under the run's AMP); the task's losses."""
+        with _autocast(self.device, self.cfg.amp):
+            losses = self.task.train_step(self.step_fn, batch, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return losses
 
-    def checkpoint(epoch: int, step_in_epoch: int, path: Path = ckpt_path, partial: tuple | None = None,
-                   pending_eval: bool = False) -> None:
-        """Save the run's state to ``path``; a model whose weights are no longer finite is never saved."""
-        bad = _first_nonfinite(model)
-        if bad is not None:
-            when = f"at epoch {epoch + 1}, step {step_in_epoch}" if step_in_epoch else f"after epoch {epoch}"
-            raise diverged(f"the weights are not finite {when} ({bad} is the first such tensor)")
-        if dist.is_main():
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                         "step_in_epoch": step_in_epoch, "partial_epoch": partial, "pending_eval": pending_eval,
-                         "history": history,
-                         "best": best, "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                         "model_args": getattr(model, "model_args", None), "pyconv_plans": pyconv_plans(model)}, path)
-            write_json(run_dir / "config.json", {**record, "pyconv_plans": pyconv_plans(model)})
-
-    def log(row: dict) -> None:
-        history.append(row)
-        if dist.is_main():
-            append_jsonl(run_dir / "metrics.jsonl", row)
-            board.add(row)
-
-    def evaluate_and_checkpoint(epochs_done: int) -> None:
+    def evaluate_and_checkpoint(self, epochs_done: int) -> None:
         """Evaluate the epoch that ``last.pt`` already holds, then record it: ``best.pt`` is written
         before ``last.pt``, so a kill between the two leaves ``last.pt`` pending this evaluation and
         the resumed run redoes it (and rewrites ``best.pt``) instead of trusting a stale ``best.pt``."""
-        nonlocal best
-        assert val_set is not None, "an evaluation is due only with a validation set"
-        metrics = evaluate(net, task, val_set, cfg, device)
-        log({"kind": "eval", "epoch": epochs_done, **metrics})
+        assert self.val_set is not None, "an evaluation is due only with a validation set"
+        metrics = evaluate(self.net, self.task, self.val_set, self.cfg, self.device)
+        self.log({"kind": "eval", "epoch": epochs_done, **metrics})
         nonfinite = {k: v for k, v in metrics.items() if k.endswith("loss") and not math.isfinite(v)}
         if nonfinite:
-            kept = (f"{best_path}, the best evaluated epoch, is kept" if best_path.is_file() else
-                    "No evaluated checkpoint exists")
-            raise diverged(f"the evaluation after epoch {epochs_done} gives {nonfinite}, the model diverged",
-                           f"{kept}; {ckpt_path} holds epoch {epochs_done} unevaluated",
-                           best_path if best_path.is_file() else None)
-        value = metrics.get(task.main_metric)
-        if value is not None and (best is None or value > best):
-            best = value
-            checkpoint(epochs_done, 0, best_path)
-        checkpoint(epochs_done, 0)
+            best_path, kept_best = self.best_path, self.best_path.is_file()
+            kept = f"{best_path}, the best evaluated epoch, is kept" if kept_best else "No evaluated checkpoint exists"
+            raise self.diverged(f"the evaluation after epoch {epochs_done} gives {nonfinite}, the model diverged",
+                                f"{kept}; {self.ckpt_path} holds epoch {epochs_done} unevaluated",
+                                best_path if kept_best else None)
+        value = metrics.get(self.task.main_metric)
+        if value is not None and (self.best is None or value > self.best):
+            self.best = value
+            self.checkpoint(epochs_done, 0, self.best_path)
+        self.checkpoint(epochs_done, 0)
 
-    with _StopRequest() as stop, board, contextlib.ExitStack() as loaders:
-        if pending_eval:
-            evaluate_and_checkpoint(start_epoch)
-        for epoch in range(start_epoch, cfg.epochs):
-            if not skip:
-                seed_everything(cfg.seed * 1_000_003 + epoch)
-            loader = loaders.enter_context(contextlib.closing(
-                _loader(train_set, cfg.batch_size, cfg, task.collate_fn, epoch, train=True, skip_batches=skip)))
-            net.train()
-            # sums: the epoch's loss sums; window: those since the last step row (both saved at a stop, so a
-            # resumed run writes the rows of an uninterrupted one); kept on the device (see _DeviceSums)
-            done, count, seen, elapsed, done_window, in_window = partial or ({}, 0, 0, 0.0, {}, 0)
-            sums, window = _DeviceSums(done), _DeviceSums(done_window)
-            window_losses: list[torch.Tensor] = []  # the losses since the last check, to name a non-finite one
-            partial, tic = None, time.perf_counter() - elapsed
-            # tqdm.auto calls iter() on what it wraps when it is created, and again when it is iterated: given
-            # the loader, that would start two worker pools per epoch. Given one iterator, both calls return it.
-            batches = iter(loader)
-            bar = tqdm(batches, total=len(loader), desc=f"{cfg.run_name} epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not show, leave=False)
-            for step, batch in enumerate(bar, start=skip):
-                with _autocast(device, cfg.amp):
-                    losses = task.train_step(step_fn, batch, device)
-                loss = losses["loss"]
-                window_losses.append(loss.detach().float())
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                sums.add(losses)
-                window.add(losses)
-                count, in_window = count + 1, in_window + 1
-                seen += _batch_len(batch)
-                row_due = (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch
-                # under DDP polling the signal is a collective (and a sync): only at step rows
-                stop_signal = stop.requested(device) if row_due or not dist.is_distributed() else 0
-                if row_due or stop_signal:  # the losses are checked once per window, not with a sync per step
-                    bad = _first_nonfinite_loss(window_losses)
-                    if bad is not None:
-                        at = step + 2 - len(window_losses) + bad[0]
-                        raise diverged(f"loss is {bad[1]} at epoch {epoch + 1}, step {at}")
-                    window_losses.clear()
-                if row_due:
-                    # under DDP each rank's own mean (rank 0's is written): an all_reduce here would add a
-                    # collective every log_every steps; the epoch's "train" row is the reduced mean
-                    log({"kind": "step", "epoch": epoch + (step + 1) / steps_per_epoch,
-                         "step": epoch * steps_per_epoch + step + 1, "lr": scheduler.get_last_lr()[0],
-                         **_means(window.values(), in_window)})
-                    window, in_window = _DeviceSums(), 0
-                    if show:
-                        bar.set_postfix(loss=f"{sums.values()['loss'] / count:.3f}",
-                                        lr=f"{scheduler.get_last_lr()[0]:.3g}",
-                                        img_s=f"{seen * dist.world_size() / (time.perf_counter() - tic):.0f}")
-                if stop_signal:
-                    checkpoint(epoch, step + 1, partial=(sums.values(), count, seen, time.perf_counter() - tic,
-                                                         window.values(), in_window))
-                    print(f"signal {stop_signal}: saved {ckpt_path} at epoch {epoch + 1}, step {step + 1}; "
-                          f"rerun with resume=True (launcher: --resume true) to continue")
-                    return FitResult(run_dir, history, model, best, stopped_by=stop_signal)
-            loader.close()  # its workers have ended; this releases them (an early exit: the ExitStack does)
-            skip = 0
-            row = {"kind": "train", "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
-                   "seconds": time.perf_counter() - tic, **_reduce_means(sums.values(), count, device)}
-            row["samples_per_s"] = _reduce_sum(seen, device) / row["seconds"]
-            log(row)
-            due = val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
-            checkpoint(epoch + 1, 0, pending_eval=due)  # the trained epoch is saved before it is evaluated
-            if due:
-                evaluate_and_checkpoint(epoch + 1)
-    dist.barrier()
-    return FitResult(run_dir, history, model, best)
+    def checkpoint(self, epoch: int, step_in_epoch: int, path: Path | None = None, partial: tuple | None = None,
+                   pending_eval: bool = False) -> None:
+        """Save the run's state to ``path`` (``last.pt``); a model whose weights are no longer finite is never saved."""
+        bad = _first_nonfinite(self.model)
+        if bad is not None:
+            when = f"at epoch {epoch + 1}, step {step_in_epoch}" if step_in_epoch else f"after epoch {epoch}"
+            raise self.diverged(f"the weights are not finite {when} ({bad} is the first such tensor)")
+        if dist.is_main():
+            save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+                         "step_in_epoch": step_in_epoch, "partial_epoch": partial, "pending_eval": pending_eval,
+                         "history": self.history, "best": self.best, "rng": rng_state(),
+                         "config": dataclasses.asdict(self.cfg), "model_args": getattr(self.model, "model_args", None)},
+                        path or self.ckpt_path)
+            write_json(self.run_dir / "config.json", {**self.record, "pyconv_plans": _recorded_plans(self.model)})
+
+    def log(self, row: dict) -> None:
+        """Add a row to the history, ``metrics.jsonl`` and TensorBoard."""
+        self.history.append(row)
+        if dist.is_main():
+            append_jsonl(self.run_dir / "metrics.jsonl", row)
+            self.board.add(row)
+
+    def diverged(self, what: str, kept: str = "", start: Path | None = None) -> NonFiniteLossError:
+        """The error of a diverged run: what happened, the checkpoint kept (``start``: the one to go on from) and
+        how to go on with a lower lr: a run from its weights, since a resume keeps the run's lr."""
+        cfg = self.cfg
+        if not kept:
+            start = self.ckpt_path if self.ckpt_path.is_file() else None
+            kept = f"The last good checkpoint {start} is kept" if start else "No checkpoint exists yet"
+        lower = f"a lower lr than {cfg.lr:g} (per {cfg.lr_reference_batch} images; a resume keeps it)"
+        how = (f"start a new run with weights={start} and {lower}" if start else
+               f"train again with {lower} under another run_name, or delete {self.run_dir} first")
+        return NonFiniteLossError(f"run {cfg.run_name!r}: {what}. {kept}: {how}.")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task, dataset: Dataset, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+def evaluate(model: nn.Module, task: Task, dataset: Dataset, cfg: TrainConfig,
+             device: torch.device) -> dict[str, float]:
     """The task's metrics on ``dataset`` (sharded over processes), in eval mode under the run's AMP."""
     model.eval()
     with contextlib.closing(_loader(dataset, cfg.batch_size, cfg, task.collate_fn, 0, train=False)) as loader, \

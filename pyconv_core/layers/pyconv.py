@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from pyconv_core.engine import distributed
+from pyconv_core.engine.checkpoint import EXTRA_STATE_KEY, from_json_tensor, json_tensor
 from pyconv_core.layers import factory
 from pyconv_core.layers.factory import IntOrTuple
 from pyconv_core.layers.plans import Plan, format_plan, naive_plan, parse_plan, run_plan, signature, tune
 
 __all__ = ["PyConv", "LevelSet", "PYCONV_PRESETS", "PLAN_MODES", "split_channels", "check_pyconv_plan",
-           "set_pyconv_plan", "pyconv_plans", "load_pyconv_plans"]
+           "set_pyconv_plan", "pyconv_plans"]
 
 # "auto": the fastest plan per input signature, measured once (layers/plans.py); "naive": the
 # authors' per-level convolutions; or an explicit partition such as "0|123" (3D: "taps:0|123" by
@@ -73,7 +74,8 @@ class PyConv(nn.Module):
     The level convolutions are ``self.levels[i]``; ``load_official_checkpoint`` maps them to the
     authors' ``conv2_{i+1}`` names. ``plan`` says how the forward is computed (``layers/plans.py``):
     ``"naive"`` (default), ``"auto"`` or a partition like ``"0|123"`` (3D: ``"taps:0|123"``); ``choices``
-    records, per input signature, the plan ``"auto"`` picked, so a resumed run computes exactly as before.
+    records, per input signature, the plan ``"auto"`` picked. Both travel in the layer's state_dict (its extra
+    state), so a checkpoint, a resumed run or a reloaded model computes exactly as before.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernels: Sequence[IntOrTuple],
@@ -151,6 +153,35 @@ class PyConv(nn.Module):
         plan = format_plan(tune(x, self.convs, training=True)) if distributed.is_main() else None
         return cast(str, distributed.broadcast_object(plan))  # rank 0's plan on every rank
 
+    def set_plan(self, plan: str) -> None:
+        """Compute with ``plan`` (see :data:`PLAN_MODES`); the choices ``"auto"`` made so far are kept."""
+        check_pyconv_plan(plan)
+        self.plan = plan
+
+    def awaits_tuning(self) -> bool:
+        """Whether ``"auto"`` has yet to time a training input: torch.compile traces the layer without
+        timing it, so a compiled run lets it measure in one eager step first."""
+        return self.plan == "auto" and not self.chosen(True)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The plan mode and ``choices`` (in the order made: the last training choice serves later signatures
+        under DDP), as a tensor (``engine.checkpoint.json_tensor``)."""
+        return json_tensor({"plan": self.plan, "choices": self.choices})
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Restore :meth:`get_extra_state`: the layer computes with the plans it had."""
+        saved = from_json_tensor(state)
+        self.plan, self.choices = saved["plan"], dict(saved["choices"])
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        """As ``nn.Module``'s, but a state_dict without this layer's extra state (the authors' and torchvision's
+        files, runs saved before plans moved into the layer) keeps its plans, also under a strict load."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + EXTRA_STATE_KEY in missing_keys:
+            missing_keys.remove(prefix + EXTRA_STATE_KEY)
+
     def chosen(self, training: bool) -> list[str]:
         """The plans ``"auto"`` picked so far for training (or evaluation) inputs, oldest first."""
         mode = "train" if training else "eval"
@@ -177,19 +208,10 @@ def set_pyconv_plan(model: nn.Module, plan: str) -> int:
     check_pyconv_plan(plan)
     layers = [m for m in model.modules() if isinstance(m, PyConv)]
     for m in layers:
-        m.plan = plan
+        m.set_plan(plan)
     return len(layers)
 
 
 def pyconv_plans(model: nn.Module) -> dict[str, dict[str, str]]:
-    """The plans ``"auto"`` chose so far, per PyConv (module name) and input signature (for config.json
-    and checkpoints)."""
+    """The plans ``"auto"`` chose so far, per PyConv (module name) and input signature."""
     return {name: dict(m.choices) for name, m in model.named_modules() if isinstance(m, PyConv) and m.choices}
-
-
-def load_pyconv_plans(model: nn.Module, choices: dict[str, dict[str, str]]) -> None:
-    """Restore :func:`pyconv_plans` (on resume), so the run computes with the same plans as before."""
-    modules = dict(model.named_modules())
-    for name, table in choices.items():
-        if isinstance(modules.get(name), PyConv):
-            modules[name].choices.update(table)

@@ -5,7 +5,9 @@ single-level one as a plain ``<conv>`` convolution; our :class:`PyConv` always h
 ``<conv>.levels.{i}``. Everything else (``conv1``, ``bn1``, ``layerN.B.*``, ``downsample.{1,2}``
 after the shortcut's MaxPool, ``fc``) already has the authors' (and torchvision's) names.
 Models with further renames (e.g. segmentation's ``layer0``) list them in an
-``official_prefixes`` attribute: pairs ``(our_prefix, their_prefix)``.
+``official_prefixes`` attribute: pairs ``(our_prefix, their_prefix)``. The authors' files hold weights
+only: a PyConv's extra state (its execution plans) has no key there, and a file without it keeps the
+model's plans.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from pyconv_core.engine.checkpoint import diff_state_dicts, load_checkpoint, refused_as_code
-from pyconv_core.layers.pyconv import PyConv, load_pyconv_plans
+from pyconv_core.engine.checkpoint import EXTRA_STATE_KEY, diff_state_dicts, load_checkpoint, refused_as_code
+from pyconv_core.layers.pyconv import PyConv
 
 __all__ = ["CheckpointMismatchError", "load_official_checkpoint", "load_backbone_weights", "load_model_weights",
            "to_official_state_dict", "official_key_map"]
@@ -28,7 +30,7 @@ class CheckpointMismatchError(ValueError):
 
 
 def official_key_map(model: nn.Module) -> dict[str, str]:
-    """Map each of the model's state_dict keys to the authors' key."""
+    """Map each of the model's state_dict keys to the authors' key (extra state, which they lack, is left out)."""
     prefixes: list[tuple[str, str]] = list(getattr(model, "official_prefixes", []))
     for name, module in model.named_modules():
         if isinstance(module, PyConv):
@@ -39,6 +41,8 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
     prefixes.sort(key=lambda p: len(p[0]), reverse=True)
     mapping = {}
     for key in model.state_dict():
+        if key.endswith(EXTRA_STATE_KEY):
+            continue
         official = key
         for ours, theirs in prefixes:
             if official.startswith(ours):
@@ -50,7 +54,7 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
 def to_official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state_dict under the authors' key names (loadable by their code)."""
     mapping = official_key_map(model)
-    return {mapping[k]: v for k, v in model.state_dict().items()}
+    return {mapping[k]: v for k, v in model.state_dict().items() if k in mapping}
 
 
 def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[dict, str]:
@@ -140,7 +144,7 @@ def load_backbone_weights(backbone: nn.Module, source: str | os.PathLike | Mappi
     label = label or _name(backbone)
     kept = {}
     for key, value in state.items():
-        if key.startswith(drop):
+        if key.startswith(drop) or key.endswith(EXTRA_STATE_KEY):  # weights only: the run sets its own plans
             continue
         for theirs, ours in (rename or {}).items():
             if key.startswith(theirs):
@@ -155,7 +159,8 @@ def load_backbone_weights(backbone: nn.Module, source: str | os.PathLike | Mappi
 
 def _load_own_layout(model: nn.Module, state: Mapping[str, torch.Tensor], where: str, what: str,
                      fix: str) -> nn.Module:
-    """Load a state_dict in this workbook's layout exactly into ``model`` (``num_batches_tracked`` may be absent)."""
+    """Load a state_dict in this workbook's layout exactly into ``model`` (BN counters and the layers' extra
+    state may be absent: :func:`diff_state_dicts`)."""
     own = model.state_dict()
     diff = diff_state_dicts(own, state)
     if diff:
@@ -167,10 +172,10 @@ def _load_own_layout(model: nn.Module, state: Mapping[str, torch.Tensor], where:
 def load_model_weights(model: nn.Module, source: str | os.PathLike) -> nn.Module:
     """Load a whole model's weights (the ``weights`` parameter of every task) from ``source``, read
     weights-only (``engine.checkpoint.load_checkpoint``): a workbook run's ``best.pt`` / ``last.pt``
-    (its ``model`` entry; the PyConv plans its run chose come along, so the model computes as it did
-    there), a plain state_dict in this workbook's layout, or the authors' released file (classification
-    networks, PyConvSegNet; ``module.`` prefix and ``state_dict`` wrapper accepted). Everything must fit
-    exactly; a checkpoint of another model is refused naming both."""
+    (its ``model`` entry; the PyConv plans its run chose come along in the layers' state, so the model
+    computes as it did there), a plain state_dict in this workbook's layout, or the authors' released file
+    (classification networks, PyConvSegNet; ``module.`` prefix and ``state_dict`` wrapper accepted). Everything
+    must fit exactly; a checkpoint of another model is refused naming both."""
     where = os.fspath(source)
     checkpoint = load_checkpoint(where)
     recorded = checkpoint.get("model_args")
@@ -180,6 +185,4 @@ def load_model_weights(model: nn.Module, source: str | os.PathLike) -> nn.Module
             f"{_name(model)}: pass weights of a {_name(model)}, or set the model parameters (arch, depth, head, "
             f"...) to those of the checkpoint's run")
     state, _ = _read_state_dict(checkpoint)
-    _load_either_layout(model, state, where, None)
-    load_pyconv_plans(model, checkpoint.get("pyconv_plans") or {})
-    return model
+    return _load_either_layout(model, state, where, None)

@@ -1,23 +1,16 @@
-"""What a task gives the Trainer, and what describes one of its experiments.
-
-The Trainer owns the loop (devices, AMP, DDP, schedules, checkpoints, logging); a task only
-says how one batch becomes a loss dict and how a loader becomes metrics. An experiment is a
-task's ``Params`` (``RunParams`` and its subclasses: the notebook's parameters cell and the
-launcher's flags, checked here before any work) following one of the task's recipes
-(:class:`Recipe`): a parameter left None takes the recipe's value (:func:`merge_recipe`).
+"""What describes an experiment of a task: its ``Params`` (``RunParams`` and its subclasses: the
+notebook's parameters cell and the launcher's flags, checked here before any work) following one of the
+task's recipes (:class:`Recipe`), a parameter left None taking the recipe's value (:func:`merge_recipe`).
+What a task gives the Trainer (a training step and an evaluation) is ``engine.trainer.Task``.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
-
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
+from typing import Any, ClassVar, TypeVar
 
 from pyconv_core.engine.distributed import DEFAULT_TIMEOUT_S
 from pyconv_core.engine.files import check_run_name
@@ -25,31 +18,6 @@ from pyconv_core.engine.logging import workbook_path
 from pyconv_core.engine.trainer import TrainConfig
 from pyconv_core.layers.pyconv import check_pyconv_plan
 from pyconv_core.registry import list_models
-
-
-class Task(Protocol):
-    """Protocol of the classification, detection, video and segmentation tasks.
-
-    Attributes:
-        name: the task's name, recorded in ``config.json``.
-        main_metric: key of :meth:`evaluate`'s result that picks ``best.pt`` (higher is better).
-        collate_fn: batch collation for the DataLoader, or None for PyTorch's default.
-    """
-
-    name: str
-    main_metric: str
-    collate_fn: Callable[[list], Any] | None
-
-    def train_step(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-        """Move ``batch`` to ``device``, run the model, return losses; ``"loss"`` is optimized, the
-        other entries are logged. Runs inside the Trainer's autocast."""
-        ...
-
-    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-        """Metrics over ``loader`` (the model is in eval mode, gradients off). Under DDP each process
-        sees a shard: sum raw counts with ``engine.distributed.all_reduce_sum`` before dividing."""
-        ...
-
 
 _TYPES = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string", "list": "a list"}
 
