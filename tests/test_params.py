@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import nbformat
+import papermill
 import pytest
 
 from pyconv_core.run import field_help, params_to_argv, parse_params
 from pyconv_core.tasks import classification, detection, segmentation, video
+from pyconv_core.tasks.base import annotation_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,3 +227,11 @@ def test_the_launcher_takes_none_for_the_recipes_value():
     p = parse_params("segmentation", ["--lr", "0.3", "--crop", "None", "--epochs", "none"])
     assert (p.lr, p.crop, p.epochs) == (0.3, None, None)
     assert parse_params("segmentation", params_to_argv(p)) == p
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOK_PARAMS)
+def test_papermill_reads_every_parameter_a_notebook_declares(notebook):
+    listed = papermill.inspect_notebook(str(ROOT / "notebooks" / f"{notebook}.ipynb"))  # --help-notebook, sweeps
+    assert set(listed) == set(_declared(notebook))
+    assert {annotation_kind(listed[name]["inferred_type_name"]) for name in ("epochs", "lr")} == {("int", True),
+                                                                                                ("float", True)}

@@ -43,8 +43,12 @@ def check_value(name: str, value: Any, kind: str) -> Any:
 
 
 def annotation_kind(annotation: str) -> tuple[str, bool]:
-    """``"float | None"`` -> ``("float", True)``; ``"list[str]"`` -> ``("list", False)``."""
-    parts = [part.strip() for part in str(annotation).split("|")]
+    """``"float | None"`` and ``"Optional[float]"`` (the spelling papermill's parameter parser reads, in
+    the notebooks) -> ``("float", True)``; ``"list[str]"`` -> ``("list", False)``."""
+    text = str(annotation).strip().strip("'\"")
+    if text.startswith("Optional[") and text.endswith("]"):
+        text = f"{text[len('Optional['):-1]} | None"
+    parts = [part.strip() for part in text.split("|")]
     optional = "None" in parts
     kind = next((part for part in parts if part != "None"), "None")
     return kind.split("[")[0].strip(), optional
