@@ -159,7 +159,7 @@ def test_a_checkpoint_saved_before_the_layers_carried_their_plans_loads_and_resu
     """Runs saved before plans moved into the layers' state kept them in a ``pyconv_plans`` entry (and the mode
     in ``config``), with no ``_extra_state`` keys: loading and resuming such a run restores its plans."""
     params = Params(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
-                    epochs=1, runs_dir=str(tmp_path), run_name="old")
+                    epochs=1, runs_dir=str(tmp_path), run_name="old", pyconv_plan="auto")
     result = run(params)
     recorded = pyconv_plans(result.model)
     for name in ("last.pt", "best.pt"):  # rewritten in the old layout

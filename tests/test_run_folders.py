@@ -39,7 +39,7 @@ def test_other_parameters_in_the_folder_are_refused_with_the_fix(finished, tmp_p
     with pytest.raises(ValueError) as caught:
         run(dataclasses.replace(finished, epochs=2, lr=0.3))
     message = str(caught.value)
-    assert message.startswith(f"{folder} holds another run: its config.json records epochs 1 -> 2, lr 0.0 -> 0.3; ")
+    assert message.startswith(f"{folder} holds another run: its config.json records epochs 1 -> 2, lr 0.05 -> 0.3; ")
     assert message.endswith(f"pick another run_name (notebooks: run_prefix) for these parameters, or delete {folder} "
                             f"to train them there")  # not resume=True: a resume may not change lr
     assert (folder / "metrics.jsonl").read_text() == before and (folder / "best.pt").is_file()
@@ -127,8 +127,9 @@ def test_a_resume_that_would_change_the_model_or_the_schedule_is_refused(finishe
         run(dataclasses.replace(finished, resume=True, **changes))
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{folder} cannot be resumed with ")
+    recorded = read_config(folder)["train"]["extra"]  # the values that ran (a recipe's where left None)
     for name, new in changes.items():
-        assert (f"{name} {getattr(finished, name)!r} -> {new!r}" in message) is (name != "epochs"), name
+        assert (f"{name} {recorded[name]!r} -> {new!r}" in message) is (name != "epochs"), name
     assert message.endswith("resume with the recorded values, or pick another run_name (notebooks: run_prefix) for "
                             "these parameters")
     assert ((folder / "metrics.jsonl").read_text(), (folder / "last.pt").read_bytes()) == before

@@ -37,8 +37,8 @@ def test_values_are_typed_as_the_notebook_declares_them_and_checked(tmp_path):
                                 "run_prefix": "01_classification-lr-epochs-lr=1.0,epochs=1-"}
     refused = {("lrr", "0.1"): r"^-p lrr 0.1: 'lrr' is not a parameter of 01_classification.ipynb \(did you mean "
                                r"'lr'\?\)",
-               ("epochs", "1,x"): r"^-p epochs 1,x: epochs must be an integer, got 'x' \(lists, and values holding "
-                                  r"commas, go in a --grid YAML file\)$",
+               ("epochs", "1,x"): r"^-p epochs 1,x: epochs must be an integer \(or None: the recipe's\), got 'x' "
+                                  r"\(lists, and values holding commas, go in a --grid YAML file\)$",
                ("progress", "yes"): r"^-p progress yes: progress must be True or False, got 'yes'",
                ("run_prefix", "a-"): r"^-p run_prefix a-: the sweep sets run_prefix",
                ("seed", "1,1"): r"^-p seed 1,1: a value is given twice"}
@@ -89,7 +89,7 @@ def test_a_2x2_sweep_runs_four_notebooks_once_and_again_none(tmp_path):
     failing = _sweep(runs, "0.05,0.1,-1")
     assert failing.returncode == 1
     assert "0 ran, 4 skipped as finished, 2 failed" in failing.stdout
-    assert "failed: lr=-1.0,seed=0: ValueError: lr must be >= 0" in failing.stdout
+    assert "failed: lr=-1.0,seed=0: ValueError: lr must be > 0 (or None: the recipe's), got -1.0" in failing.stdout
     assert sorted(p.name for p in folder.glob("*.failed.ipynb")) == ["lr=-1.0,seed=0.failed.ipynb",
                                                                      "lr=-1.0,seed=1.failed.ipynb"]
     assert len(pd.read_csv(folder / "comparison.csv")) == 4
