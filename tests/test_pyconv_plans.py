@@ -144,7 +144,8 @@ def test_a_run_records_its_plans_and_the_reloaded_model_uses_them(tmp_path, monk
     assert any(key.endswith("train") for table in config["pyconv_plans"].values() for key in table)
     reloaded = load_run_model(result.run_dir, "last")
     assert pyconv_plans(reloaded) == config["pyconv_plans"]
-    assert {m.plan for m in reloaded.modules() if isinstance(m, PyConv)} == {"auto"}
+    # (a one-level layer computes its one convolution whatever the mode, and carries none)
+    assert {m.plan for m in reloaded.modules() if isinstance(m, PyConv) and len(m.levels) > 1} == {"auto"}
 
     # resuming restores the recorded choices instead of measuring again (which could pick other plans)
     def no_tuning(*args, **kwargs):

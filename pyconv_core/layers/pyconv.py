@@ -173,6 +173,13 @@ class PyConv(nn.Module):
         saved = from_json_tensor(state)
         self.plan, self.choices = saved["plan"], dict(saved["choices"])
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """As ``nn.Module``'s, but a one-level layer (the baseline ResNet's 3x3) has no plan to carry and
+        saves none: its network's state_dict keeps torchvision's keys exactly."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if len(self.levels) == 1:
+            del destination[prefix + EXTRA_STATE_KEY]
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
         """As ``nn.Module``'s, but a state_dict without this layer's extra state (the authors' and torchvision's
