@@ -32,7 +32,8 @@ class PaperFigures:
     ``input_shape`` is one sample, ``(C, H, W)`` or ``(C, T, H, W)``, at the model's first setup;
     ``num_classes`` and ``model_args`` are the builder arguments of the counted network (segmentation:
     ``with_aux``, since S-Table 6 counts the auxiliary head). ``gflops`` and ``metrics`` are keyed by
-    :class:`Setup`; ``params`` is exact (authors' code) or as printed.
+    :class:`Setup`; ``params`` is exact (authors' code) or as printed. ``gflops_num_classes``: the classifier
+    outputs the GFLOPs were counted with where they differ from ``num_classes`` (SSD: 91, COCO's ids 0..90).
     """
 
     source: str
@@ -42,6 +43,7 @@ class PaperFigures:
     gflops: Mapping[Setup, float] = field(default_factory=dict)
     metrics: Mapping[Setup, Mapping[str, float]] = field(default_factory=dict)
     model_args: Mapping[str, Any] = field(default_factory=dict)
+    gflops_num_classes: int | None = None
 
     def setups(self) -> list[Setup]:
         """The setups with figures (GFLOPs first), or the input shape's own when there are none."""
@@ -68,9 +70,10 @@ def _imagenet(params: float | None, source: str, top1: float | None = None, **gf
 
 
 def _ssd(params: float, gflops: float, metrics: tuple[float, ...]) -> PaperFigures:
-    """SSD300 on COCO (81 classes with background): S-Table 1's row."""
+    """SSD300 on COCO: S-Table 1's row. Its params are those of 81 classes (background included), its GFLOPs
+    those of a 91-output classifier (COCO's category ids 0..90; docs/paper.md s.4)."""
     return PaperFigures(_S_TABLE1, (3, 300, 300), 81, params, {Setup(300): gflops},
-                        {Setup(300): dict(zip(COCO_METRICS, metrics))})
+                        {Setup(300): dict(zip(COCO_METRICS, metrics))}, gflops_num_classes=91)
 
 
 def _video(params: float, gflops: float, top1_err: float, top5_err: float) -> PaperFigures:

@@ -96,20 +96,24 @@ def profile_rows(names: Iterable[str] | None = None, input_shape: Sequence[int] 
     """Params / GMACs / GFLOPs of registered models, one row per model and setup, beside the paper's.
 
     Each model with a record in :data:`pyconv_core.paper.PAPER` is counted in every setup of it (e.g.
-    224 and 320; segmentation at output strides 8 and 16, with the auxiliary head); one without, once at
-    its registered input shape. With ``input_shape`` or builder arguments (an experiment's own network:
-    a demo's image size, fewer blocks, its classes), each model is counted once in that setup instead,
-    with no paper figures beside it. Default: every registered model, counted on the meta device.
+    224 and 320; segmentation at output strides 8 and 16, with the auxiliary head; GFLOPs with the record's
+    ``gflops_num_classes`` where it has one); one without, once at its registered input shape. With
+    ``input_shape`` or builder arguments (an experiment's own network: a demo's image size, fewer blocks,
+    its classes), each model is counted once in that setup instead, with no paper figures beside it.
+    Default: every registered model, counted on the meta device.
     """
     custom = input_shape is not None or bool(model_args)
     rows = []
     for name in names or list_models():
         figures = None if custom else PAPER.get(name)
         for setup in figures.setups() if figures else [None]:
+            args = _build_args(figures, setup, model_args)
             with torch.device(device):
-                model = build(name, **_build_args(figures, setup, model_args))
+                model = build(name, **args)
+                counted = build(name, **{**args, "num_classes": figures.gflops_num_classes}) if (
+                    figures and setup and figures.gflops_num_classes) else model
             shape = tuple(input_shape or _sample_shape(name, figures, setup))
-            params, counts = count_params(model), count_flops(model, shape, device)
+            params, counts = count_params(model), count_flops(counted, shape, device)
             gflops = counts["flops"] / 1e9
             paper_params = figures.params if figures else None
             paper_gflops = figures.gflops.get(setup) if figures and setup else None

@@ -31,7 +31,7 @@ from pyconv_core.models.official import load_backbone_weights
 from pyconv_core.models.resnet import FAMILIES, STAGES, ResNet
 from pyconv_core.registry import register_model
 
-__all__ = ["SSD", "ExtraBlock", "HEADS", "HEAD_PRESETS", "HEAD_WIDTHS", "NVIDIA_WIDTHS", "head_blocks", "BoxGeometry",
+__all__ = ["SSD", "ExtraBlock", "HEADS", "HEAD_PRESETS", "HEAD_WIDTHS", "head_blocks", "BoxGeometry",
            "SSD300", "geometry_for", "map_sizes", "default_boxes", "encode", "decode", "match", "multibox_loss",
            "postprocess", "load_backbone_checkpoint"]
 
@@ -52,15 +52,12 @@ class ExtraBlock:
 
 
 _3X3 = PYCONV_PRESETS["pyconv1"]
-# (mid, out) of the five extra blocks. S-Table 1 does not print them. NVIDIA's SSD300 ResNet-50
-# widths (mid 256, 256, 128, 128, 128; out 512, 512, 256, 256, 256) put all four models' params
-# within 0.02% of the paper, and their GFLOPs within 0.2% only with a 91-output classifier (COCO's
-# ids 0..90); with the 81 classes that the paper states, ssd50/pyconvssd50 read 3.2%/3.4% under.
-# Widening the first block's 1x1 reduction to 288 (a multiple of the 16 groups it feeds) is the
-# one width that keeps params within 1% and GFLOPs within 3% for all four at 81 classes
-# (tests/test_detection.py checks both readings).
-NVIDIA_WIDTHS = ((256, 512), (256, 512), (128, 256), (128, 256), (128, 256))
-HEAD_WIDTHS = ((288, 512), *NVIDIA_WIDTHS[1:])
+# (mid, out) of the five extra blocks: NVIDIA's SSD300 ResNet-50 layout (mid 256, 256, 128, 128, 128;
+# out 512, 512, 256, 256, 256). S-Table 1 does not print the widths; with these, all four models'
+# params are the paper's to 0.02% at its 81 classes, and their GFLOPs to 0.2% with a 91-output
+# classifier (COCO's category ids 0..90, as NVIDIA's and torchvision's SSD heads have): the setup in which
+# the paper's GFLOPs were most likely counted (paper.py records it; docs/paper.md s.4).
+HEAD_WIDTHS = ((256, 512), (256, 512), (128, 256), (128, 256), (128, 256))
 
 
 def head_blocks(presets: Sequence[str], widths: Sequence[tuple[int, int]] = HEAD_WIDTHS) -> tuple[ExtraBlock, ...]:
