@@ -12,7 +12,7 @@ backward, SGD step with momentum and weight decay. Ratios are throughput over th
 The process CPU time per step is recorded too, with its own ratio: on a shared CPU, where
 other processes take turns on the cores, it is steadier than the wall clock (use --threads 1).
 Video models (registered ``input_shape`` with frames) take clips of ``--frames`` x size x size.
-``--loader TASK ...`` times the tasks' training loaders alone instead (``pyconv_core/data/bench.py``).
+``--loader TASK ...`` times the tasks' training loaders alone instead (``pyconv_core/loader_bench.py``).
 The results go to the terminal as a table and to ``runs/bench/<name>.json`` with the machine,
 the versions, the settings and the command line. Options that change how a model computes
 (an execution plan, a fused kernel) enter as a :data:`SetupHook` given to ``run_bench`` / ``main``,
@@ -42,7 +42,6 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from pyconv_core.data.bench import LOADER_TASKS, format_loader_table, loader_bench
 from pyconv_core.layers import factory
 from pyconv_core.layers.plans import (
     candidate_plans,
@@ -53,6 +52,7 @@ from pyconv_core.layers.plans import (
     time_plan,
 )
 from pyconv_core.layers.pyconv import PyConv, set_pyconv_plan
+from pyconv_core.loader_bench import LOADER_TASKS, format_loader_table, loader_bench
 from pyconv_core.profile import count_params
 from pyconv_core.registry import build, model_entry
 
@@ -387,7 +387,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", help="registered names or tv:<torchvision name>")
     parser.add_argument("--loader", nargs="+", metavar="TASK", choices=LOADER_TASKS,
                         help="instead of models, time these tasks' training loaders alone at the paper's sizes "
-                             "(items/s per --workers count; pyconv_core/data/bench.py)")
+                             "(items/s per --workers count; pyconv_core/loader_bench.py)")
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="DataLoader workers (--loader)")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per loader (--loader)")
     parser.add_argument("--loader-items", type=int, default=64, help="images or videos generated per task (--loader)")

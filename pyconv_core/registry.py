@@ -1,5 +1,9 @@
 """Model registry: ``build("pyconvresnet50", num_classes=10)``, ``list_models(task)``.
 
+A leaf, as timm's and torchvision's registries: it imports no model. The model modules register their
+builders with :func:`register_model` when :mod:`pyconv_core.models` imports them, which importing
+:mod:`pyconv_core` (the parent of this module) always does first.
+
 The paper's figures per registered name are in :mod:`pyconv_core.paper`; with this registry they
 make the paper-fidelity test matrix.
 """
@@ -42,7 +46,6 @@ def register_model(task: str = "classification", input_shape: tuple[int, ...] = 
 
 def model_entry(name: str) -> ModelEntry:
     """The registry entry of ``name``; a clear error with close matches if unknown."""
-    _import_models()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -59,9 +62,4 @@ def build(name: str, **kwargs) -> nn.Module:
 
 def list_models(task: str | None = None) -> list[str]:
     """Registered model names (of one task, if given), in registration order."""
-    _import_models()
     return [n for n, e in _REGISTRY.items() if task is None or e.task == task]
-
-
-def _import_models() -> None:
-    import pyconv_core.models  # noqa: F401  (registers the builders)

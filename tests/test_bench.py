@@ -8,8 +8,8 @@ from torch import nn
 
 from pyconv_core import build
 from pyconv_core.bench import BenchSettings, add_ratios, default_baseline, main, make_candidate, run_bench
-from pyconv_core.data.bench import LOADER_TASKS, time_loader, training_set
 from pyconv_core.layers.pyconv import PyConv
+from pyconv_core.loader_bench import LOADER_TASKS, time_loader, training_set
 from pyconv_core.profile import count_params
 
 TINY = BenchSettings(batch=1, size=32, frames=4, modes=("infer",), repeats=1, warmup=1, iters=1)

@@ -19,6 +19,7 @@ from pyconv_core.compare import compare_runs, find_runs, main_metric, plot_runs
 from pyconv_core.data.classification import FashionMNIST
 from pyconv_core.engine.logging import read_metrics
 from pyconv_core.engine.trainer import TrainConfig, fit
+from pyconv_core.models.official import load_model_weights
 from pyconv_core.tasks.classification import ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,8 @@ def _fit(runs_dir: Path, name: str, arch: str, **overrides):
     cfg = TrainConfig(**{**dict(run_name=name, epochs=2, batch_size=16, lr=0.1, lr_reference_batch=16,
                                 schedule="cosine", log_every=2, runs_dir=str(runs_dir), progress=False,
                                 extra={"arch": arch, "depth": 18}), **overrides})
+    if cfg.weights:  # as a task does: the model starts from them, the run records their path
+        load_model_weights(model, cfg.weights)
     return fit(model, ClassificationTask(), FashionMNIST("train", 16, 64), FashionMNIST("test", 16, 32), cfg).run_dir
 
 

@@ -17,7 +17,9 @@ from pyconv_core import build
 from pyconv_core.data.classification import FashionMNIST, collate_skipping_bad
 from pyconv_core.engine.checkpoint import load_checkpoint
 from pyconv_core.engine.logging import read_metrics
-from pyconv_core.engine.trainer import NonFiniteLossError, TrainConfig, fit, param_groups, tune_plans_eagerly
+from pyconv_core.engine.planned import tune_plans_eagerly
+from pyconv_core.engine.schedules import param_groups
+from pyconv_core.engine.trainer import NonFiniteLossError, TrainConfig, fit
 from pyconv_core.layers.pyconv import PyConv, set_pyconv_plan
 from pyconv_core.run import EXIT_STOPPED, load_run_model
 from pyconv_core.tasks.classification import ClassificationTask, Params, datasets, run, train_config

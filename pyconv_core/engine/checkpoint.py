@@ -27,8 +27,8 @@ import torch
 from pyconv_core.engine.files import AtomicFile, write_atomic
 
 __all__ = ["save_atomic", "load_checkpoint", "remove_checkpoint", "checksum_path", "rng_state", "set_rng_state",
-           "refused_as_code", "StateDictDiff", "diff_state_dicts", "json_tensor", "from_json_tensor",
-           "EXTRA_STATE_KEY"]
+           "refused_as_code", "CheckpointMismatchError", "StateDictDiff", "diff_state_dicts", "json_tensor",
+           "from_json_tensor", "EXTRA_STATE_KEY"]
 
 _SHOWN = 12  # keys listed per kind in a mismatch message
 EXTRA_STATE_KEY = "_extra_state"  # a module's extra state in a state_dict (torch.nn.Module.get_extra_state)
@@ -185,6 +185,10 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not fit the model."""
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,17 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from pyconv_core.engine.checkpoint import EXTRA_STATE_KEY, diff_state_dicts, load_checkpoint, refused_as_code
+from pyconv_core.engine.checkpoint import (
+    EXTRA_STATE_KEY,
+    CheckpointMismatchError,
+    diff_state_dicts,
+    load_checkpoint,
+    refused_as_code,
+)
 from pyconv_core.layers.pyconv import PyConv
 
 __all__ = ["CheckpointMismatchError", "load_official_checkpoint", "load_backbone_weights", "load_model_weights",
            "to_official_state_dict", "official_key_map"]
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's keys or shapes do not fit the model."""
 
 
 def official_key_map(model: nn.Module) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """What describes an experiment of a task: its ``Params`` (``RunParams`` and its subclasses: the
 notebook's parameters cell and the launcher's flags, checked here before any work) following one of the
 task's recipes (:class:`Recipe`), a parameter left None taking the recipe's value (:func:`merge_recipe`).
-What a task gives the Trainer (a training step and an evaluation) is ``engine.trainer.Task``.
+What a task gives the Trainer (a training step and an evaluation) is ``engine.task.Task``.
 """
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from torch import nn
+
 from pyconv_core.engine.distributed import DEFAULT_TIMEOUT_S
 from pyconv_core.engine.files import check_run_name
 from pyconv_core.engine.logging import workbook_path
 from pyconv_core.engine.trainer import TrainConfig
 from pyconv_core.layers.pyconv import check_pyconv_plan
+from pyconv_core.models.official import load_model_weights
 from pyconv_core.registry import list_models
 
 _TYPES = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string", "list": "a list"}
@@ -131,6 +134,7 @@ class Recipe:
 
 
 RecipeT = TypeVar("RecipeT", bound=Recipe)
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 def merge_recipe(recipe: RecipeT, params: object) -> RecipeT:
@@ -247,6 +251,14 @@ class RunParams:
         path = Path(self.weights)
         source = f"{path.parent.name}-{path.stem}" if path.name in ("best.pt", "last.pt") else path.stem
         return f"-{'eval' if self.epochs == 0 else 'from'}-{source}"
+
+    def load_weights(self, model: ModelT) -> ModelT:
+        """``model`` with the whole-model ``weights`` loaded, if given (a run's checkpoint or the authors' layout:
+        ``models.official.load_model_weights``); the Trainer records their path, and a resume replaces them
+        with ``last.pt``."""
+        if self.weights:
+            load_model_weights(model, workbook_path(self.weights))
+        return model
 
     def train_config(self, run_name: str, **fields: Any) -> TrainConfig:
         """The ``TrainConfig`` of this experiment: the merged recipe's optimizer and schedule, these

@@ -189,7 +189,7 @@ def run(p: Params) -> FitResult:
     train, val, classes = datasets(p)
     seed_everything(p.seed)
     model = build(p.model_name, num_classes=len(classes), dropout=p.dropout, zero_init_residual=p.zero_init_residual)
-    return fit(model, task_for(p), train, val, train_config(p))
+    return fit(p.load_weights(model), task_for(p), train, val, train_config(p))
 
 
 def task_for(p: Params) -> ClassificationTask:

@@ -258,7 +258,7 @@ def run(p: Params) -> FitResult:
     seed_everything(p.seed)
     model = build_model(p, len(train.class_names))
     task = DetectionTask(p.score_threshold, p.nms_iou, p.top_k)
-    return fit(model, task, train, val, train_config(p))
+    return fit(p.load_weights(model), task, train, val, train_config(p))
 
 
 @torch.no_grad()

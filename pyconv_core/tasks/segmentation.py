@@ -296,7 +296,7 @@ def run(p: Params) -> FitResult:
     check_run_dir(train_config(p))  # before the data is read
     train, val, classes = datasets(p)
     seed_everything(p.seed)
-    return fit(build_model(p, len(classes)), task_for(p, len(classes)), train, val, train_config(p))
+    return fit(p.load_weights(build_model(p, len(classes))), task_for(p, len(classes)), train, val, train_config(p))
 
 
 def evaluate_dataset(model: nn.Module, dataset: Dataset, task: SegmentationTask,

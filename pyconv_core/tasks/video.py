@@ -251,7 +251,7 @@ def run(p: Params) -> FitResult:
     check_run_dir(train_config(p))  # before the data is read
     train, val, classes = datasets(p)
     seed_everything(p.seed)
-    return fit(build_model(p, len(classes)), VideoTask(), train, val, train_config(p))
+    return fit(p.load_weights(build_model(p, len(classes))), VideoTask(), train, val, train_config(p))
 
 
 def multiview_test(model: nn.Module, p: Params, classes: Sequence[str]) -> dict[str, float]:

@@ -30,6 +30,7 @@ from pyconv_core.data.demo_detection import DemoDetectionConfig, make_demo_coco
 from pyconv_core.data.demo_segmentation import make_demo_ade20k
 from pyconv_core.data.demo_video import DemoVideoConfig, make_demo_kinetics
 from pyconv_core.engine.logging import workbook_path
+from pyconv_core.tasks import classification, detection, segmentation, video
 
 __all__ = ["LOADER_TASKS", "training_set", "time_loader", "loader_bench", "format_loader_table"]
 
@@ -60,8 +61,6 @@ def _imagenet_folder(root: Path, images: int) -> Path:
 def training_set(task: str, items: int = 64, folder: str = "data/bench") -> tuple[Dataset, Callable | None]:
     """The training set a ``task`` run reads (its ``datasets``, at the paper's sizes) over ``items`` generated
     images or videos, and the task's collate function."""
-    from pyconv_core.tasks import classification, detection, segmentation, video
-
     root = workbook_path(folder)
     if task == "classification":
         p_cls = classification.Params(data_dir=str(_imagenet_folder(root / "imagenet", items)))
