@@ -46,7 +46,7 @@ class DetectionRecipe(Recipe):
 RECIPES: dict[str, DetectionRecipe] = {
     "paper": DetectionRecipe(lr=0.02, lr_reference_batch=256, batch_size=256, epochs=130, weight_decay=5e-4,
                              schedule="multistep", milestone_fractions=(85 / 130, 107 / 130), warmup_epochs=1.0),
-    "demo": DetectionRecipe(lr=0.48, lr_reference_batch=256, batch_size=16, epochs=4, weight_decay=5e-4,
+    "demo": DetectionRecipe(lr=0.48, lr_reference_batch=256, batch_size=16, epochs=3, weight_decay=5e-4,
                             schedule="cosine", warmup_epochs=0.5),
 }
 
