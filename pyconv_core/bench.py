@@ -111,11 +111,12 @@ def is_video(spec: str) -> bool:
 
 
 def _has_pyconv(spec: str) -> bool:
-    """Whether registered model ``spec`` contains PyConv layers (built on the meta device: no memory)."""
+    """Whether registered model ``spec`` has PyConv layers of more than one level, i.e. execution plans to choose
+    (a baseline ResNet's 3x3 convolutions are one-level PyConvs; built on the meta device: no memory)."""
     if _torchvision_name(spec) is not None:
         return False
     with torch.device("meta"):
-        return any(isinstance(m, PyConv) for m in build(spec).modules())
+        return any(isinstance(m, PyConv) and len(m.levels) > 1 for m in build(spec).modules())
 
 
 def make_candidate(spec: str, settings: BenchSettings) -> Candidate:

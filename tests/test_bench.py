@@ -99,12 +99,14 @@ def test_unknown_models_are_named():
 
 
 def test_pyconv_plans_and_layer_table(tmp_path, capsys, one_thread):
-    argv = ["--models", "pyconvresnet18", "--pyconv-plan", "naive", "auto", "--baseline", "resnet18", "--batch", "2",
+    """Models with multi-level PyConvs run once per plan; a baseline ResNet (one-level PyConvs only) runs once."""
+    argv = ["--models", "pyconvresnet18", "resnet34", "--pyconv-plan", "naive", "auto", "--baseline", "resnet18", "--batch", "2",
             "--size", "32", "--repeats", "1", "--warmup", "1", "--iters", "1", "--device", "cpu", "--threads", "1",
             "--layers", "--name", "plans", "--out-dir", str(tmp_path)]
     main(argv)
     record = json.loads((tmp_path / "plans.json").read_text())
-    assert [r["model"] for r in record["results"]][::2] == ["pyconvresnet18@naive", "pyconvresnet18@auto", "resnet18"]
+    assert [r["model"] for r in record["results"]][::2] == ["pyconvresnet18@naive", "pyconvresnet18@auto", "resnet34",
+                                                                  "resnet18"]
     multi_level = sum(isinstance(m, PyConv) and len(m.levels) > 1 for m in build("pyconvresnet18").modules())
     for r in record["results"]:
         if r["model"] == "pyconvresnet18@naive":
