@@ -18,6 +18,7 @@ the versions, the settings and the command line. Options that change how a model
 (an execution plan, a fused kernel) enter as a :data:`SetupHook` given to ``run_bench`` / ``main``,
 applied to every model after the move to the device and before ``torch.compile``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,21 +44,27 @@ import torchvision
 from torch import nn
 
 from pyconv_core.layers import factory
-from pyconv_core.layers.plans import (
-    candidate_plans,
-    format_plan,
-    mac_ratio,
-    max_mac_ratio_for,
-    naive_plan,
-    time_plan,
-)
+from pyconv_core.layers.plans import candidate_plans, format_plan, mac_ratio, max_mac_ratio_for, naive_plan, time_plan
 from pyconv_core.layers.pyconv import PyConv, set_pyconv_plan
 from pyconv_core.loader_bench import LOADER_TASKS, format_loader_table, loader_bench
 from pyconv_core.profile import count_params
 from pyconv_core.registry import build, model_entry
 
-__all__ = ["BenchSettings", "Candidate", "SetupHook", "is_video", "make_candidate", "run_bench", "add_ratios",
-           "default_baseline", "format_table", "layer_bench", "format_layer_table", "machine_info", "main"]
+__all__ = [
+    "BenchSettings",
+    "Candidate",
+    "SetupHook",
+    "is_video",
+    "make_candidate",
+    "run_bench",
+    "add_ratios",
+    "default_baseline",
+    "format_table",
+    "layer_bench",
+    "format_layer_table",
+    "machine_info",
+    "main",
+]
 
 TORCHVISION_PREFIX = "tv:"
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,7 +105,7 @@ SetupHook = Callable[[nn.Module, BenchSettings], nn.Module]
 
 
 def _torchvision_name(spec: str) -> str | None:
-    return spec[len(TORCHVISION_PREFIX):] if spec.startswith(TORCHVISION_PREFIX) else None
+    return spec[len(TORCHVISION_PREFIX) :] if spec.startswith(TORCHVISION_PREFIX) else None
 
 
 def is_video(spec: str) -> bool:
@@ -132,8 +139,9 @@ def make_candidate(spec: str, settings: BenchSettings) -> Candidate:
     else:
         close = difflib.get_close_matches(name, torchvision.models.list_models(), n=3)
         hint = f"did you mean {', '.join(f'tv:{c}' for c in close)}? " if close else ""
-        raise ValueError(f"unknown torchvision model {name!r} in {spec!r}; {hint}"
-                         f"see torchvision.models.list_models() for the names")
+        raise ValueError(
+            f"unknown torchvision model {name!r} in {spec!r}; {hint}see torchvision.models.list_models() for the names"
+        )
     if plan:
         set_pyconv_plan(model, plan)
         spec = f"{spec}@{plan}"
@@ -150,8 +158,9 @@ def _sync(device: torch.device) -> None:
 class _Runner:
     """One (model, mode) pair with its input, optimizer and step function."""
 
-    def __init__(self, candidate: Candidate, model: nn.Module, mode: str, settings: BenchSettings,
-                 device: torch.device) -> None:
+    def __init__(
+        self, candidate: Candidate, model: nn.Module, mode: str, settings: BenchSettings, device: torch.device
+    ) -> None:
         self.candidate, self.model, self.mode, self.device = candidate, model, mode, device
         self.amp = _AMP_DTYPES.get(settings.amp) if settings.amp else None
         x = torch.randn(settings.batch, *candidate.sample_shape, device=device)
@@ -170,8 +179,10 @@ class _Runner:
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             out = self.model(self.x)
         if not (isinstance(out, torch.Tensor) and out.dim() == 2):
-            raise ValueError(f"{self.candidate.spec}: the bench times classifiers, whose output is [batch, classes]; "
-                             f"got {type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}")
+            raise ValueError(
+                f"{self.candidate.spec}: the bench times classifiers, whose output is [batch, classes]; "
+                f"got {type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
+            )
         return out
 
     def step(self) -> None:
@@ -197,8 +208,9 @@ class _Runner:
         return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
 
 
-def _prepare(candidate: Candidate, settings: BenchSettings, device: torch.device,
-             setup: Sequence[SetupHook]) -> nn.Module:
+def _prepare(
+    candidate: Candidate, settings: BenchSettings, device: torch.device, setup: Sequence[SetupHook]
+) -> nn.Module:
     model = candidate.model.to(device)
     if settings.channels_last:
         model = model.to(memory_format=factory.channels_last(len(candidate.sample_shape) - 1))
@@ -217,8 +229,9 @@ def _tune_eagerly(model: nn.Module, candidate: Candidate, settings: BenchSetting
         _Runner(candidate, model, mode, settings, device).step()
 
 
-def run_bench(specs: Sequence[str], settings: BenchSettings, setup: Sequence[SetupHook] = (),
-              log: Callable[[str], None] = print) -> list[dict]:
+def run_bench(
+    specs: Sequence[str], settings: BenchSettings, setup: Sequence[SetupHook] = (), log: Callable[[str], None] = print
+) -> list[dict]:
     """Time every spec in every mode; one result row per (spec, mode), in the order given."""
     device = torch.device(settings.device)
     if settings.amp is not None and settings.amp not in _AMP_DTYPES:
@@ -247,13 +260,23 @@ def run_bench(specs: Sequence[str], settings: BenchSettings, setup: Sequence[Set
     for runner in runners:
         times = runner.latencies
         latency = statistics.median(times)
-        rows.append({"model": runner.candidate.spec, "mode": runner.mode, "batch": settings.batch,
-                     "input_shape": [settings.batch, *runner.candidate.sample_shape],
-                     "params": runner.candidate.params, "steps_per_repeat": runner.steps,
-                     "latency_s": latency, "throughput": settings.batch / latency,
-                     "latencies_s": times, "spread": (max(times) - min(times)) / latency,
-                     "cpu_s": statistics.median(runner.cpu_times), "cpu_times_s": runner.cpu_times,
-                     "pyconv_plans": _plan_counts(runner.candidate.model, runner.mode)})
+        rows.append(
+            {
+                "model": runner.candidate.spec,
+                "mode": runner.mode,
+                "batch": settings.batch,
+                "input_shape": [settings.batch, *runner.candidate.sample_shape],
+                "params": runner.candidate.params,
+                "steps_per_repeat": runner.steps,
+                "latency_s": latency,
+                "throughput": settings.batch / latency,
+                "latencies_s": times,
+                "spread": (max(times) - min(times)) / latency,
+                "cpu_s": statistics.median(runner.cpu_times),
+                "cpu_times_s": runner.cpu_times,
+                "pyconv_plans": _plan_counts(runner.candidate.model, runner.mode),
+            }
+        )
     return rows
 
 
@@ -296,8 +319,12 @@ def layer_bench(spec: str, settings: BenchSettings, log: Callable[[str], None] =
         key = (module.extra_repr(), tuple(x.shape))
         name, module, x, count = inputs.get(key, (name, module, x.detach().clone(), 0))
         inputs[key] = (name, module, x, count + 1)
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: record(mod, args, name))
-               for name, m in model.named_modules() if isinstance(m, PyConv) and len(m.levels) > 1]
+
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: record(mod, args, name))
+        for name, m in model.named_modules()
+        if isinstance(m, PyConv) and len(m.levels) > 1
+    ]
     with torch.no_grad():
         _Runner(candidate, model, "infer", settings, device)._forward()
     for h in handles:
@@ -308,11 +335,13 @@ def layer_bench(spec: str, settings: BenchSettings, log: Callable[[str], None] =
         convs = [copy.deepcopy(c) for c in layer.convs]
         first = convs[0]
         layer_out = sum(c.out_channels for c in convs)
-        plain = factory.conv(layer.dim, first.in_channels, layer_out, 3, stride=first.stride,
-                             dilation=first.dilation).to(device)
+        plain = factory.conv(
+            layer.dim, first.in_channels, layer_out, 3, stride=first.stride, dilation=first.dilation
+        ).to(device)
         timed = [("plain conv", [plain], naive_plan(1), 0.0)]
-        timed += [(format_plan(p), convs, p, mac_ratio(convs, p))
-                  for p in candidate_plans(convs, max_mac_ratio_for(device))]
+        timed += [
+            (format_plan(p), convs, p, mac_ratio(convs, p)) for p in candidate_plans(convs, max_mac_ratio_for(device))
+        ]
         log(f"layers: {spec} {name} {list(shape)}: {len(timed)} plans")
         times = {}
         for label, levels, plan, macs in timed:
@@ -324,10 +353,22 @@ def layer_bench(spec: str, settings: BenchSettings, log: Callable[[str], None] =
             times[label] = (train, infer, macs)
         plain_train, plain_infer, _ = times["plain conv"]
         for label, (train, infer, macs) in times.items():
-            rows.append({"model": spec, "layer": name, "count": count, "levels": desc, "input_shape": list(shape),
-                         "out_channels": layer_out, "plan": label, "mac_ratio": macs or None,
-                         "train_ms": 1e3 * train, "infer_ms": 1e3 * infer,
-                         "train_vs_plain": plain_train / train, "infer_vs_plain": plain_infer / infer})
+            rows.append(
+                {
+                    "model": spec,
+                    "layer": name,
+                    "count": count,
+                    "levels": desc,
+                    "input_shape": list(shape),
+                    "out_channels": layer_out,
+                    "plan": label,
+                    "mac_ratio": macs or None,
+                    "train_ms": 1e3 * train,
+                    "infer_ms": 1e3 * infer,
+                    "train_vs_plain": plain_train / train,
+                    "infer_vs_plain": plain_infer / infer,
+                }
+            )
     return rows
 
 
@@ -338,15 +379,19 @@ def format_layer_table(rows: list[dict]) -> str:
         if r["plan"] != "plain conv":
             key = (r["model"], r["layer"])
             best[key] = min(best.get(key, r), r, key=lambda v: v["train_ms"])
-    header = (f"{'layer':<34}{'n':>3}{'input':>18}{'plan':>14}{'MACs':>6}{'train ms':>10}{'infer ms':>10}"
-              f"{'train/plain':>12}{'infer/plain':>12}")
+    header = (
+        f"{'layer':<34}{'n':>3}{'input':>18}{'plan':>14}{'MACs':>6}{'train ms':>10}{'infer ms':>10}"
+        f"{'train/plain':>12}{'infer/plain':>12}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         mark = "*" if best.get((r["model"], r["layer"])) is r else " "
         macs = "-" if r["mac_ratio"] is None else f"{r['mac_ratio']:.2f}"
-        lines.append(f"{r['model'] + ':' + r['layer']:<34}{r['count']:>3}{'x'.join(map(str, r['input_shape'])):>18}"
-                     f"{r['plan'] + mark:>14}{macs:>6}{r['train_ms']:>10.2f}{r['infer_ms']:>10.2f}"
-                     f"{1 / r['train_vs_plain']:>12.2f}{1 / r['infer_vs_plain']:>12.2f}")
+        lines.append(
+            f"{r['model'] + ':' + r['layer']:<34}{r['count']:>3}{'x'.join(map(str, r['input_shape'])):>18}"
+            f"{r['plan'] + mark:>14}{macs:>6}{r['train_ms']:>10.2f}{r['infer_ms']:>10.2f}"
+            f"{1 / r['train_vs_plain']:>12.2f}{1 / r['infer_vs_plain']:>12.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -357,28 +402,41 @@ def default_baseline(specs: Sequence[str]) -> str:
 
 def machine_info(device: str) -> dict:
     """The machine and software the figures were measured on."""
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
     if torch.device(device).type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
+        info.update(
+            gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version()
+        )
     return info
 
 
 def format_table(rows: list[dict], baseline: str) -> str:
     """The result rows as a fixed-width text table (ratios: wall-clock, then process CPU time)."""
+
     def ratio(v):
         return "-" if v is None else f"{v:.3f}"
+
     title = f"vs {baseline}"
     width = max(len(title) + 2, 16)
-    header = (f"{'model':<22}{'mode':>6}{'input':>20}{'params(M)':>10}{'s/batch':>10}{'img/s':>9}"
-              f"{'spread':>8}{title:>{width}}{'(cpu time)':>11}")
+    header = (
+        f"{'model':<22}{'mode':>6}{'input':>20}{'params(M)':>10}{'s/batch':>10}{'img/s':>9}"
+        f"{'spread':>8}{title:>{width}}{'(cpu time)':>11}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['model']:<22}{r['mode']:>6}{'x'.join(map(str, r['input_shape'])):>20}"
-                     f"{r['params'] / 1e6:>10.2f}{r['latency_s']:>10.4f}{r['throughput']:>9.2f}"
-                     f"{r['spread']:>8.1%}{ratio(r['ratio']):>{width}}{ratio(r['cpu_ratio']):>11}")
+        lines.append(
+            f"{r['model']:<22}{r['mode']:>6}{'x'.join(map(str, r['input_shape'])):>20}"
+            f"{r['params'] / 1e6:>10.2f}{r['latency_s']:>10.4f}{r['throughput']:>9.2f}"
+            f"{r['spread']:>8.1%}{ratio(r['ratio']):>{width}}{ratio(r['cpu_ratio']):>11}"
+        )
     return "\n".join(lines)
 
 
@@ -386,9 +444,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command-line options (see ``python -m pyconv_core.bench --help``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", help="registered names or tv:<torchvision name>")
-    parser.add_argument("--loader", nargs="+", metavar="TASK", choices=LOADER_TASKS,
-                        help="instead of models, time these tasks' training loaders alone at the paper's sizes "
-                             "(items/s per --workers count; pyconv_core/loader_bench.py)")
+    parser.add_argument(
+        "--loader",
+        nargs="+",
+        metavar="TASK",
+        choices=LOADER_TASKS,
+        help="instead of models, time these tasks' training loaders alone at the paper's sizes "
+        "(items/s per --workers count; pyconv_core/loader_bench.py)",
+    )
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="DataLoader workers (--loader)")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per loader (--loader)")
     parser.add_argument("--loader-items", type=int, default=64, help="images or videos generated per task (--loader)")
@@ -401,18 +464,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=sorted(_AMP_DTYPES), help="autocast dtype (fp16 adds a GradScaler)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC / NDHWC memory format")
-    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
-                        help="torch.compile the models (optionally a mode such as max-autotune)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        metavar="MODE",
+        help="torch.compile the models (optionally a mode such as max-autotune)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per (model, mode); median reported")
     parser.add_argument("--warmup", type=int, default=2, help="steps before the repeats (the last sizes --iters 0)")
     parser.add_argument("--iters", type=int, default=0, help="steps per repeat (0: enough for ~0.25 s each)")
     parser.add_argument("--num-classes", type=int, help="classifier outputs (default: each model's own)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--pyconv-plan", nargs="+", metavar="PLAN",
-                        help="time every model with PyConv layers once per plan (auto, naive, or a partition "
-                             "like 0|123), as MODEL@PLAN; default: each model's own (naive)")
-    parser.add_argument("--layers", action="store_true",
-                        help="also time every candidate plan of every distinct PyConv layer of the models")
+    parser.add_argument(
+        "--pyconv-plan",
+        nargs="+",
+        metavar="PLAN",
+        help="time every model with PyConv layers once per plan (auto, naive, or a partition "
+        "like 0|123), as MODEL@PLAN; default: each model's own (naive)",
+    )
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="also time every candidate plan of every distinct PyConv layer of the models",
+    )
     parser.add_argument("--name", help="JSON file name under --out-dir (default: a timestamp)")
     parser.add_argument("--out-dir", default="runs/bench", help="folder of the JSON results")
     args = parser.parse_args(argv)
@@ -433,27 +508,60 @@ def main(argv: Sequence[str] | None = None, setup: Sequence[SetupHook] = ()) -> 
     if args.threads:
         torch.set_num_threads(args.threads)
     started = datetime.now()
-    record = {"name": args.name or started.strftime("%Y%m%d-%H%M%S"), "started": started.isoformat(timespec="seconds"),
-              "command": shlex.join(["python", "-m", "pyconv_core.bench", *argv]), "machine": machine_info(args.device)}
+    record = {
+        "name": args.name or started.strftime("%Y%m%d-%H%M%S"),
+        "started": started.isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "pyconv_core.bench", *argv]),
+        "machine": machine_info(args.device),
+    }
     if args.loader:
         rows = loader_bench(args.loader, args.workers, args.batch, args.loader_items, args.seconds, args.loader_dir)
         return _write(record | {"loaders": rows}, args.out_dir, format_loader_table(rows))
-    settings = BenchSettings(batch=args.batch, size=args.size, frames=args.frames, modes=tuple(args.mode),
-                             device=args.device, amp=args.amp, channels_last=args.channels_last,
-                             compile=args.compile, repeats=args.repeats, warmup=args.warmup, iters=args.iters,
-                             num_classes=args.num_classes)
+    settings = BenchSettings(
+        batch=args.batch,
+        size=args.size,
+        frames=args.frames,
+        modes=tuple(args.mode),
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        iters=args.iters,
+        num_classes=args.num_classes,
+    )
     baseline = args.baseline or default_baseline(args.models)
-    models = [f"{spec}@{plan}" if args.pyconv_plan and _has_pyconv(spec) else spec
-              for spec in args.models for plan in (args.pyconv_plan or [None])]
+    models = [
+        f"{spec}@{plan}" if args.pyconv_plan and _has_pyconv(spec) else spec
+        for spec in args.models
+        for plan in (args.pyconv_plan or [None])
+    ]
     models = list(dict.fromkeys(models))
-    layers = [row for spec in dict.fromkeys(m.partition("@")[0] for m in models) if _has_pyconv(spec)
-              for row in layer_bench(spec, settings)] if args.layers else []
+    layers = (
+        [
+            row
+            for spec in dict.fromkeys(m.partition("@")[0] for m in models)
+            if _has_pyconv(spec)
+            for row in layer_bench(spec, settings)
+        ]
+        if args.layers
+        else []
+    )
     rows = add_ratios(run_bench([*models, baseline], settings, setup), baseline)
-    table = (format_layer_table(layers) + "\n\n" if layers else "") + format_table(rows, baseline) + (
-        f"\n\n{settings.device}, batch {settings.batch}, amp {settings.amp}, channels_last {settings.channels_last}, "
-        f"compile {settings.compile}; medians of {settings.repeats} repeats")
-    return _write(record | {"settings": asdict(settings), "baseline": baseline, "results": rows, "layers": layers},
-                  args.out_dir, table)
+    table = (
+        (format_layer_table(layers) + "\n\n" if layers else "")
+        + format_table(rows, baseline)
+        + (
+            f"\n\n{settings.device}, batch {settings.batch}, amp {settings.amp}, "
+            f"channels_last {settings.channels_last}, compile {settings.compile}; medians of {settings.repeats} repeats"
+        )
+    )
+    return _write(
+        record | {"settings": asdict(settings), "baseline": baseline, "results": rows, "layers": layers},
+        args.out_dir,
+        table,
+    )
 
 
 def _write(record: dict, out_dir: str, table: str) -> dict:

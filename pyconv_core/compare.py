@@ -4,6 +4,7 @@ A run folder (``runs/<name>/``, written by the Trainer) records its parameters i
 rows in ``metrics.jsonl``; that is all this module reads, so it compares runs of any notebook, the
 launcher or a direct ``fit``, e.g. notebook 01's ResNet and PyConvResNet side by side (notebook 05).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,12 +45,17 @@ def find_runs(runs_dir: str | os.PathLike = "runs", names: Sequence[str] = ()) -
     by name: every folder holding ``config.json`` and ``metrics.jsonl``, or only those ``names``. An empty
     dict means there are no runs yet; a name that is not a run folder there is an error listing those found."""
     root = workbook_path(runs_dir)
-    found = {d.name: d for d in sorted(root.iterdir()) if (d / "config.json").is_file()
-             and (d / "metrics.jsonl").is_file()} if root.is_dir() else {}
+    found = (
+        {d.name: d for d in sorted(root.iterdir()) if (d / "config.json").is_file() and (d / "metrics.jsonl").is_file()}
+        if root.is_dir()
+        else {}
+    )
     missing = [name for name in names if name not in found]
     if missing:
-        raise ValueError(f"{', '.join(missing)}: no run folder of that name in {root} (a run folder holds "
-                         f"config.json and metrics.jsonl); the runs there: {', '.join(found) or 'none'}")
+        raise ValueError(
+            f"{', '.join(missing)}: no run folder of that name in {root} (a run folder holds "
+            f"config.json and metrics.jsonl); the runs there: {', '.join(found) or 'none'}"
+        )
     groups: dict[str, list[Path]] = {}
     for name in names or found:
         groups.setdefault((read_config(found[name]) or {}).get("task", "unknown"), []).append(found[name])
@@ -67,8 +73,11 @@ def _parameters(config: dict) -> dict[str, Any]:
     """A run's parameters: the task's as given (``extra``), then the Trainer's it did not set itself."""
     train = config.get("train", {})
     given = train.get("extra", {})
-    return {k: v for k, v in {**given, **{k: v for k, v in train.items() if k not in given}}.items()
-            if k not in _BOOKKEEPING}
+    return {
+        k: v
+        for k, v in {**given, **{k: v for k, v in train.items() if k not in given}}.items()
+        if k not in _BOOKKEEPING
+    }
 
 
 def compare_runs(run_dirs: Runs) -> pd.DataFrame:
@@ -89,13 +98,22 @@ def compare_runs(run_dirs: Runs) -> pd.DataFrame:
         evals = [r for r in rows_of if r["kind"] == "eval" and metric in r]
         train = [r for r in rows_of if r["kind"] == "train"]
         best = max(evals, key=lambda r: r[metric], default=None)
-        rows.append({"run": label, "task": config.get("task"), "model": (config.get("model_args") or {}).get("name"),
-                     **{k: params[label].get(k) for k in differ},
-                     "epochs trained": len(train), "evaluations": len(evals), "main metric": metric or None,
-                     "final": evals[-1][metric] if evals else np.nan, "best": best[metric] if best else np.nan,
-                     "best epoch": best["epoch"] if best else np.nan,
-                     "train time (s)": sum(r["seconds"] for r in train) if train else np.nan,
-                     "samples/s": float(np.mean([r["samples_per_s"] for r in train])) if train else np.nan})
+        rows.append(
+            {
+                "run": label,
+                "task": config.get("task"),
+                "model": (config.get("model_args") or {}).get("name"),
+                **{k: params[label].get(k) for k in differ},
+                "epochs trained": len(train),
+                "evaluations": len(evals),
+                "main metric": metric or None,
+                "final": evals[-1][metric] if evals else np.nan,
+                "best": best[metric] if best else np.nan,
+                "best epoch": best["epoch"] if best else np.nan,
+                "train time (s)": sum(r["seconds"] for r in train) if train else np.nan,
+                "samples/s": float(np.mean([r["samples_per_s"] for r in train])) if train else np.nan,
+            }
+        )
     return pd.DataFrame(rows).set_index("run")
 
 

@@ -15,6 +15,7 @@ one traced; its largest difference from the eager model must stay within ``--tol
 output's scale, or the file is removed. Bad input ends with one ``error:`` line and exit status 1
 (``PYCONV_TRACEBACK=1`` shows the traceback).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,19 @@ from pyconv_core.layers.pyconv import PyConv, set_pyconv_plan
 from pyconv_core.models.official import CheckpointMismatchError, load_model_weights
 from pyconv_core.registry import build, model_entry
 
-__all__ = ["FORMATS", "EXPORT_TASKS", "ExportCheckError", "ExportResult", "resolve_weights", "parse_model_args",
-           "load_for_export",
-           "freeze_pyconv_plans", "export_model", "check_export", "main"]
+__all__ = [
+    "FORMATS",
+    "EXPORT_TASKS",
+    "ExportCheckError",
+    "ExportResult",
+    "resolve_weights",
+    "parse_model_args",
+    "load_for_export",
+    "freeze_pyconv_plans",
+    "export_model",
+    "check_export",
+    "main",
+]
 
 FORMATS = {"onnx": ".onnx", "torch_export": ".pt2"}  # --format -> the file's suffix
 EXPORT_TASKS = ("classification", "segmentation")  # models taking one image batch and returning one tensor
@@ -71,11 +82,15 @@ def resolve_weights(weights: str | os.PathLike) -> Path:
         for name in ("best.pt", "last.pt"):
             if (path / name).is_file():
                 return path / name
-        raise FileNotFoundError(f"run folder {path} holds neither best.pt nor last.pt: pass a run folder that "
-                                f"finished an epoch, or the path of a checkpoint file")
+        raise FileNotFoundError(
+            f"run folder {path} holds neither best.pt nor last.pt: pass a run folder that "
+            f"finished an epoch, or the path of a checkpoint file"
+        )
     if not path.is_file():
-        raise FileNotFoundError(f"--weights {str(path)!r} is neither a run folder nor a checkpoint file: pass "
-                                f"runs/<name> or a .pt/.pth file")
+        raise FileNotFoundError(
+            f"--weights {str(path)!r} is neither a run folder nor a checkpoint file: pass "
+            f"runs/<name> or a .pt/.pth file"
+        )
     return path
 
 
@@ -94,8 +109,9 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
     return args
 
 
-def load_for_export(name: str, checkpoint: Path, plan: str | None = None,
-                    model_args: dict[str, Any] | None = None) -> nn.Module:
+def load_for_export(
+    name: str, checkpoint: Path, plan: str | None = None, model_args: dict[str, Any] | None = None
+) -> nn.Module:
     """Build registered model ``name`` with the arguments ``checkpoint`` records (a run's checkpoint; else the
     builder's defaults), updated by ``model_args``; load its weights and PyConv plans, and set the plan mode:
     ``plan``, else the one the run trained with, else ``"auto"``. In eval mode, on the CPU."""
@@ -104,14 +120,18 @@ def load_for_export(name: str, checkpoint: Path, plan: str | None = None,
         raise ValueError(f"model {name!r} is a {entry.task} model; export takes {' or '.join(EXPORT_TASKS)} models")
     state = load_checkpoint(checkpoint)
     if not isinstance(state, dict):
-        raise CheckpointMismatchError(f"--weights {checkpoint} holds a {type(state).__name__}, not a checkpoint or "
-                                      f"state_dict: save one with torch.save(model.state_dict(), path)")
+        raise CheckpointMismatchError(
+            f"--weights {checkpoint} holds a {type(state).__name__}, not a checkpoint or "
+            f"state_dict: save one with torch.save(model.state_dict(), path)"
+        )
     recorded = state.get("model_args")
     args: dict[str, Any] = {}
     if isinstance(recorded, dict):
         if recorded.get("name") != name:
-            raise CheckpointMismatchError(f"--weights {checkpoint} holds a {recorded.get('name')} ({recorded}), "
-                                          f"not a {name}: export {recorded.get('name')}, or pass weights of a {name}")
+            raise CheckpointMismatchError(
+                f"--weights {checkpoint} holds a {recorded.get('name')} ({recorded}), "
+                f"not a {name}: export {recorded.get('name')}, or pass weights of a {name}"
+            )
         # the backbone's starting weights: the checkpoint replaces them (and their file may be gone)
         args = {k: v for k, v in recorded.items() if k not in ("name", "backbone_weights")}
     args.update(model_args or {})
@@ -124,8 +144,9 @@ def load_for_export(name: str, checkpoint: Path, plan: str | None = None,
     except CheckpointMismatchError as err:
         if isinstance(recorded, dict) or model_args:
             raise
-        raise CheckpointMismatchError(f"{err} This checkpoint records no model arguments: give the model's, e.g. "
-                                      f"--model-arg num_classes=150") from None
+        raise CheckpointMismatchError(
+            f"{err} This checkpoint records no model arguments: give the model's, e.g. --model-arg num_classes=150"
+        ) from None
     config = state.get("config")
     set_pyconv_plan(model, plan or (config.get("pyconv_plan") if isinstance(config, dict) else None) or "auto")
     return model.eval()
@@ -148,8 +169,11 @@ def freeze_pyconv_plans(model: nn.Module, example: torch.Tensor) -> dict[str, tu
             frozen[name] = (recorded, "recorded") if recorded else (format_plan(module.current_plan(x)), "measured")
         module.plan = frozen[name][0]
 
-    hooks = [m.register_forward_pre_hook(lambda module, args, name=name: fix(name, module, args[0]))
-             for name, m in model.named_modules() if isinstance(m, PyConv)]
+    hooks = [
+        m.register_forward_pre_hook(lambda module, args, name=name: fix(name, module, args[0]))
+        for name, m in model.named_modules()
+        if isinstance(m, PyConv)
+    ]
     try:
         with torch.no_grad():
             model(example)
@@ -162,8 +186,10 @@ def freeze_pyconv_plans(model: nn.Module, example: torch.Tensor) -> dict[str, tu
 def _require_onnx() -> None:
     missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
-        raise ImportError(f"--format onnx needs the packages {', '.join(missing)}: pip install -e '.[export]' "
-                          f"(or pip install {' '.join(ONNX_PACKAGES)}), or use --format torch_export")
+        raise ImportError(
+            f"--format onnx needs the packages {', '.join(missing)}: pip install -e '.[export]' "
+            f"(or pip install {' '.join(ONNX_PACKAGES)}), or use --format torch_export"
+        )
 
 
 def _dynamic_batch() -> tuple[dict[int, Any]]:
@@ -177,8 +203,15 @@ def export_model(model: nn.Module, example: torch.Tensor, fmt: str, out: Path) -
         torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch()), buffer)
     elif fmt == "onnx":
         _require_onnx()
-        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=_dynamic_batch(),
-                                    input_names=["images"], output_names=["logits"], verbose=False)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=_dynamic_batch(),
+            input_names=["images"],
+            output_names=["logits"],
+            verbose=False,
+        )
         assert program is not None  # the dynamo exporter always returns its program
         buffer.write(program.model_proto.SerializeToString())
     else:
@@ -197,8 +230,7 @@ def _run_exported(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(output))
 
 
-def check_export(model: nn.Module, fmt: str, path: Path, shape: Sequence[int],
-                 tolerance: float) -> tuple[float, float]:
+def check_export(model: nn.Module, fmt: str, path: Path, shape: Sequence[int], tolerance: float) -> tuple[float, float]:
     """Load ``path`` back, run it and the eager ``model`` on one random batch of ``shape``: the largest
     absolute difference and the bound it met (``tolerance`` times ``max(1, max |output|)``); an
     :class:`ExportCheckError` if it exceeds that bound."""
@@ -210,38 +242,61 @@ def check_export(model: nn.Module, fmt: str, path: Path, shape: Sequence[int],
         raise ExportCheckError(f"{path} returns shape {tuple(got.shape)}, the eager model {tuple(expected.shape)}")
     diff, bound = (got - expected).abs().max().item(), tolerance * max(1.0, expected.abs().max().item())
     if not diff <= bound:
-        raise ExportCheckError(f"{path} differs from the eager model by up to {diff:.3g} on a random batch, more "
-                               f"than the tolerance {bound:.3g}: the export is not faithful (file removed); report it, "
-                               f"or try --plan naive")
+        raise ExportCheckError(
+            f"{path} differs from the eager model by up to {diff:.3g} on a random batch, more "
+            f"than the tolerance {bound:.3g}: the export is not faithful (file removed); report it, "
+            f"or try --plan naive"
+        )
     return diff, bound
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pyconv_core.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pyconv_core.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", help="registered model name (pyconv_core.list_models()), e.g. pyconvresnet50")
-    parser.add_argument("--weights", required=True,
-                        help="a run folder (its best.pt, else last.pt) or a checkpoint file (.pt/.pth)")
-    parser.add_argument("--format", choices=tuple(FORMATS), default="torch_export",
-                        help="torch_export: a torch.export program (.pt2, torch.export.load); onnx: an ONNX graph "
-                             "(.onnx), checked with onnxruntime (default: %(default)s)")
-    parser.add_argument("--out", type=Path,
-                        help="where to write the graph (default: beside the checkpoint, e.g. runs/<name>/best.onnx)")
-    parser.add_argument("--image-size", type=int,
-                        help="height and width of the graph's input (default: the model's registered input size, "
-                             "224 for classification, 473 for segmentation)")
-    parser.add_argument("--batch", type=int, default=2,
-                        help="batch size traced; the graph takes any batch size (default: %(default)s)")
-    parser.add_argument("--plan",
-                        help="PyConv plan mode to export with: auto, naive or a partition such as 0|123 (default: "
-                             "the one the run trained with, else auto)")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE",
-                        help="a builder argument, repeatable: needed for a checkpoint that does not record them (a "
-                             "plain state_dict, the authors' file), e.g. num_classes=150 backbone=pyconvresnet "
-                             "output_stride=16; overrides a recorded one (default: the run's, else the builder's)")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="largest difference from the eager model allowed, times max(1, max |output|) "
-                             "(default: %(default)s)")
+    parser.add_argument(
+        "--weights", required=True, help="a run folder (its best.pt, else last.pt) or a checkpoint file (.pt/.pth)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=tuple(FORMATS),
+        default="torch_export",
+        help="torch_export: a torch.export program (.pt2, torch.export.load); onnx: an ONNX graph "
+        "(.onnx), checked with onnxruntime (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="where to write the graph (default: beside the checkpoint, e.g. runs/<name>/best.onnx)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="height and width of the graph's input (default: the model's registered input size, "
+        "224 for classification, 473 for segmentation)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=2, help="batch size traced; the graph takes any batch size (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--plan",
+        help="PyConv plan mode to export with: auto, naive or a partition such as 0|123 (default: "
+        "the one the run trained with, else auto)",
+    )
+    parser.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a builder argument, repeatable: needed for a checkpoint that does not record them (a "
+        "plain state_dict, the authors' file), e.g. num_classes=150 backbone=pyconvresnet "
+        "output_stride=16; overrides a recorded one (default: the run's, else the builder's)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest difference from the eager model allowed, times max(1, max |output|) (default: %(default)s)",
+    )
     return parser
 
 
@@ -251,8 +306,13 @@ def _describe(plans: dict[str, tuple[str, str]]) -> str:
     counts = Counter(plan for plan, _ in plans.values())
     words = {"set": "set by the plan mode", "recorded": "recorded by the run", "measured": "measured now"}
     sources = Counter(words[source] for _, source in plans.values())
-    return (f"{len(plans)} PyConv layers computing with plans " + ", ".join(f"{p} x{n}" for p, n in counts.items())
-            + " (" + ", ".join(f"{n} {s}" for s, n in sources.items()) + ")")
+    return (
+        f"{len(plans)} PyConv layers computing with plans "
+        + ", ".join(f"{p} x{n}" for p, n in counts.items())
+        + " ("
+        + ", ".join(f"{n} {s}" for s, n in sources.items())
+        + ")"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> ExportResult:
@@ -260,8 +320,10 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
     args = _parser().parse_args(argv)
     try:
         if args.batch < 1 or (args.image_size is not None and args.image_size < 1) or not args.tolerance > 0:
-            raise ValueError(f"--batch and --image-size must be at least 1 and --tolerance above 0, got {args.batch}, "
-                             f"{args.image_size} and {args.tolerance}")
+            raise ValueError(
+                f"--batch and --image-size must be at least 1 and --tolerance above 0, got {args.batch}, "
+                f"{args.image_size} and {args.tolerance}"
+            )
         checkpoint = resolve_weights(args.weights)
         model = load_for_export(args.model, checkpoint, args.plan, parse_model_args(args.model_arg))
         sample = model_entry(args.model).input_shape
@@ -271,16 +333,20 @@ def main(argv: Sequence[str] | None = None) -> ExportResult:
         print(f"{args.model} from {checkpoint}: {_describe(plans)}")
         out = args.out or checkpoint.with_suffix(FORMATS[args.format])
         export_model(model, torch.randn(*shape), args.format, out)
-        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB): input [batch, {sample[0]}, {side}, {side}], "
-              f"batch 1 to {MAX_BATCH}")
+        print(
+            f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB): input [batch, {sample[0]}, {side}, {side}], "
+            f"batch 1 to {MAX_BATCH}"
+        )
         try:
             diff, bound = check_export(model, args.format, out, (args.batch + 1, *shape[1:]), args.tolerance)
         except ExportCheckError:
             out.unlink()
             raise
         runtime = "onnxruntime" if args.format == "onnx" else "torch.export.load"
-        print(f"checked with {runtime} on a random batch of {args.batch + 1}: max abs diff from the eager model "
-              f"{diff:.3g} <= {bound:.3g} (tolerance {args.tolerance:g} x max(1, max |output|))")
+        print(
+            f"checked with {runtime} on a random batch of {args.batch + 1}: max abs diff from the eager model "
+            f"{diff:.3g} <= {bound:.3g} (tolerance {args.tolerance:g} x max(1, max |output|))"
+        )
         return ExportResult(out, diff, bound, {name: plan for name, (plan, _) in plans.items()})
     except (ValueError, OSError, ImportError, ExportCheckError) as err:  # their message says the fix
         if os.environ.get("PYCONV_TRACEBACK") == "1":

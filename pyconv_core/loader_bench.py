@@ -15,6 +15,7 @@ formats at the paper's sizes, under ``data/bench/`` (made once, then reused):
 The images are Fashion-MNIST items on generated textures (the demo sets' generators at these sizes), so a
 JPEG decodes at the cost of its size, though photos with more fine detail decode somewhat slower.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -70,14 +71,21 @@ def training_set(task: str, items: int = 64, folder: str = "data/bench") -> tupl
         p_det = detection.Params(data_dir=str(coco), recipe="paper", depth=50, image_size=300, augment=True)
         return detection.datasets(p_det)[0], detection.DetectionTask.collate_fn
     if task == "segmentation":
-        ade = make_demo_ade20k(root / "ade20k", num_train=items, num_val=2, size_range=(384, 512),
-                               items_per_image=(6, 12), item_scale=(4.0, 8.0))
+        ade = make_demo_ade20k(
+            root / "ade20k",
+            num_train=items,
+            num_val=2,
+            size_range=(384, 512),
+            items_per_image=(6, 12),
+            item_scale=(4.0, 8.0),
+        )
         p_seg = segmentation.Params(data_dir=str(ade), recipe="ade20k", depth=50)
         return segmentation.datasets(p_seg)[0], segmentation.SegmentationTask.collate_fn
     if task == "video":
         per_class = max(1, items // 9)  # the demo's nine motion classes
-        kinetics = make_demo_kinetics(root / "kinetics", DemoVideoConfig(train_per_class=per_class, val_per_class=1,
-                                                                         frames=96, fps=25, size=320))
+        kinetics = make_demo_kinetics(
+            root / "kinetics", DemoVideoConfig(train_per_class=per_class, val_per_class=1, frames=96, fps=25, size=320)
+        )
         return video.datasets(video.Params(data_dir=str(kinetics)))[0], video.VideoTask.collate_fn
     raise ValueError(f"task must be one of {', '.join(LOADER_TASKS)}, got {task!r}")
 
@@ -87,12 +95,20 @@ def _endless(loader: DataLoader):
         yield from loader
 
 
-def time_loader(dataset: Dataset, collate_fn: Callable | None, workers: int, batch: int,
-                seconds: float = 10.0) -> dict[str, Any]:
+def time_loader(
+    dataset: Dataset, collate_fn: Callable | None, workers: int, batch: int, seconds: float = 10.0
+) -> dict[str, Any]:
     """Items per second that a DataLoader of ``workers`` processes (0: the main process) delivers over
     ``seconds``, in passes over the shuffled ``dataset``, after a first batch (the workers' start)."""
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_fn,
-                        persistent_workers=workers > 0, drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
     batches = _endless(loader)
     next(batches)
     items, tic = 0, time.perf_counter()
@@ -101,13 +117,24 @@ def time_loader(dataset: Dataset, collate_fn: Callable | None, workers: int, bat
         items += batch
     elapsed = time.perf_counter() - tic
     batches.close()
-    return {"workers": workers, "items": items, "seconds": elapsed, "items_per_s": items / elapsed,
-            "items_per_s_per_worker": items / elapsed / max(workers, 1)}
+    return {
+        "workers": workers,
+        "items": items,
+        "seconds": elapsed,
+        "items_per_s": items / elapsed,
+        "items_per_s_per_worker": items / elapsed / max(workers, 1),
+    }
 
 
-def loader_bench(tasks: Sequence[str], workers: Sequence[int], batch: int = 16, items: int = 64,
-                 seconds: float = 10.0, folder: str = "data/bench",
-                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def loader_bench(
+    tasks: Sequence[str],
+    workers: Sequence[int],
+    batch: int = 16,
+    items: int = 64,
+    seconds: float = 10.0,
+    folder: str = "data/bench",
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
     """One row per (task, worker count): :func:`time_loader` on the task's :func:`training_set` (data in
     ``folder``, relative to the workbook root)."""
     rows = []
@@ -123,6 +150,7 @@ def loader_bench(tasks: Sequence[str], workers: Sequence[int], batch: int = 16, 
 def format_loader_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of :func:`loader_bench`'s rows."""
     lines = ["| task | workers | items/s | items/s per worker |", "|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['workers']} | {r['items_per_s']:.1f} | {r['items_per_s_per_worker']:.1f} |"
-              for r in rows]
+    lines += [
+        f"| {r['task']} | {r['workers']} | {r['items_per_s']:.1f} | {r['items_per_s_per_worker']:.1f} |" for r in rows
+    ]
     return "\n".join(lines)

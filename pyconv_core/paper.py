@@ -5,6 +5,7 @@ table's metrics, and what the paper counted (sample shape, classes, builder argu
 :func:`pyconv_core.profile.profile_rows` counts each model in these setups; tests and notebooks
 compare against this table only. Like the registry, this module imports no model.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -65,29 +66,53 @@ _S_TABLE6 = "S-Table 6 (ADE20K, ResNet-50, aux head counted) / docs/paper.md s.6
 
 def _imagenet(params: float | None, source: str, top1: float | None = None, **gflops: float) -> PaperFigures:
     """A 224x224 ImageNet classifier; ``gflops`` as ``s224=...``, ``s320=...``; ``top1`` from Table 2."""
-    return PaperFigures(source, (3, 224, 224), 1000, params, {Setup(int(k[1:])): v for k, v in gflops.items()},
-                        {} if top1 is None else {Setup(224): {"top1": top1}})
+    return PaperFigures(
+        source,
+        (3, 224, 224),
+        1000,
+        params,
+        {Setup(int(k[1:])): v for k, v in gflops.items()},
+        {} if top1 is None else {Setup(224): {"top1": top1}},
+    )
 
 
 def _ssd(params: float, gflops: float, metrics: tuple[float, ...]) -> PaperFigures:
     """SSD300 on COCO: S-Table 1's row. Its params are those of 81 classes (background included), its GFLOPs
     those of a 91-output classifier (COCO's category ids 0..90; docs/paper.md s.4)."""
-    return PaperFigures(_S_TABLE1, (3, 300, 300), 81, params, {Setup(300): gflops},
-                        {Setup(300): dict(zip(COCO_METRICS, metrics))}, gflops_num_classes=91)
+    return PaperFigures(
+        _S_TABLE1,
+        (3, 300, 300),
+        81,
+        params,
+        {Setup(300): gflops},
+        {Setup(300): dict(zip(COCO_METRICS, metrics))},
+        gflops_num_classes=91,
+    )
 
 
 def _video(params: float, gflops: float, top1_err: float, top5_err: float) -> PaperFigures:
     """A Kinetics-400 network on 16x224x224 clips (S-Tables 2-3)."""
-    return PaperFigures(_S_TABLE3, (3, 16, 224, 224), 400, params, {Setup(224): gflops},
-                        {Setup(224): {"top1_err": top1_err, "top5_err": top5_err}})
+    return PaperFigures(
+        _S_TABLE3,
+        (3, 16, 224, 224),
+        400,
+        params,
+        {Setup(224): gflops},
+        {Setup(224): {"top1_err": top1_err, "top5_err": top5_err}},
+    )
 
 
 def _seg(params: float, os8: tuple[float, float, float], os16: tuple[float, float, float]) -> PaperFigures:
     """S-Table 6's row: params (M), then (mIoU, pixel accuracy, GFLOPs) at output strides 8 and 16."""
-    return PaperFigures(_S_TABLE6, (3, 473, 473), 150, params * 1e6,
-                        {Setup(473, 8): os8[2], Setup(473, 16): os16[2]},
-                        {Setup(473, s): {"miou": f[0], "pixel_acc": f[1]} for s, f in ((8, os8), (16, os16))},
-                        {"with_aux": True})
+    return PaperFigures(
+        _S_TABLE6,
+        (3, 473, 473),
+        150,
+        params * 1e6,
+        {Setup(473, 8): os8[2], Setup(473, 16): os16[2]},
+        {Setup(473, s): {"miou": f[0], "pixel_acc": f[1]} for s, f in ((8, os8), (16, os16))},
+        {"with_aux": True},
+    )
 
 
 PAPER: dict[str, PaperFigures] = {
@@ -102,16 +127,30 @@ PAPER: dict[str, PaperFigures] = {
     "pyconvhgresnet50": _imagenet(25_234_728, _AUTHORS, top1=78.48),
     "pyconvhgresnet101": _imagenet(44_627_240, _AUTHORS, top1=79.22),
     "pyconvhgresnet152": _imagenet(60_657_960, _AUTHORS, top1=79.36),
-    "inception_resnet_v2": PaperFigures(_S_TABLE5, (3, 299, 299), 1000, 55.84e6, {Setup(299): 16.75},
-                                        {Setup(299): {"top1_err": 20.49, "top5_err": 5.29}}),
-    "pyconvinception": PaperFigures(_S_TABLE5, (3, 299, 299), 1000, 43.48e6, {Setup(299): 11.92},
-                                    {Setup(299): {"top1_err": 20.31, "top5_err": 5.21}}),
+    "inception_resnet_v2": PaperFigures(
+        _S_TABLE5,
+        (3, 299, 299),
+        1000,
+        55.84e6,
+        {Setup(299): 16.75},
+        {Setup(299): {"top1_err": 20.49, "top5_err": 5.29}},
+    ),
+    "pyconvinception": PaperFigures(
+        _S_TABLE5,
+        (3, 299, 299),
+        1000,
+        43.48e6,
+        {Setup(299): 11.92},
+        {Setup(299): {"top1_err": 20.31, "top5_err": 5.21}},
+    ),
     "ssd50": _ssd(22.89e6, 20.92, (26.20, 43.97, 26.96, 8.12, 28.22, 42.64, 24.50, 35.41, 37.07, 12.61, 40.76, 57.25)),
-    "pyconvssd50": _ssd(21.55e6, 19.71,
-                        (29.16, 47.26, 30.24, 9.31, 31.21, 47.79, 26.14, 37.81, 39.61, 13.79, 43.87, 60.98)),
+    "pyconvssd50": _ssd(
+        21.55e6, 19.71, (29.16, 47.26, 30.24, 9.31, 31.21, 47.79, 26.14, 37.81, 39.61, 13.79, 43.87, 60.98)
+    ),
     "ssd101": _ssd(41.89e6, 48.45, (29.58, 47.69, 30.80, 9.38, 31.96, 47.64, 26.47, 38.00, 39.64, 14.09, 43.54, 61.03)),
-    "pyconvssd101": _ssd(39.01e6, 45.02,
-                         (31.27, 50.00, 32.67, 10.65, 33.76, 51.75, 27.33, 39.33, 41.07, 15.48, 45.53, 63.44)),
+    "pyconvssd101": _ssd(
+        39.01e6, 45.02, (31.27, 50.00, 32.67, 10.65, 33.76, 51.75, 27.33, 39.33, 41.07, 15.48, 45.53, 63.44)
+    ),
     "resnet3d50": _video(47.00e6, 93.26, 37.01, 15.41),
     "pyconvresnet3d50": _video(44.91e6, 91.81, 34.56, 13.34),
     "fcn50": _seg(35.42, (37.87, 78.17, 131.37), (36.84, 77.84, 39.52)),

@@ -2,6 +2,7 @@
 
 Task-specific views (boxes, masks, clips) live further down, one function each.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,15 @@ from matplotlib.ticker import MaxNLocator
 from pyconv_core.engine.logging import read_metrics
 from pyconv_core.layers.pyconv import PyConv
 
-__all__ = ["plot_params_vs_flops", "draw_pyconv_pyramid", "metric_label", "plot_curves", "plot_confusion",
-           "gallery_indices", "show_misclassified"]
+__all__ = [
+    "plot_params_vs_flops",
+    "draw_pyconv_pyramid",
+    "metric_label",
+    "plot_curves",
+    "plot_confusion",
+    "gallery_indices",
+    "show_misclassified",
+]
 
 _FAMILY_ORDER = ("resnet", "pyconvresnet", "pyconvhgresnet")
 
@@ -34,11 +42,24 @@ def plot_params_vs_flops(rows: Sequence[Mapping], size: int = 224) -> plt.Axes:
     df["family"] = df["model"].map(_family)
     df["params (M)"] = df["params"] / 1e6
     fig, ax = plt.subplots(figsize=(6, 4))
-    sns.scatterplot(data=df, x="gflops", y="params (M)", hue="family", style="family", s=80, ax=ax,
-                    hue_order=[f for f in _FAMILY_ORDER if f in set(df["family"])] or None)
+    sns.scatterplot(
+        data=df,
+        x="gflops",
+        y="params (M)",
+        hue="family",
+        style="family",
+        s=80,
+        ax=ax,
+        hue_order=[f for f in _FAMILY_ORDER if f in set(df["family"])] or None,
+    )
     for _, r in df.iterrows():
-        ax.annotate(r["model"].replace(r["family"], ""), (r["gflops"], r["params (M)"]), fontsize=8,
-                    xytext=(4, 2), textcoords="offset points")
+        ax.annotate(
+            r["model"].replace(r["family"], ""),
+            (r["gflops"], r["params (M)"]),
+            fontsize=8,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
     ax.set(xlabel=f"GFLOPs at {size}x{size}", title="Parameters vs computation")
     return ax
 
@@ -72,11 +93,24 @@ def _rows(run: str | os.PathLike | Sequence[Mapping]) -> Sequence[Mapping]:
 
 # What the logged keys measure, with units (training rows' "train_" prefix dropped first); a key
 # not listed is shown with spaces for underscores.
-_QUANTITIES = {"loss": "loss", "val_loss": "loss", "cls": "classification loss", "loc": "box regression loss",
-               "main_loss": "main-head loss", "aux_loss": "auxiliary-head loss", "top1": "top-1 accuracy (%)",
-               "top5": "top-5 accuracy (%)", "top1_err": "top-1 error (%)", "top5_err": "top-5 error (%)",
-               "AP": "AP (%)", "AP50": "AP50 (%)", "AP75": "AP75 (%)", "miou": "mIoU (%)",
-               "pixel_acc": "pixel accuracy (%)", "mean_acc": "mean class accuracy (%)"}
+_QUANTITIES = {
+    "loss": "loss",
+    "val_loss": "loss",
+    "cls": "classification loss",
+    "loc": "box regression loss",
+    "main_loss": "main-head loss",
+    "aux_loss": "auxiliary-head loss",
+    "top1": "top-1 accuracy (%)",
+    "top5": "top-5 accuracy (%)",
+    "top1_err": "top-1 error (%)",
+    "top5_err": "top-5 error (%)",
+    "AP": "AP (%)",
+    "AP50": "AP50 (%)",
+    "AP75": "AP75 (%)",
+    "miou": "mIoU (%)",
+    "pixel_acc": "pixel accuracy (%)",
+    "mean_acc": "mean class accuracy (%)",
+}
 
 
 def metric_label(kind: str, metric: str) -> tuple[str, str]:
@@ -87,9 +121,11 @@ def metric_label(kind: str, metric: str) -> tuple[str, str]:
     return f"{'training' if kind in ('train', 'step') else 'validation'} {quantity}", quantity
 
 
-def plot_curves(runs: Mapping[str, str | os.PathLike | Sequence[Mapping]],
-                panels: Sequence[tuple[str, str]] = (("train", "train_loss"), ("eval", "top1_err")),
-                ax_row: Sequence[plt.Axes] | None = None) -> Sequence[plt.Axes]:
+def plot_curves(
+    runs: Mapping[str, str | os.PathLike | Sequence[Mapping]],
+    panels: Sequence[tuple[str, str]] = (("train", "train_loss"), ("eval", "top1_err")),
+    ax_row: Sequence[plt.Axes] | None = None,
+) -> Sequence[plt.Axes]:
     """Convergence curves of several runs side by side: one panel per (row kind, metric).
 
     A ``"train"`` panel draws the run's ``"step"`` rows (every few optimizer steps, at fractional
@@ -111,18 +147,29 @@ def plot_curves(runs: Mapping[str, str | os.PathLike | Sequence[Mapping]],
             line = pd.concat([steps, part[~part["run"].isin(set(steps["run"]))]])
         if len(part):
             order = [run for run in runs if run in set(part["run"])]
-            sns.lineplot(data=line, x="epoch", y=metric, hue="run", hue_order=order, palette=colours, ax=ax,
-                         errorbar=None)
-            sns.scatterplot(data=part, x="epoch", y=metric, hue="run", hue_order=order, palette=colours, ax=ax,
-                            legend=False, zorder=3)
+            sns.lineplot(
+                data=line, x="epoch", y=metric, hue="run", hue_order=order, palette=colours, ax=ax, errorbar=None
+            )
+            sns.scatterplot(
+                data=part,
+                x="epoch",
+                y=metric,
+                hue="run",
+                hue_order=order,
+                palette=colours,
+                ax=ax,
+                legend=False,
+                zorder=3,
+            )
         title, ylabel = metric_label(kind, metric)
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return ax_row
 
 
-def plot_confusion(predicted: torch.Tensor, truth: torch.Tensor, classes: Sequence[str],
-                   title: str | None = None) -> plt.Axes:
+def plot_confusion(
+    predicted: torch.Tensor, truth: torch.Tensor, classes: Sequence[str], title: str | None = None
+) -> plt.Axes:
     """Row-normalised confusion matrix (rows: true class); ``title`` names the model (e.g.
     "PyConvResNet-18") so that matrices of several models can be told apart. Entries of -1 (items
     that could not be read, as ``tasks.classification.predict`` marks them) are left out."""
@@ -132,10 +179,22 @@ def plot_confusion(predicted: torch.Tensor, truth: torch.Tensor, classes: Sequen
     counts = torch.bincount(truth * n + predicted, minlength=n * n).reshape(n, n).double()
     rates = (counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy()
     fig, ax = plt.subplots(figsize=(0.6 * n + 2, 0.6 * n + 1))
-    sns.heatmap(rates, annot=True, fmt=".2f", cmap="Blues", xticklabels=classes, yticklabels=classes, ax=ax,
-                cbar=False, annot_kws={"fontsize": 7})
-    ax.set(xlabel="predicted", ylabel="true",
-           title=f"{title}: confusion matrix (row-normalised)" if title else "Confusion matrix (row-normalised)")
+    sns.heatmap(
+        rates,
+        annot=True,
+        fmt=".2f",
+        cmap="Blues",
+        xticklabels=classes,
+        yticklabels=classes,
+        ax=ax,
+        cbar=False,
+        annot_kws={"fontsize": 7},
+    )
+    ax.set(
+        xlabel="predicted",
+        ylabel="true",
+        title=f"{title}: confusion matrix (row-normalised)" if title else "Confusion matrix (row-normalised)",
+    )
     return ax
 
 
@@ -146,8 +205,9 @@ def gallery_indices(available: int, count: int) -> list[int]:
     return [round(i * (available - 1) / max(shown - 1, 1)) for i in range(shown)]
 
 
-def show_misclassified(dataset, predicted: torch.Tensor, truth: torch.Tensor, classes: Sequence[str],
-                       count: int = 12) -> plt.Figure:
+def show_misclassified(
+    dataset, predicted: torch.Tensor, truth: torch.Tensor, classes: Sequence[str], count: int = 12
+) -> plt.Figure:
     """A gallery of misclassified images with true and predicted class; ``predicted`` and ``truth``
     are indexed by dataset index (``tasks.classification.predict``), -1 for unreadable items."""
     wrong = torch.nonzero((predicted != truth) & (truth >= 0)).flatten()[:count].tolist()
@@ -165,8 +225,15 @@ def show_misclassified(dataset, predicted: torch.Tensor, truth: torch.Tensor, cl
     return fig
 
 
-def _draw_boxes(ax: plt.Axes, image: np.ndarray, boxes: torch.Tensor, labels: torch.Tensor,
-                class_names: Sequence[str], scores: torch.Tensor | None = None, title: str = "") -> None:
+def _draw_boxes(
+    ax: plt.Axes,
+    image: np.ndarray,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    scores: torch.Tensor | None = None,
+    title: str = "",
+) -> None:
     """One image with its boxes (pixel xyxy), each labelled with its class (and score)."""
     ax.imshow(image)
     palette = sns.color_palette("tab10", len(class_names))
@@ -195,10 +262,23 @@ def show_detections(samples: Sequence[Mapping], class_names: Sequence[str], pair
         if sample["image"] is None:
             left.set_title(f"{name}unreadable, skipped", fontsize=9)
             continue
-        _draw_boxes(left, sample["image"], sample["truth"]["boxes"], sample["truth"]["labels"], class_names,
-                    title=f"{name}ground truth")
-        _draw_boxes(right, sample["image"], sample["pred"]["boxes"], sample["pred"]["labels"], class_names,
-                    sample["pred"]["scores"], title="predicted")
+        _draw_boxes(
+            left,
+            sample["image"],
+            sample["truth"]["boxes"],
+            sample["truth"]["labels"],
+            class_names,
+            title=f"{name}ground truth",
+        )
+        _draw_boxes(
+            right,
+            sample["image"],
+            sample["pred"]["boxes"],
+            sample["pred"]["labels"],
+            class_names,
+            sample["pred"]["scores"],
+            title="predicted",
+        )
     fig.tight_layout()
     return fig
 
@@ -212,31 +292,43 @@ def browse_detections(predict_one, count: int, class_names: Sequence[str], thres
         show_detections([predict_one(index, score_threshold)], class_names, pairs_per_row=1)
         plt.show()
 
-    interact(view, index=IntSlider(value=0, min=0, max=count - 1, description="image"),
-             score_threshold=FloatSlider(value=threshold, min=0.05, max=0.95, step=0.05, description="score"))
+    interact(
+        view,
+        index=IntSlider(value=0, min=0, max=count - 1, description="image"),
+        score_threshold=FloatSlider(value=threshold, min=0.05, max=0.95, step=0.05, description="score"),
+    )
 
 
 __all__ += ["show_detections", "browse_detections"]
 
 
-def _class_legend(masks: Sequence[torch.Tensor | np.ndarray], palette: np.ndarray,
-                  classes: Sequence[str] | None) -> list[Patch]:
+def _class_legend(
+    masks: Sequence[torch.Tensor | np.ndarray], palette: np.ndarray, classes: Sequence[str] | None
+) -> list[Patch]:
     """A colour patch per class present in ``masks`` (training ids; ``classes`` names them, else
     "class <id>"), and a black "ignored" patch if any pixel is ignored."""
     from pyconv_core.data.ade20k import IGNORE_INDEX
 
-    present = np.unique(np.concatenate([np.asarray(m.cpu() if isinstance(m, torch.Tensor) else m).ravel()
-                                        for m in masks]))
-    patches = [Patch(facecolor=palette[i] / 255 if i < len(palette) else "black", edgecolor="grey",
-                     label=classes[i] if classes is not None and i < len(classes) else f"class {i}")
-               for i in present.tolist() if i != IGNORE_INDEX]
+    present = np.unique(
+        np.concatenate([np.asarray(m.cpu() if isinstance(m, torch.Tensor) else m).ravel() for m in masks])
+    )
+    patches = [
+        Patch(
+            facecolor=palette[i] / 255 if i < len(palette) else "black",
+            edgecolor="grey",
+            label=classes[i] if classes is not None and i < len(classes) else f"class {i}",
+        )
+        for i in present.tolist()
+        if i != IGNORE_INDEX
+    ]
     if IGNORE_INDEX in present:
         patches.append(Patch(facecolor="black", edgecolor="grey", label="ignored"))
     return patches
 
 
-def show_segmentation(samples: Sequence[Mapping], palette: np.ndarray,
-                      classes: Sequence[str] | None = None) -> plt.Figure:
+def show_segmentation(
+    samples: Sequence[Mapping], palette: np.ndarray, classes: Sequence[str] | None = None
+) -> plt.Figure:
     """One row per sample: image | ground truth | each model's prediction, masks coloured with
     ``palette`` (training ids; ignored pixels black), and below them a legend of the classes present
     (named by ``classes``, e.g. the data set's ``classes``). A sample has ``image`` (HWC uint8),
@@ -249,8 +341,9 @@ def show_segmentation(samples: Sequence[Mapping], palette: np.ndarray,
     cols = 2 + max(len(s["preds"]) for s in samples)
     columns = min(len(legend), max(3, cols * 2)) or 1
     legend_height = 0.25 * ((len(legend) + columns - 1) // columns) + 0.2  # inches: legend rows + margin
-    fig, axes = plt.subplots(len(samples), cols, figsize=(2.3 * cols, 2.3 * len(samples) + legend_height),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(samples), cols, figsize=(2.3 * cols, 2.3 * len(samples) + legend_height), squeeze=False
+    )
     for row, sample in zip(axes, samples):
         for ax in row:
             ax.axis("off")
@@ -267,8 +360,9 @@ def show_segmentation(samples: Sequence[Mapping], palette: np.ndarray,
     return fig
 
 
-def browse_segmentation(sample_one, count: int, models: Sequence[str], palette: np.ndarray,
-                        classes: Sequence[str] | None = None) -> None:
+def browse_segmentation(
+    sample_one, count: int, models: Sequence[str], palette: np.ndarray, classes: Sequence[str] | None = None
+) -> None:
     """An ipywidgets browser over validation images and models; ``sample_one(index, model)``
     returns one sample for :func:`show_segmentation`."""
     from ipywidgets import Dropdown, IntSlider, interact
@@ -277,8 +371,11 @@ def browse_segmentation(sample_one, count: int, models: Sequence[str], palette: 
         show_segmentation([sample_one(index, model)], palette, classes)
         plt.show()
 
-    interact(view, index=IntSlider(value=0, min=0, max=count - 1, description="image"),
-             model=Dropdown(options=list(models), description="head"))
+    interact(
+        view,
+        index=IntSlider(value=0, min=0, max=count - 1, description="image"),
+        model=Dropdown(options=list(models), description="head"),
+    )
 
 
 __all__ += ["show_segmentation", "browse_segmentation"]

@@ -12,6 +12,7 @@ ATen level (a dispatch mode), so functional ops (``F.interpolate``, ``+``) are s
 and on the meta device by default: shapes only, no convolution computed, the same counts in a fraction
 of the time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,11 @@ from pyconv_core.registry import build, list_models, model_entry
 
 __all__ = ["count_params", "count_flops", "profile_rows", "format_table", "FLOP_CONVENTION"]
 
-FLOP_CONVENTION = ("1 FLOP = 1 multiply-accumulate; GMACs = conv + linear only; GFLOPs = GMACs + "
-                   "element-wise work: 2 per BN output (scale, shift), 1 per pooling input, 1 per output "
-                   "of activations, adds and resampling")
+FLOP_CONVENTION = (
+    "1 FLOP = 1 multiply-accumulate; GMACs = conv + linear only; GFLOPs = GMACs + "
+    "element-wise work: 2 per BN output (scale, shift), 1 per pooling input, 1 per output "
+    "of activations, adds and resampling"
+)
 
 _POOLING = ("max_pool", "avg_pool", "mean")
 _ELEMENTWISE = ("relu", "add", "upsample", "mul", "sigmoid", "hardtanh", "gelu", "silu")
@@ -91,8 +94,12 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def profile_rows(names: Iterable[str] | None = None, input_shape: Sequence[int] | None = None,
-                 device: str | torch.device = "meta", **model_args) -> list[dict]:
+def profile_rows(
+    names: Iterable[str] | None = None,
+    input_shape: Sequence[int] | None = None,
+    device: str | torch.device = "meta",
+    **model_args,
+) -> list[dict]:
     """Params / GMACs / GFLOPs of registered models, one row per model and setup, beside the paper's.
 
     Each model with a record in :data:`pyconv_core.paper.PAPER` is counted in every setup of it (e.g.
@@ -110,19 +117,31 @@ def profile_rows(names: Iterable[str] | None = None, input_shape: Sequence[int] 
             args = _build_args(figures, setup, model_args)
             with torch.device(device):
                 model = build(name, **args)
-                counted = build(name, **{**args, "num_classes": figures.gflops_num_classes}) if (
-                    figures and setup and figures.gflops_num_classes) else model
+                counted = (
+                    build(name, **{**args, "num_classes": figures.gflops_num_classes})
+                    if (figures and setup and figures.gflops_num_classes)
+                    else model
+                )
             shape = tuple(input_shape or _sample_shape(name, figures, setup))
             params, counts = count_params(model), count_flops(counted, shape, device)
             gflops = counts["flops"] / 1e9
             paper_params = figures.params if figures else None
             paper_gflops = figures.gflops.get(setup) if figures and setup else None
-            rows.append({
-                "model": name, "input": shape[1:], "output_stride": setup.output_stride if setup else None,
-                "params": params, "paper_params": paper_params, "params_diff": _rel(params, paper_params),
-                "gmacs": counts["macs"] / 1e9, "gflops": gflops, "paper_gflops": paper_gflops,
-                "gflops_diff": _rel(gflops, paper_gflops), "source": figures.source if figures else "",
-            })
+            rows.append(
+                {
+                    "model": name,
+                    "input": shape[1:],
+                    "output_stride": setup.output_stride if setup else None,
+                    "params": params,
+                    "paper_params": paper_params,
+                    "params_diff": _rel(params, paper_params),
+                    "gmacs": counts["macs"] / 1e9,
+                    "gflops": gflops,
+                    "paper_gflops": paper_gflops,
+                    "gflops_diff": _rel(gflops, paper_gflops),
+                    "source": figures.source if figures else "",
+                }
+            )
     return rows
 
 
@@ -147,17 +166,23 @@ def _rel(measured: float, paper: float | None) -> float | None:
 
 def format_table(rows: list[dict]) -> str:
     """The profile rows as a fixed-width text table."""
+
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
-    header = (f"{'model':<22}{'input':>15}{'params(M)':>11}{'paper':>9}{'diff':>8}"
-              f"{'GMACs':>9}{'GFLOPs':>9}{'paper':>9}{'diff':>8}")
+
+    header = (
+        f"{'model':<22}{'input':>15}{'params(M)':>11}{'paper':>9}{'diff':>8}"
+        f"{'GMACs':>9}{'GFLOPs':>9}{'paper':>9}{'diff':>8}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         inp = "x".join(map(str, r["input"])) + ("" if r["output_stride"] is None else f" os{r['output_stride']}")
         paper_params = None if r["paper_params"] is None else r["paper_params"] / 1e6
-        lines.append(f"{r['model']:<22}{inp:>15}{r['params'] / 1e6:>11.3f}{fmt(paper_params, '.2f'):>9}"
-                     f"{fmt(r['params_diff'], '+.2%'):>8}{r['gmacs']:>9.3f}{r['gflops']:>9.3f}"
-                     f"{fmt(r['paper_gflops'], '.2f'):>9}{fmt(r['gflops_diff'], '+.2%'):>8}")
+        lines.append(
+            f"{r['model']:<22}{inp:>15}{r['params'] / 1e6:>11.3f}{fmt(paper_params, '.2f'):>9}"
+            f"{fmt(r['params_diff'], '+.2%'):>8}{r['gmacs']:>9.3f}{r['gflops']:>9.3f}"
+            f"{fmt(r['paper_gflops'], '.2f'):>9}{fmt(r['gflops_diff'], '+.2%'):>8}"
+        )
     return "\n".join(lines + ["", f"Convention: {FLOP_CONVENTION}"])
 
 

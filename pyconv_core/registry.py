@@ -7,6 +7,7 @@ builders with :func:`register_model` when :mod:`pyconv_core.models` imports them
 The paper's figures per registered name are in :mod:`pyconv_core.paper`; with this registry they
 make the paper-fidelity test matrix.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -36,11 +37,13 @@ def register_model(task: str = "classification", input_shape: tuple[int, ...] = 
     ``input_shape`` is one sample's shape at the model's default size (for export, benchmarks and
     profiling a model the paper gives no figures for).
     """
+
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if fn.__name__ in _REGISTRY:
             raise ValueError(f"model {fn.__name__!r} is registered twice")
         _REGISTRY[fn.__name__] = ModelEntry(fn.__name__, fn, task, input_shape)
         return fn
+
     return wrap
 
 

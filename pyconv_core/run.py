@@ -16,6 +16,7 @@ most ``--ddp-timeout-s`` for the other processes (a stalled rank ends the job wi
 line), and with ``--max-restarts N`` (``gpus > 1``) torchrun restarts every process after one fails, the
 restarted run resuming from ``last.pt``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,25 @@ from pyconv_core.engine.logging import workbook_path
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import annotation_kind, check_value
 
-__all__ = ["TASKS", "EXIT_STOPPED", "launch", "parse_params", "params_to_argv", "load_run_model", "field_help",
-           "check_notebook_parameters"]
+__all__ = [
+    "TASKS",
+    "EXIT_STOPPED",
+    "launch",
+    "parse_params",
+    "params_to_argv",
+    "load_run_model",
+    "field_help",
+    "check_notebook_parameters",
+]
 
 EXIT_STOPPED = 75  # exit status of a run stopped by SIGTERM/SIGINT after saving last.pt (EX_TEMPFAIL): resume it
 
-TASKS = {"classification": "pyconv_core.tasks.classification", "detection": "pyconv_core.tasks.detection",
-         "video": "pyconv_core.tasks.video", "segmentation": "pyconv_core.tasks.segmentation"}
+TASKS = {
+    "classification": "pyconv_core.tasks.classification",
+    "detection": "pyconv_core.tasks.detection",
+    "video": "pyconv_core.tasks.video",
+    "segmentation": "pyconv_core.tasks.segmentation",
+}
 
 
 def _task_module(task: str):
@@ -116,8 +129,12 @@ def parse_params(task: str, argv: Sequence[str]) -> Any:
     helps = field_help(params_cls)
     for f in dataclasses.fields(params_cls):
         text = f"{helps[f.name]} " if f.name in helps else ""
-        parser.add_argument(_flag(f.name), type=_flag_parser(f.type), default=f.default,
-                            help=f"{text}(default: {f.default!r})".replace("%", "%%"))
+        parser.add_argument(
+            _flag(f.name),
+            type=_flag_parser(f.type),
+            default=f.default,
+            help=f"{text}(default: {f.default!r})".replace("%", "%%"),
+        )
     return params_cls(**vars(parser.parse_args(list(argv))))
 
 
@@ -152,8 +169,10 @@ def check_notebook_parameters() -> None:
         if name not in declared:
             close = difflib.get_close_matches(name, declared, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{name!r} is not a parameter of this notebook{hint}. Its parameters: "
-                             f"{', '.join(declared)} (papermill --help-notebook NOTEBOOK describes them)")
+            raise ValueError(
+                f"{name!r} is not a parameter of this notebook{hint}. Its parameters: "
+                f"{', '.join(declared)} (papermill --help-notebook NOTEBOOK describes them)"
+            )
         shell.user_ns[name] = check_value(name, shell.user_ns[name], declared[name])
 
 
@@ -182,13 +201,24 @@ def _launch(task: str, params: Any) -> tuple[Path, int | None]:
         result = module.run(params)
         return result.run_dir, result.stopped_by
     # a free port per job: the default 29500 fails a second job on this host
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={params.gpus}",
-           f"--max-restarts={params.max_restarts}", "-m", "pyconv_core.run", task, *params_to_argv(params)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={params.gpus}",
+        f"--max-restarts={params.max_restarts}",
+        "-m",
+        "pyconv_core.run",
+        task,
+        *params_to_argv(params),
+    ]
     status = subprocess.run(cmd).returncode
     if status:
-        raise ChildProcessError(f"torchrun's processes failed (torchrun exit status {status}): the 'error: rank' "
-                                f"lines above say why" + ("" if params.max_restarts else
-                                                          "; max_restarts restarts them, resuming last.pt"))
+        raise ChildProcessError(
+            f"torchrun's processes failed (torchrun exit status {status}): the 'error: rank' "
+            f"lines above say why" + ("" if params.max_restarts else "; max_restarts restarts them, resuming last.pt")
+        )
     return workbook_path(params.runs_dir) / module.train_config(params).run_name, None
 
 

@@ -20,6 +20,7 @@ only what is missing or failed. At the end the sweep prints the comparison table
 (:func:`pyconv_core.compare.compare_runs`) and writes it to ``runs/<sweep>/comparison.csv``. Exit status:
 0, or 1 when a combination failed or the input was wrong (one ``error:`` line).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,16 +98,20 @@ def _from_text(text: str, kind: str) -> Any:
     base, optional = annotation_kind(kind)
     if optional and text.lower() == "none":
         return None
-    parse: dict[str, Callable[[str], Any]] = {"int": int, "float": float,
-                                              "bool": lambda t: {"true": True, "false": False}.get(t.lower(), t)}
+    parse: dict[str, Callable[[str], Any]] = {
+        "int": int,
+        "float": float,
+        "bool": lambda t: {"true": True, "false": False}.get(t.lower(), t),
+    }
     try:
         return parse.get(base, str)(text)
     except ValueError:
         return text
 
 
-def read_grid(notebook: str | os.PathLike, pairs: Sequence[tuple[str, str]] = (),
-              grid_file: str | os.PathLike | None = None) -> dict[str, list]:
+def read_grid(
+    notebook: str | os.PathLike, pairs: Sequence[tuple[str, str]] = (), grid_file: str | os.PathLike | None = None
+) -> dict[str, list]:
     """Each swept parameter's values, typed and checked against ``notebook``'s parameters: from the YAML
     mapping in ``grid_file`` (name -> list of values), then from ``pairs`` (``-p name v1,v2``: values
     split at commas and typed as the parameter is declared)."""
@@ -114,8 +119,10 @@ def read_grid(notebook: str | os.PathLike, pairs: Sequence[tuple[str, str]] = ()
     if grid_file is not None:
         loaded = yaml.safe_load(Path(grid_file).read_text())
         if not isinstance(loaded, dict) or not all(isinstance(v, list) and v for v in loaded.values()):
-            raise ValueError(f"{grid_file}: expected a mapping of parameter names to non-empty lists of values "
-                             f"(e.g. 'lr: [0.05, 0.1]'), got {loaded!r}")
+            raise ValueError(
+                f"{grid_file}: expected a mapping of parameter names to non-empty lists of values "
+                f"(e.g. 'lr: [0.05, 0.1]'), got {loaded!r}"
+            )
         given.update({str(name): (f"{grid_file}: {name}", values, False) for name, values in loaded.items()})
     for name, text in pairs:
         if name in given:
@@ -125,13 +132,17 @@ def read_grid(notebook: str | os.PathLike, pairs: Sequence[tuple[str, str]] = ()
     grid = {}
     for name, (where, values, as_text) in given.items():
         if name in _RUN_NAMES:
-            raise ValueError(f"{where}: the sweep sets {name} (runs are named <sweep>-<combination>); name the "
-                             f"sweep with --name instead")
+            raise ValueError(
+                f"{where}: the sweep sets {name} (runs are named <sweep>-<combination>); name the "
+                f"sweep with --name instead"
+            )
         if name not in declared:
             close = difflib.get_close_matches(name, declared, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{where}: {name!r} is not a parameter of {Path(notebook).name}{hint}; its parameters: "
-                             f"{', '.join(declared) or 'none'}")
+            raise ValueError(
+                f"{where}: {name!r} is not a parameter of {Path(notebook).name}{hint}; its parameters: "
+                f"{', '.join(declared) or 'none'}"
+            )
         kind = declared[name]
         try:
             typed = [check_value(name, _from_text(v, kind) if as_text else v, kind) for v in values]
@@ -150,8 +161,12 @@ def _label(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def plan_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence], name: str | None = None,
-               runs_dir: str | os.PathLike = "runs") -> tuple[str, list[Combination]]:
+def plan_sweep(
+    notebook: str | os.PathLike,
+    grid: Mapping[str, Sequence],
+    name: str | None = None,
+    runs_dir: str | os.PathLike = "runs",
+) -> tuple[str, list[Combination]]:
     """The sweep's name (``name``, or the notebook's stem and the parameters with more than one value)
     and its combinations, in grid order, each with its own ``run_prefix`` / ``run_name`` and notebook."""
     varying = [k for k, values in grid.items() if len(values) > 1]
@@ -165,8 +180,10 @@ def plan_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence], name: 
         chosen = dict(zip(grid, values))
         label = re.sub(_NAME_CHARS, "_", ",".join(f"{k}={_label(chosen[k])}" for k in varying) or "default")
         if label in combinations:
-            raise ValueError(f"two combinations are both named {label!r} (characters other than letters, digits "
-                             f"and . + = , - become _): give values that differ in those characters")
+            raise ValueError(
+                f"two combinations are both named {label!r} (characters other than letters, digits "
+                f"and . + = , - become _): give values that differ in those characters"
+            )
         if setter is not None:
             chosen[setter] = f"{sweep}-{label}" + ("-" if setter == "run_prefix" else "")
         combinations[label] = Combination(label, chosen, folder / f"{label}.ipynb")
@@ -178,8 +195,11 @@ def _runs_of(combinations: Sequence[Combination], sweep: str, runs_dir: Path) ->
     ``<sweep>-<combination>-``, the longest such combination name owning a folder that two could."""
     owned: dict[str, list[Path]] = {c.name: [] for c in combinations}
     for run_dir in sorted(d for group in find_runs(runs_dir).values() for d in group):
-        mine = [c.name for c in combinations if run_dir.name == f"{sweep}-{c.name}"
-                or run_dir.name.startswith(f"{sweep}-{c.name}-")]
+        mine = [
+            c.name
+            for c in combinations
+            if run_dir.name == f"{sweep}-{c.name}" or run_dir.name.startswith(f"{sweep}-{c.name}-")
+        ]
         if mine:
             owned[max(mine, key=len)].append(run_dir)
     return owned
@@ -203,13 +223,19 @@ def _finished(combination: Combination, notebook: Path, run_dirs: Sequence[Path]
     recorded = json.loads(combination.notebook.read_text()).get("metadata", {}).get("papermill", {})
     source, before = Path(recorded.get("input_path") or "?"), recorded.get("parameters") or {}
     now = json.loads(json.dumps(combination.parameters))
-    changed = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in dict.fromkeys([*before, *now])
-               if before.get(k) != now.get(k)]
+    changed = [
+        f"{k} {before.get(k)!r} -> {now.get(k)!r}"
+        for k in dict.fromkeys([*before, *now])
+        if before.get(k) != now.get(k)
+    ]
     if source.name != notebook.name or changed:
-        what = (f"from {source.name}" if source.name != notebook.name else
-                f"with other parameters ({', '.join(changed)})")
-        raise ValueError(f"{combination.notebook} was executed {what}: pass another --name, or remove "
-                         f"{combination.notebook.parent} to run the sweep there again")
+        what = (
+            f"from {source.name}" if source.name != notebook.name else f"with other parameters ({', '.join(changed)})"
+        )
+        raise ValueError(
+            f"{combination.notebook} was executed {what}: pass another --name, or remove "
+            f"{combination.notebook.parent} to run the sweep there again"
+        )
     return all(_unfinished(d) is None for d in run_dirs)
 
 
@@ -229,15 +255,23 @@ def _share_cores(processes: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
 
 
-def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence], name: str | None = None,
-              runs_dir: str | os.PathLike = "runs", parallel: int = 1, kernel: str | None = None) -> SweepReport:
+def run_sweep(
+    notebook: str | os.PathLike,
+    grid: Mapping[str, Sequence],
+    name: str | None = None,
+    runs_dir: str | os.PathLike = "runs",
+    parallel: int = 1,
+    kernel: str | None = None,
+) -> SweepReport:
     """Execute ``notebook`` once per combination of ``grid``'s values that has not finished yet, one after
     another or in ``parallel`` processes (a kernel each), then compare the sweep's runs (module docstring).
     ``kernel``: papermill's kernel name (default: the notebook's, ``pyconv-workbook``)."""
     notebook, runs_dir = Path(notebook).resolve(), workbook_path(runs_dir)
     if not (runs_dir / "README.md").is_file():
-        raise ValueError(f"{runs_dir} is not a workbook's runs folder (it holds no README.md, which marks where "
-                         f"notebooks put their runs): run from the workbook, or pass such a folder as --runs-dir")
+        raise ValueError(
+            f"{runs_dir} is not a workbook's runs folder (it holds no README.md, which marks where "
+            f"notebooks put their runs): run from the workbook, or pass such a folder as --runs-dir"
+        )
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
     sweep, combinations = plan_sweep(notebook, grid, name, runs_dir)
@@ -246,8 +280,11 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence], name: s
         owned = _runs_of(combinations, sweep, runs_dir)
         todo = [c for c in combinations if not _finished(c, notebook, owned[c.name])]
         skipped = [c.name for c in combinations if c not in todo]
-        print(f"sweep {sweep}: {len(combinations)} combinations, {len(skipped)} finished before, running "
-              f"{len(todo)} into {folder}", flush=True)
+        print(
+            f"sweep {sweep}: {len(combinations)} combinations, {len(skipped)} finished before, running "
+            f"{len(todo)} into {folder}",
+            flush=True,
+        )
         ran: list[str] = []
         failed: dict[str, str] = {}
         started = time.monotonic()
@@ -271,8 +308,12 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence], name: s
 
         jobs = [(str(notebook), str(c.running), c.parameters, kernel, str(folder)) for c in todo]
         if parallel > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_share_cores, initargs=(parallel,)) as pool:
+            with ProcessPoolExecutor(
+                parallel,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_share_cores,
+                initargs=(parallel,),
+            ) as pool:
                 futures = {pool.submit(_execute, *job): c for job, c in zip(jobs, todo)}
                 for future in as_completed(futures):
                     finish(futures[future], future.result())
@@ -280,7 +321,7 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence], name: s
             for job, c in zip(jobs, todo):
                 finish(c, _execute(*job))
         owned = _runs_of(combinations, sweep, runs_dir)
-        runs = {d.name[len(sweep) + 1:]: d for c in combinations for d in owned[c.name]}
+        runs = {d.name[len(sweep) + 1 :]: d for c in combinations for d in owned[c.name]}
         table = compare_runs(runs) if runs else pd.DataFrame()
         if runs:
             write_atomic(folder / "comparison.csv", table.to_csv().encode())
@@ -288,11 +329,19 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence], name: s
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pyconv_core.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pyconv_core.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("notebook", help="the notebook to execute, e.g. notebooks/01_classification.ipynb")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUES"),
-                        help="a parameter and its comma-separated values")
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUES"),
+        help="a parameter and its comma-separated values",
+    )
     parser.add_argument("--grid", help="YAML file: parameter name -> list of values")
     parser.add_argument("--name", help="the sweep's folder in runs/ (default: notebook stem and swept parameters)")
     parser.add_argument("--parallel", type=int, default=1, help="notebooks executed at once (default: 1)")
@@ -308,14 +357,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     if report.table.empty:
-        print(f"no run folders of sweep {report.name} (the notebook sets no run_prefix or run_name, or no "
-              f"combination ran to the end)")
+        print(
+            f"no run folders of sweep {report.name} (the notebook sets no run_prefix or run_name, or no "
+            f"combination ran to the end)"
+        )
     else:
         with pd.option_context("display.width", 200, "display.max_columns", None):
             print(report.table.round(3).to_string())
         print(f"table: {report.folder / 'comparison.csv'}")
-    print(f"{len(report.ran)} ran, {len(report.skipped)} skipped as finished, {len(report.failed)} failed"
-          + "".join(f"\nfailed: {name}: {error}" for name, error in report.failed.items()))
+    print(
+        f"{len(report.ran)} ran, {len(report.skipped)} skipped as finished, {len(report.failed)} failed"
+        + "".join(f"\nfailed: {name}: {error}" for name, error in report.failed.items())
+    )
     if report.failed:
         raise SystemExit(1)
 

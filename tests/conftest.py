@@ -1,4 +1,5 @@
 """Shared fixtures: small data sets in the real formats, generated from real Fashion-MNIST items."""
+
 import multiprocessing
 import os
 

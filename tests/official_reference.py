@@ -4,6 +4,7 @@ Written from docs/paper.md s.2 (not from our model code): every weight is looked
 key name, each level's groups follow from its weight shape, padding is k // 2, the stride sits
 in the PyConv of each stage's first block, and the shortcut is MaxPool(3, 2, 1) -> 1x1 -> BN.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -21,13 +22,21 @@ def randomize_bn(model):
 
 
 def _bn(state, prefix, x):
-    return F.batch_norm(x, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"],
-                        state[f"{prefix}.weight"], state[f"{prefix}.bias"], training=False, eps=1e-5)
+    return F.batch_norm(
+        x,
+        state[f"{prefix}.running_mean"],
+        state[f"{prefix}.running_var"],
+        state[f"{prefix}.weight"],
+        state[f"{prefix}.bias"],
+        training=False,
+        eps=1e-5,
+    )
 
 
 def _pyconv(state, prefix, x, stride):
-    level_keys = sorted((k for k in state if k.startswith(f"{prefix}.conv2_")),
-                        key=lambda k: int(k.split("_")[-1].split(".")[0]))
+    level_keys = sorted(
+        (k for k in state if k.startswith(f"{prefix}.conv2_")), key=lambda k: int(k.split("_")[-1].split(".")[0])
+    )
     weights = [state[k] for k in level_keys] or [state[f"{prefix}.weight"]]
     outs = []
     for w in weights:

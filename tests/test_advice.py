@@ -4,6 +4,7 @@ advised then works (data loaders, checkpoints, inflation, backbones, choices and
 Each test first shows the message on a small real fixture, then does what the message says and
 runs the refused operation again.
 """
+
 import dataclasses
 import gzip
 import json
@@ -38,6 +39,7 @@ def _message(raised: pytest.ExceptionInfo) -> str:
 
 
 # ---- unreadable files: replace or remove them; raise PIL.Image.MAX_IMAGE_PIXELS ------------------
+
 
 @pytest.fixture
 def imagenet_copy(imagenet_dir, tmp_path):
@@ -76,13 +78,16 @@ def test_raising_max_image_pixels_reads_the_large_image(imagenet_copy, monkeypat
 
 # ---- the ImageNet folder ---------------------------------------------------------------------------
 
+
 def test_a_missing_val_folder_made_or_data_dir_left_empty_gives_data(imagenet_copy, tmp_path):
     shutil.move(imagenet_copy / "val", tmp_path / "val")
     with pytest.raises(FileNotFoundError) as raised:
         imagenet_datasets(imagenet_copy, crop=32)
-    assert _message(raised).endswith(f"lacks val/: expected the ImageNet layout {imagenet_copy}/train/<wnid>/*.JPEG "
-                                     f"and {imagenet_copy}/val/<wnid>/*.JPEG (val sorted into class folders); leave "
-                                     f"data_dir empty to use the embedded Fashion-MNIST")
+    assert _message(raised).endswith(
+        f"lacks val/: expected the ImageNet layout {imagenet_copy}/train/<wnid>/*.JPEG "
+        f"and {imagenet_copy}/val/<wnid>/*.JPEG (val sorted into class folders); leave "
+        f"data_dir empty to use the embedded Fashion-MNIST"
+    )
     train, val, classes = C.datasets(C.Params(data_dir="", image_size=16, train_subset=8, val_subset=4))
     assert (len(train), len(val), len(classes)) == (8, 4, 10) and train[0][0].shape == (3, 16, 16)
     shutil.move(tmp_path / "val", imagenet_copy / "val")  # the layout the message gives
@@ -114,6 +119,7 @@ def test_class_folders_without_images_given_an_image_are_read(tmp_path):
 
 # ---- Fashion-MNIST: FASHION_MNIST_DIR points at the idx files ---------------------------------------
 
+
 def _write_idx(path, array: np.ndarray) -> None:
     """An idx file as Fashion-MNIST ships it: magic (uint8, ndim), big-endian sizes, the bytes; gzipped."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
@@ -128,7 +134,8 @@ def test_fashion_mnist_dir_set_after_import_to_a_folder_of_the_four_files_is_rea
     assert _message(raised).endswith(
         "or set the environment variable FASHION_MNIST_DIR to a folder holding the four idx .gz files "
         "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-        "t10k-labels-idx1-ubyte.gz).")
+        "t10k-labels-idx1-ubyte.gz)."
+    )
     images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
     for split in ("train", "t10k"):
         _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
@@ -142,8 +149,11 @@ def test_a_wrong_idx_file_replaced_by_the_original_is_read(tmp_path, monkeypatch
         shutil.copy(DEBIAN_DIR / name, tmp_path / name)
     shutil.copy(DEBIAN_DIR / "t10k-labels-idx1-ubyte.gz", tmp_path / "t10k-images-idx3-ubyte.gz")  # a mix-up
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
-    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz is not an idx file of the expected kind .*; "
-                                         r"reinstall it .* or replace it with the original file of that name"):
+    with pytest.raises(
+        ValueError,
+        match=r"t10k-images-idx3-ubyte.gz is not an idx file of the expected kind .*; "
+        r"reinstall it .* or replace it with the original file of that name",
+    ):
         load_fashion_mnist("test")
     shutil.copy(DEBIAN_DIR / "t10k-images-idx3-ubyte.gz", tmp_path / "t10k-images-idx3-ubyte.gz")
     images, labels = load_fashion_mnist("test")
@@ -152,10 +162,14 @@ def test_a_wrong_idx_file_replaced_by_the_original_is_read(tmp_path, monkeypatch
 
 # ---- COCO --------------------------------------------------------------------------------------------
 
+
 def _coco(tmp_path):
     """Two images, two annotations of the categories 3 and 9 (val2017)."""
-    return _write_coco(tmp_path / "coco", {"a.jpg": (1, 80, 60), "b.jpg": (2, 80, 60)},
-                       [_ann(1, 1, [1, 1, 5, 5]), _ann(2, 2, [1, 1, 5, 5], category_id=9)])
+    return _write_coco(
+        tmp_path / "coco",
+        {"a.jpg": (1, 80, 60), "b.jpg": (2, 80, 60)},
+        [_ann(1, 1, [1, 1, 5, 5]), _ann(2, 2, [1, 1, 5, 5], category_id=9)],
+    )
 
 
 def test_coco_files_put_where_the_layout_says_are_read(tmp_path):
@@ -167,8 +181,10 @@ def test_coco_files_put_where_the_layout_says_are_read(tmp_path):
         CocoDetection(root, "val2017")
     shutil.move(tmp_path / "instances_val2017.json", ann_file)
     shutil.move(root / "val2017", tmp_path / "images")
-    with pytest.raises(FileNotFoundError, match=re.escape("the COCO layout is <root>/val2017/*.jpg next to "
-                                                          "<root>/annotations/instances_val2017.json")):
+    with pytest.raises(
+        FileNotFoundError,
+        match=re.escape("the COCO layout is <root>/val2017/*.jpg next to <root>/annotations/instances_val2017.json"),
+    ):
         CocoDetection(root, "val2017")
     shutil.move(tmp_path / "images", root / "val2017")
     assert len(CocoDetection(root, "val2017")) == 2
@@ -178,17 +194,25 @@ def test_an_invalid_json_file_regenerated_is_read(tmp_path):
     root = _coco(tmp_path)
     ann_file = root / "annotations" / "instances_val2017.json"
     good = ann_file.read_text()
-    ann_file.write_text(good[:len(good) // 2])  # an interrupted download
+    ann_file.write_text(good[: len(good) // 2])  # an interrupted download
     with pytest.raises(ValueError, match="is not valid JSON .*; re-download or regenerate it"):
         CocoDetection(root, "val2017")
     ann_file.write_text(good)
     assert len(CocoDetection(root, "val2017")) == 2
 
 
-@pytest.mark.parametrize("section, index, key", [
-    ("images", 1, "height"), ("images", 0, "file_name"), ("annotations", 1, "bbox"), ("annotations", 0, "image_id"),
-    ("annotations", 1, "category_id"), ("categories", 1, "name"), ("categories", 0, "id"),
-])
+@pytest.mark.parametrize(
+    "section, index, key",
+    [
+        ("images", 1, "height"),
+        ("images", 0, "file_name"),
+        ("annotations", 1, "bbox"),
+        ("annotations", 0, "image_id"),
+        ("annotations", 1, "category_id"),
+        ("categories", 1, "name"),
+        ("categories", 0, "id"),
+    ],
+)
 @pytest.mark.parametrize("fix", ["fix", "remove"])
 def test_an_entry_without_a_required_field_fixed_or_removed_is_read(tmp_path, section, index, key, fix):
     root = _coco(tmp_path)
@@ -196,15 +220,24 @@ def test_an_entry_without_a_required_field_fixed_or_removed_is_read(tmp_path, se
     _edit_json(root, lambda d: d[section][index].pop(key))
     with pytest.raises(ValueError) as raised:
         CocoDetection(root, "val2017")
-    tail = "Fix the entry, or remove it and the annotations of its category." if section == "categories" else (
-        "Fix or remove the entry.")
+    tail = (
+        "Fix the entry, or remove it and the annotations of its category."
+        if section == "categories"
+        else ("Fix or remove the entry.")
+    )
     assert _message(raised).endswith(tail)
     if fix == "fix":
         _edit_json(root, lambda d: d[section][index].update({key: original[section][index][key]}))
     else:
         category = original["categories"][index]["id"]
-        _edit_json(root, lambda d: (d[section].pop(index), section == "categories" and d.update(
-            annotations=[a for a in d["annotations"] if a["category_id"] != category])))
+        _edit_json(
+            root,
+            lambda d: (
+                d[section].pop(index),
+                section == "categories"
+                and d.update(annotations=[a for a in d["annotations"] if a["category_id"] != category]),
+            ),
+        )
     data = CocoDetection(root, "val2017")
     assert len(data) == (1 if (fix, section) == ("remove", "images") else 2)
     assert len(data.class_names) == (2 if (fix, section) == ("remove", "categories") else 3)
@@ -231,8 +264,10 @@ def test_an_image_file_put_where_file_name_points_is_read(tmp_path):
     (root / "val2017").mkdir()
     with pytest.raises(ValueError) as raised:
         CocoDetection(root, "val2017")
-    assert f"no file at {root / 'val2017' / 'a.jpg'} and others (file_name is taken relative to " \
-           f"{root / 'val2017'})" in _message(raised)
+    assert (
+        f"no file at {root / 'val2017' / 'a.jpg'} and others (file_name is taken relative to "
+        f"{root / 'val2017'})" in _message(raised)
+    )
     for name in ("a.jpg", "b.jpg"):
         shutil.move(tmp_path / "elsewhere" / name, root / "val2017" / name)
     assert len(CocoDetection(root, "val2017")) == 2
@@ -241,7 +276,7 @@ def test_an_image_file_put_where_file_name_points_is_read(tmp_path):
 def _truncate(path) -> None:
     """Keep half of a file's bytes, as an interrupted copy does."""
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
 
 
 @pytest.mark.parametrize("fix", ["replace the file", "remove its entry"])
@@ -251,8 +286,10 @@ def test_an_unreadable_coco_image_replaced_or_its_entry_removed_is_read(tmp_path
     with caplog.at_level(logging.WARNING):
         assert _unreadable(CocoDetection(root, "val2017")) == [1]
     ann_file = root / "annotations" / "instances_val2017.json"
-    assert f"b.jpg (Truncated File Read); replace the file or remove its entry from {ann_file} (counted in " \
-           f"num_skipped)" in caplog.text
+    assert (
+        f"b.jpg (Truncated File Read); replace the file or remove its entry from {ann_file} (counted in "
+        f"num_skipped)" in caplog.text
+    )
     if fix == "replace the file":
         Image.new("RGB", (80, 60)).save(root / "val2017" / "b.jpg")
     else:
@@ -278,6 +315,7 @@ def test_train_and_val_files_given_the_same_categories_list_are_read(tmp_path):
 
 # ---- ADE20K ------------------------------------------------------------------------------------------
 
+
 def test_root_pointed_at_ade_challenge_data_2016_is_read(tmp_path):
     root = _write_ade(tmp_path / "ADEChallengeData2016")
     with pytest.raises(FileNotFoundError, match="point root at ADEChallengeData2016 .* holding images/training/"):
@@ -292,8 +330,9 @@ def test_a_malformed_object_info_fixed_or_removed_is_read(tmp_path, fix):
     with pytest.raises(ValueError, match=re.escape("fix or remove it (without it the 150 ADE20K names are used)")):
         ADE20K(root)
     if fix == "fix it":
-        (root / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.2\t1\t1\twall\n"
-                                                "2\t0.1\t1\t1\tbuilding, edifice\n3\t0.1\t1\t1\tsky\n")
+        (root / "objectInfo150.txt").write_text(
+            "Idx\tRatio\tTrain\tVal\tName\n1\t0.2\t1\t1\twall\n2\t0.1\t1\t1\tbuilding, edifice\n3\t0.1\t1\t1\tsky\n"
+        )
     else:
         (root / "objectInfo150.txt").unlink()
     assert ADE20K(root).classes == (("wall", "building", "sky") if fix == "fix it" else ADE20K_CLASSES)
@@ -326,7 +365,8 @@ def test_masks_of_the_wrong_kind_fixed_or_removed_pass_the_check(tmp_path, fix):
         ADE20K(root).check()
     assert "but its mask" in _message(raised) and _message(raised).endswith(
         "image and mask must have the same size (1 more masks of training fail this check); fix or remove the pair "
-        "before training")
+        "before training"
+    )
     if fix == "fix the pair":  # masks of the image's size, 8-bit single-channel
         for i, label in enumerate(labels, 1):
             Image.fromarray(label).save(masks / f"ADE_train_0000000{i}.png")
@@ -362,16 +402,20 @@ def test_a_label_beyond_the_class_list_corrected_or_listed_passes_the_check(tmp_
 @pytest.mark.parametrize("which, fix", [("image", "replace"), ("mask", "replace"), ("mask", "remove the pair")])
 def test_an_unreadable_image_or_mask_replaced_or_removed_with_its_pair_is_read(tmp_path, caplog, which, fix):
     root = _write_ade(tmp_path, sizes=((40, 30), (36, 36), (20, 20)))
-    pair = {"image": root / "images" / "training" / "ADE_train_00000002.jpg",
-            "mask": root / "annotations" / "training" / "ADE_train_00000002.png"}
+    pair = {
+        "image": root / "images" / "training" / "ADE_train_00000002.jpg",
+        "mask": root / "annotations" / "training" / "ADE_train_00000002.png",
+    }
     good = pair[which].read_bytes()
     _truncate(pair[which])
     data = ADE20K(root)
     with caplog.at_level(logging.WARNING):
         data.check()
         assert _unreadable(data) == [1]
-    assert caplog.text.count(f"{pair[which]} (") == 1 and "; replace the file, or remove the image and its mask " \
-                                                          "(counted in num_skipped)" in caplog.text
+    assert (
+        caplog.text.count(f"{pair[which]} (") == 1
+        and "; replace the file, or remove the image and its mask (counted in num_skipped)" in caplog.text
+    )
     if fix == "replace":
         pair[which].write_bytes(good)
     else:
@@ -384,9 +428,11 @@ def test_an_unreadable_image_or_mask_replaced_or_removed_with_its_pair_is_read(t
 
 # ---- checkpoints of the authors' layout and of whole models -----------------------------------------
 
+
 def test_a_checkpoint_path_that_exists_is_loaded(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pass the path of a .pth/.pt file saved by the authors' code or by "
-                                                "this workbook"):
+    with pytest.raises(
+        FileNotFoundError, match="pass the path of a .pth/.pt file saved by the authors' code or by this workbook"
+    ):
         load_official_checkpoint(build("resnet18", num_classes=3), tmp_path / "resnet18.pth")
     torch.save(to_official_state_dict(build("resnet18", num_classes=3)), tmp_path / "resnet18.pth")
     load_official_checkpoint(build("resnet18", num_classes=3), tmp_path / "resnet18.pth")
@@ -408,8 +454,9 @@ def test_a_checkpoint_re_saved_as_a_plain_state_dict_is_loaded(tmp_path, content
 
 def test_a_checkpoint_loaded_into_the_architecture_depth_and_num_classes_it_names_fits():
     state = to_official_state_dict(build("pyconvresnet18", num_classes=10))
-    with pytest.raises(CheckpointMismatchError, match="Check the architecture name and depth .and num_classes for the "
-                                                      "classifier."):
+    with pytest.raises(
+        CheckpointMismatchError, match="Check the architecture name and depth .and num_classes for the classifier."
+    ):
         load_official_checkpoint(build("pyconvresnet34", num_classes=1000), state)
     with pytest.raises(CheckpointMismatchError, match="fc.weight: checkpoint .10, 512. vs model .1000, 512."):
         load_official_checkpoint(build("pyconvresnet18", num_classes=1000), state)
@@ -430,22 +477,32 @@ def test_whole_model_weights_loaded_into_the_model_their_run_recorded_fit(tmp_pa
     torch.save({"model": source.state_dict(), "model_args": source.model_args}, path)
     with pytest.raises(CheckpointMismatchError) as raised:
         load_model_weights(build("resnet18", num_classes=4), path)
-    assert _message(raised).endswith("pass weights of a resnet18, or set the model parameters (arch, depth, head, "
-                                     "...) to those of the checkpoint's run")
+    assert _message(raised).endswith(
+        "pass weights of a resnet18, or set the model parameters (arch, depth, head, "
+        "...) to those of the checkpoint's run"
+    )
     recorded = torch.load(path, weights_only=True)["model_args"]
     model = load_model_weights(build(**recorded), path)
     assert torch.equal(model.fc.weight, source.fc.weight)
-    with pytest.raises(CheckpointMismatchError, match=re.escape("Use weights of the same model (architecture, depth, "
-                                                                "number of classes).")):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=re.escape("Use weights of the same model (architecture, depth, number of classes)."),
+    ):
         load_model_weights(build("pyconvresnet18", num_classes=3), path)
 
 
 # ---- video inflation, backbones ------------------------------------------------------------------------
 
+
 def test_inflation_from_the_2d_network_of_the_same_family_and_blocks_works():
     model = build("resnet3d50", num_classes=5, stage_blocks=(1, 1, 1, 1))
-    with pytest.raises(ValueError, match=re.escape("pass the 2D network of the same family and blocks (resnet50 for "
-                                                   "resnet3d50, pyconvresnet50 for pyconvresnet3d50)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "pass the 2D network of the same family and blocks (resnet50 for "
+            "resnet3d50, pyconvresnet50 for pyconvresnet3d50)"
+        ),
+    ):
         inflate_2d(model, build("pyconvresnet50", stage_blocks=(1, 1, 1, 1)))
     twin = build("resnet50", stage_blocks=(1, 1, 1, 1))
     assert inflate_2d(model, twin) == ["fc.weight", "fc.bias"]
@@ -456,16 +513,19 @@ def test_backbone_weights_passed_explicitly_when_both_demo_folders_hold_other_ex
     p = C.Params(arch="resnet", depth=18, runs_dir=str(tmp_path))
     name = C.train_config(p).run_name
     for folder, other in ((name, dict(lr=0.3)), (f"{name}-backbone", dict(seed=1))):
-        write_json(tmp_path / folder / "config.json",
-                   {"train": dataclasses.asdict(C.train_config(dataclasses.replace(p, **other)))})
+        write_json(
+            tmp_path / folder / "config.json",
+            {"train": dataclasses.asdict(C.train_config(dataclasses.replace(p, **other)))},
+        )
     with pytest.raises(ValueError, match="rename one, or pass backbone_weights explicitly$"):
         C.resolve_backbone_weights(C.DEMO_BACKBONE, "resnet", 18, str(tmp_path))
     classifier = build("resnet18", num_classes=10)
     torch.save(classifier.state_dict(), tmp_path / "resnet18.pt")
     detection = D.Params(arch="ssd", depth=18, backbone_weights=str(tmp_path / "resnet18.pt"), runs_dir=str(tmp_path))
     ssd = D.build_model(detection, num_classes=3)
-    segmentation = S.Params(head="fcn", depth=18, backbone="resnet", backbone_weights=str(tmp_path / "resnet18.pt"),
-                            runs_dir=str(tmp_path))
+    segmentation = S.Params(
+        head="fcn", depth=18, backbone="resnet", backbone_weights=str(tmp_path / "resnet18.pt"), runs_dir=str(tmp_path)
+    )
     fcn = S.build_model(segmentation, num_classes=3)
     for model in (ssd, fcn):
         stem = next(v for k, v in model.state_dict().items() if k.endswith("conv1.weight"))
@@ -474,6 +534,7 @@ def test_backbone_weights_passed_explicitly_when_both_demo_folders_hold_other_ex
 
 
 # ---- choices: did you mean, choose one of --------------------------------------------------------------
+
 
 def _suggested(message: str, pattern: str) -> list[str]:
     found = re.search(pattern, message)
@@ -490,10 +551,15 @@ def test_the_model_name_suggested_for_a_typo_builds():
         assert build(name, num_classes=3).model_args["name"] == name
 
 
-@pytest.mark.parametrize("args, pattern", [(dict(head="fcn_head"), r"choose one of \[(.+)\]"),
-                                           (dict(backbone="resnxt"), r"choose one of \[(.+)\]"),
-                                           (dict(output_stride=32), r"must be (8) or 16"),
-                                           (dict(output_stride=32), r"must be 8 or (16)")])
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (dict(head="fcn_head"), r"choose one of \[(.+)\]"),
+        (dict(backbone="resnxt"), r"choose one of \[(.+)\]"),
+        (dict(output_stride=32), r"must be (8) or 16"),
+        (dict(output_stride=32), r"must be 8 or (16)"),
+    ],
+)
 def test_every_segmentation_choice_the_message_offers_builds(args, pattern):
     kwargs = {"head": "plain", "depth": 18, "num_classes": 3, **args}
     with pytest.raises(ValueError) as raised:
@@ -505,8 +571,15 @@ def test_every_segmentation_choice_the_message_offers_builds(args, pattern):
             assert net(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
 
-@pytest.mark.parametrize("params, value", [(dict(backbone="pyconvresnt"), "backbone"), (dict(head="pspnt"), "head"),
-                                           (dict(recipe="ade20"), "recipe"), (dict(amp="bf61"), "amp")])
+@pytest.mark.parametrize(
+    "params, value",
+    [
+        (dict(backbone="pyconvresnt"), "backbone"),
+        (dict(head="pspnt"), "head"),
+        (dict(recipe="ade20"), "recipe"),
+        (dict(amp="bf61"), "amp"),
+    ],
+)
 def test_the_parameter_value_suggested_for_a_typo_is_accepted(params, value):
     with pytest.raises(ValueError) as raised:
         S.Params(**params)
@@ -549,14 +622,24 @@ def test_bench_settings_the_message_allows_run(settings):
 
 # ---- the weights parameter of the tasks -----------------------------------------------------------------
 
+
 def test_weights_given_as_a_file_are_evaluated_with_epochs_0(tmp_path):
     with pytest.raises(ValueError, match="epochs 0 evaluates without training and needs weights"):
         C.Params(epochs=0)
-    with pytest.raises(FileNotFoundError, match="give a run's best.pt or last.pt, or the authors' released "
-                                                "checkpoint$"):
+    with pytest.raises(
+        FileNotFoundError, match="give a run's best.pt or last.pt, or the authors' released checkpoint$"
+    ):
         C.Params(epochs=0, weights=str(tmp_path / "best.pt"))
     model = build("pyconvresnet18", num_classes=10)
     torch.save(to_official_state_dict(model), tmp_path / "pyconvresnet18.pth")  # the authors' layout
-    p = C.Params(epochs=0, weights=str(tmp_path / "pyconvresnet18.pth"), image_size=16, train_subset=16,
-                 val_subset=16, batch_size=8, runs_dir=str(tmp_path), progress=False)
+    p = C.Params(
+        epochs=0,
+        weights=str(tmp_path / "pyconvresnet18.pth"),
+        image_size=16,
+        train_subset=16,
+        val_subset=16,
+        batch_size=8,
+        runs_dir=str(tmp_path),
+        progress=False,
+    )
     assert [row["kind"] for row in read_metrics(C.run(p).run_dir)] == ["eval"]

@@ -1,5 +1,6 @@
 """Checkpoints are data, never code; a trained epoch is saved before it is evaluated; best.pt never lags; a
 damaged checkpoint is refused, never loaded; a full disk leaves the previous checkpoint."""
+
 import os
 import random
 import resource
@@ -82,8 +83,12 @@ def test_no_load_path_runs_code_from_the_file_and_the_error_names_it(tmp_path, p
 
 
 def test_the_state_dict_diff_names_missing_unexpected_and_mis_shaped_keys_and_the_file():
-    model = {"conv1.weight": torch.zeros(4, 3), "bn1.num_batches_tracked": torch.zeros(()),
-             "fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}
+    model = {
+        "conv1.weight": torch.zeros(4, 3),
+        "bn1.num_batches_tracked": torch.zeros(()),
+        "fc.weight": torch.zeros(10, 4),
+        "fc.bias": torch.zeros(10),
+    }
     checkpoint = {"conv1.weight": torch.ones(4, 3), "fc.weight": torch.ones(7, 4), "head.weight": torch.ones(1)}
     diff = diff_state_dicts(model, checkpoint)
     assert diff.missing == ("fc.bias",) and diff.unexpected == ("head.weight",)
@@ -91,8 +96,12 @@ def test_the_state_dict_diff_names_missing_unexpected_and_mis_shaped_keys_and_th
     assert diff_state_dicts(model, checkpoint, optional=()).missing == ("bn1.num_batches_tracked", "fc.bias")
     assert not diff_state_dicts(model, {k: v for k, v in model.items() if "num_batches" not in k})
     assert diff.message("runs/a/best.pt", "fit model resnet18", "Use weights of resnet18.").splitlines() == [
-        "checkpoint runs/a/best.pt does not fit model resnet18:", "  1 missing: fc.bias", "  1 unexpected: head.weight",
-        "  1 mis-shaped: fc.weight: checkpoint (7, 4) vs model (10, 4)", "  Use weights of resnet18."]
+        "checkpoint runs/a/best.pt does not fit model resnet18:",
+        "  1 missing: fc.bias",
+        "  1 unexpected: head.weight",
+        "  1 mis-shaped: fc.weight: checkpoint (7, 4) vs model (10, 4)",
+        "  Use weights of resnet18.",
+    ]
     many = diff_state_dicts({}, {f"k{i}": torch.zeros(1) for i in range(15)}).message("f.pt", "fit m", "Fix it.")
     assert "15 unexpected: k0, k1," in many and "k11 ... and 3 more" in many and "k12" not in many
 
@@ -106,8 +115,9 @@ def test_resuming_a_run_with_another_model_names_the_checkpoint_and_the_keys_tha
     message = str(caught.value)
     assert message.startswith(f"checkpoint {path} does not fit this run's model:")
     assert "fc.weight: checkpoint (3, 512) vs model (10, 512)" in message
-    assert message.endswith("Resume with the model parameters the run started with, or start a new run "
-                            "(another run_name).")
+    assert message.endswith(
+        "Resume with the model parameters the run started with, or start a new run (another run_name)."
+    )
 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
@@ -148,11 +158,15 @@ def test_a_failing_evaluation_keeps_the_trained_epoch_and_resume_evaluates_it(tm
     for name in ("last.pt", "best.pt"):
         straight, resumed = load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "broken" / name)
         assert (resumed["epoch"], resumed["best"], resumed["pending_eval"]) == (
-            straight["epoch"], straight["best"], False), name
+            straight["epoch"],
+            straight["best"],
+            False,
+        ), name
         for key, value in straight["model"].items():
             torch.testing.assert_close(resumed["model"][key], value, msg=f"{name} {key}")
     assert [(r["epoch"], r["top1"]) for r in read_metrics(tmp_path / "broken", "eval")] == [
-        (r["epoch"], r["top1"]) for r in read_metrics(tmp_path / "straight", "eval")]
+        (r["epoch"], r["top1"]) for r in read_metrics(tmp_path / "straight", "eval")
+    ]
 
 
 def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_fix(tmp_path):
@@ -176,8 +190,11 @@ def test_an_unreadable_checksum_record_is_named_and_deleting_it_loads_the_checkp
     path = tmp_path / "last.pt"
     save_atomic({"weights": torch.ones(3)}, path)
     checksum_path(path).write_text("{ cut short")
-    with pytest.raises(OSError, match=rf"checksum record {checksum_path(path)} cannot be read .*; delete it to load "
-                                      rf"last.pt unchecked"):
+    with pytest.raises(
+        OSError,
+        match=rf"checksum record {checksum_path(path)} cannot be read .*; delete it to load "
+        rf"last.pt unchecked",
+    ):
         load_checkpoint(path)
     checksum_path(path).unlink()  # the advice works
     assert torch.equal(load_checkpoint(path)["weights"], torch.ones(3))
@@ -185,8 +202,11 @@ def test_an_unreadable_checksum_record_is_named_and_deleting_it_loads_the_checkp
 
 def test_a_missing_checkpoint_names_those_its_folder_holds(tmp_path):
     save_atomic({"weights": torch.ones(3)}, tmp_path / "last.pt")
-    with pytest.raises(FileNotFoundError, match=rf"checkpoint {tmp_path / 'best.pt'} does not exist \({tmp_path} "
-                                                rf"holds last.pt\): give the path of one that exists"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"checkpoint {tmp_path / 'best.pt'} does not exist \({tmp_path} "
+        rf"holds last.pt\): give the path of one that exists",
+    ):
         load_checkpoint(tmp_path / "best.pt")
     assert torch.equal(load_checkpoint(tmp_path / "last.pt")["weights"], torch.ones(3))  # the one it names loads
 
@@ -214,8 +234,17 @@ def test_a_kill_between_the_checksum_record_and_the_rename_leaves_a_checkpoint_t
 
 
 def _launcher(tmp_path, *flags):
-    args = [sys.executable, "-m", "pyconv_core.run", "classification", "--runs-dir", str(tmp_path),
-            "--run-name", "full", *flags]
+    args = [
+        sys.executable,
+        "-m",
+        "pyconv_core.run",
+        "classification",
+        "--runs-dir",
+        str(tmp_path),
+        "--run-name",
+        "full",
+        *flags,
+    ]
     return args + [arg for key, value in TINY.items() for arg in ("--" + key.replace("_", "-"), str(value))]
 
 
@@ -229,8 +258,13 @@ def test_a_checkpoint_over_the_file_size_limit_is_one_line_and_the_old_one_still
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    launched = subprocess.run(_launcher(tmp_path, "--epochs", "2", "--resume", "true"), env=env, capture_output=True,
-                              text=True, preexec_fn=limited)
+    launched = subprocess.run(
+        _launcher(tmp_path, "--epochs", "2", "--resume", "true"),
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+    )
     assert launched.returncode == 1 and "Traceback" not in launched.stderr, launched.stderr[-3000:]
     line = launched.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: cannot write {last}: it exceeds this process's file-size limit of ")
@@ -244,8 +278,11 @@ def small_disk(tmp_path):
     """A 2 MB tmpfs (mounting needs root: skipped otherwise)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("mounting a small tmpfs needs root")
     yield disk
     subprocess.run(["umount", str(disk)], check=True)
@@ -253,10 +290,20 @@ def small_disk(tmp_path):
 
 def _small_fit(runs_dir, epochs, resume=False):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 64), torch.nn.ReLU(),
-                                torch.nn.Linear(64, 10))
-    cfg = TrainConfig(run_name="full", epochs=epochs, batch_size=16, lr=0.1, lr_reference_batch=16,
-                      schedule="constant", runs_dir=str(runs_dir), progress=False, resume=resume)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    )
+    cfg = TrainConfig(
+        run_name="full",
+        epochs=epochs,
+        batch_size=16,
+        lr=0.1,
+        lr_reference_batch=16,
+        schedule="constant",
+        runs_dir=str(runs_dir),
+        progress=False,
+        resume=resume,
+    )
     return fit(model, ClassificationTask(), FashionMNIST("train", 16, 64), FashionMNIST("test", 16, 32), cfg)
 
 

@@ -1,5 +1,6 @@
 """Comparing runs: run folders found and grouped by task, one table of what differs and how each run did,
 their curves in the same panels, and notebook 05 over such folders (or none)."""
+
 import json
 import os
 import subprocess
@@ -28,9 +29,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def _fit(runs_dir: Path, name: str, arch: str, **overrides):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-    cfg = TrainConfig(**{**dict(run_name=name, epochs=2, batch_size=16, lr=0.1, lr_reference_batch=16,
-                                schedule="cosine", log_every=2, runs_dir=str(runs_dir), progress=False,
-                                extra={"arch": arch, "depth": 18}), **overrides})
+    cfg = TrainConfig(
+        **{
+            **dict(
+                run_name=name,
+                epochs=2,
+                batch_size=16,
+                lr=0.1,
+                lr_reference_batch=16,
+                schedule="cosine",
+                log_every=2,
+                runs_dir=str(runs_dir),
+                progress=False,
+                extra={"arch": arch, "depth": 18},
+            ),
+            **overrides,
+        }
+    )
     if cfg.weights:  # as a task does: the model starts from them, the run records their path
         load_model_weights(model, cfg.weights)
     return fit(model, ClassificationTask(), FashionMNIST("train", 16, 64), FashionMNIST("test", 16, 32), cfg).run_dir
@@ -52,8 +67,9 @@ def runs(tmp_path_factory):
 
 
 def test_runs_are_found_and_grouped_by_task(runs, tmp_path):
-    assert find_runs(runs) == {"classification": [runs / "pyconvresnet-demo", runs / "resnet-demo",
-                                                  runs / "resnet-demo-eval"]}
+    assert find_runs(runs) == {
+        "classification": [runs / "pyconvresnet-demo", runs / "resnet-demo", runs / "resnet-demo-eval"]
+    }
     assert find_runs(runs, ["resnet-demo"]) == {"classification": [runs / "resnet-demo"]}
     with pytest.raises(ValueError, match=r"resnt: no run folder of that name in .*; the runs there: pyconvresnet"):
         find_runs(runs, ["resnt"])
@@ -81,8 +97,14 @@ def test_the_table_holds_what_differs_and_how_each_run_did(runs):
 
 
 def test_the_curves_of_all_runs_share_the_panels(runs):
-    axes = plot_runs({"ResNet": runs / "resnet-demo", "PyConvResNet": runs / "pyconvresnet-demo",
-                      "evaluated": runs / "resnet-demo-eval"}, title="classification")
+    axes = plot_runs(
+        {
+            "ResNet": runs / "resnet-demo",
+            "PyConvResNet": runs / "pyconvresnet-demo",
+            "evaluated": runs / "resnet-demo-eval",
+        },
+        title="classification",
+    )
     assert [ax.get_title() for ax in axes] == ["training loss", "validation top-1 accuracy (%)"]
     assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["ResNet", "PyConvResNet"]
     assert [t.get_text() for t in axes[1].get_legend().get_texts()] == ["ResNet", "PyConvResNet", "evaluated"]
@@ -90,9 +112,13 @@ def test_the_curves_of_all_runs_share_the_panels(runs):
 
 
 def _papermill(out: Path, *params: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "05_compare.ipynb"), str(out),
-                           *params], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "05_compare.ipynb"), str(out), *params],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out.read_text()
 

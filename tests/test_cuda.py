@@ -2,6 +2,7 @@
 with bf16 and with fp16 + GradScaler in channels_last and evaluates, a compiled run measures its auto
 plans with CUDA timing, a resumed run reaches an uninterrupted one's weights, and the notebooks' device
 path (a run's model loaded back) computes on the GPU. ``scripts/gpu_check.sh`` runs them on a device."""
+
 import dataclasses
 import math
 import os
@@ -17,12 +18,13 @@ from pyconv_core.engine.trainer import FitResult, fit, seed_everything
 from pyconv_core.run import load_run_model
 from pyconv_core.tasks import classification, detection, segmentation, video
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 TASKS = {
-    "classification": (classification, dict(arch="pyconvresnet", depth=18, image_size=32, train_subset=256,
-                                            val_subset=128, batch_size=32)),
+    "classification": (
+        classification,
+        dict(arch="pyconvresnet", depth=18, image_size=32, train_subset=256, val_subset=128, batch_size=32),
+    ),
     "detection": (detection, dict(depth=18, image_size=64, batch_size=8, demo_train=32, demo_val=8, eval_every=1)),
     "video": (video, dict(batch_size=4, demo_train_per_class=2, demo_val_per_class=1)),
     "segmentation": (segmentation, dict(batch_size=4, train_subset=16, val_subset=4)),
@@ -32,8 +34,17 @@ TASKS = {
 def _params(task: str, tmp_path, **changes):
     module, flags = TASKS[task]
     demo = {"demo_dir": str(tmp_path / "demo")} if task in ("detection", "video", "segmentation") else {}
-    return module, module.Params(**{**flags, **demo, "runs_dir": str(tmp_path / "runs"), "progress": False,
-                                    "epochs": 1, "pyconv_plan": "auto", **changes})
+    return module, module.Params(
+        **{
+            **flags,
+            **demo,
+            "runs_dir": str(tmp_path / "runs"),
+            "progress": False,
+            "epochs": 1,
+            "pyconv_plan": "auto",
+            **changes,
+        }
+    )
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

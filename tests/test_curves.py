@@ -1,5 +1,6 @@
 """Training curves: the Trainer's per-step rows (cadence, means, exact resume), one worker pool per
 epoch, and the figures drawn from the rows (curves, class legend, confusion title)."""
+
 import dataclasses
 import multiprocessing
 import os
@@ -29,8 +30,18 @@ STEPS_PER_EPOCH, LOG_EVERY = 8, 4  # 256 images in batches of 32; log_every divi
 @pytest.fixture(scope="module")
 def fashion_run(tmp_path_factory):
     """A real two-epoch classification run on 256 Fashion-MNIST images at 16px, a step row every 4 steps."""
-    p = Params(arch="resnet", depth=18, image_size=16, train_subset=256, val_subset=64, batch_size=32, epochs=2,
-               runs_dir=str(tmp_path_factory.mktemp("curves")), run_name="fashion", progress=False)
+    p = Params(
+        arch="resnet",
+        depth=18,
+        image_size=16,
+        train_subset=256,
+        val_subset=64,
+        batch_size=32,
+        epochs=2,
+        runs_dir=str(tmp_path_factory.mktemp("curves")),
+        run_name="fashion",
+        progress=False,
+    )
     train, val, classes = datasets(p)
     model = build(p.model_name, num_classes=len(classes))
     return fit(model, ClassificationTask(), train, val, dataclasses.replace(train_config(p), log_every=LOG_EVERY))
@@ -41,8 +52,17 @@ def _tiny_model() -> nn.Module:
 
 
 def _tiny_config(tmp_path, name: str, **overrides) -> TrainConfig:
-    return TrainConfig(run_name=name, epochs=2, batch_size=16, lr=0.1, lr_reference_batch=16, schedule="cosine",
-                       runs_dir=str(tmp_path), progress=False, **overrides)
+    return TrainConfig(
+        run_name=name,
+        epochs=2,
+        batch_size=16,
+        lr=0.1,
+        lr_reference_batch=16,
+        schedule="cosine",
+        runs_dir=str(tmp_path),
+        progress=False,
+        **overrides,
+    )
 
 
 def test_step_rows_come_every_log_every_steps_and_average_to_the_epoch(fashion_run):
@@ -60,8 +80,13 @@ def test_step_rows_come_every_log_every_steps_and_average_to_the_epoch(fashion_r
 
 def test_the_last_short_window_of_an_epoch_gets_its_own_row(tmp_path):
     """With 4 steps an epoch and log_every=3: rows after steps 3 and 4 of each epoch (every step counted once)."""
-    result = fit(_tiny_model(), ClassificationTask(), FashionMNIST("train", 16, 64), None,
-                 _tiny_config(tmp_path, "ragged", log_every=3))
+    result = fit(
+        _tiny_model(),
+        ClassificationTask(),
+        FashionMNIST("train", 16, 64),
+        None,
+        _tiny_config(tmp_path, "ragged", log_every=3),
+    )
     steps = read_metrics(result.run_dir, "step")
     assert [r["step"] for r in steps] == [3, 4, 7, 8]
     assert [r["epoch"] for r in steps] == pytest.approx([0.75, 1.0, 1.75, 2.0])
@@ -122,8 +147,9 @@ def test_each_epoch_reads_every_sample_once_through_one_worker_pool(tmp_path):
 
 
 def test_loss_curve_has_a_point_per_step_row_on_integer_epoch_ticks(fashion_run):
-    ax_loss, ax_err = plots.plot_curves({"ResNet-18": fashion_run.run_dir},
-                                        panels=(("train", "train_loss"), ("eval", "top1_err")))
+    ax_loss, ax_err = plots.plot_curves(
+        {"ResNet-18": fashion_run.run_dir}, panels=(("train", "train_loss"), ("eval", "top1_err"))
+    )
     (line,) = [line for line in ax_loss.get_lines() if len(line.get_xdata())]  # seaborn adds empty legend lines
     assert len(line.get_xdata()) == len(read_metrics(fashion_run.run_dir, "step")) > 2  # more points than epochs
     assert len(ax_loss.collections[-1].get_offsets()) == 2  # the per-epoch means as markers
@@ -149,8 +175,11 @@ def test_segmentation_figure_has_a_legend_of_the_classes_present():
     classes = ("wall", "floor", "sky", "tree")
     palette = palette_for(classes)
     truth = torch.tensor([[0, 0, 2], [2, IGNORE_INDEX, 2]])
-    sample = {"image": np.zeros((2, 3, 3), np.uint8), "truth": truth, "preds": {"PyConvPH": torch.tensor([[0, 3, 2],
-                                                                                                        [2, 2, 2]])}}
+    sample = {
+        "image": np.zeros((2, 3, 3), np.uint8),
+        "truth": truth,
+        "preds": {"PyConvPH": torch.tensor([[0, 3, 2], [2, 2, 2]])},
+    }
     fig = plots.show_segmentation([sample], palette, classes)
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["wall", "sky", "tree", "ignored"]

@@ -1,5 +1,6 @@
 """Classification data as found in the wild: one label space for training and validation folders,
 and predictions and galleries that keep dataset indices past a corrupt image."""
+
 import logging
 import re
 import shutil
@@ -31,8 +32,7 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 3)).eval()
 
 
-def test_validation_without_a_class_folder_keeps_the_training_labels_and_scores(imagenet_dir, imagenet_copy,
-                                                                                caplog):
+def test_validation_without_a_class_folder_keeps_the_training_labels_and_scores(imagenet_dir, imagenet_copy, caplog):
     shutil.rmtree(imagenet_copy / "val" / "n00000001")
     (imagenet_copy / "train" / ".ipynb_checkpoints").mkdir()  # a hidden folder is not a class
     with caplog.at_level(logging.WARNING):
@@ -45,8 +45,9 @@ def test_validation_without_a_class_folder_keeps_the_training_labels_and_scores(
     _, full_val = imagenet_datasets(imagenet_dir, crop=32)
     predicted, truth = C.predict(model, full_val)
     present = (truth >= 0) & (truth != 1)
-    metrics = C.ClassificationTask().evaluate(model, DataLoader(val, batch_size=8, collate_fn=collate_skipping_bad),
-                                              torch.device("cpu"))
+    metrics = C.ClassificationTask().evaluate(
+        model, DataLoader(val, batch_size=8, collate_fn=collate_skipping_bad), torch.device("cpu")
+    )
     assert metrics["num_samples"] == int(present.sum()) == 8
     assert metrics["top1"] == pytest.approx(100 * float((predicted[present] == truth[present]).float().mean()))
 
@@ -55,8 +56,12 @@ def test_a_validation_class_unknown_to_training_is_an_error_before_training(imag
     shutil.copytree(imagenet_copy / "val" / "n00000007", imagenet_copy / "val" / "n00000009")
     p = C.Params(data_dir=str(imagenet_copy), crop=32, epochs=1, batch_size=8, runs_dir=str(tmp_path / "runs"))
     folder = imagenet_copy / "val" / "n00000009"
-    with pytest.raises(ValueError, match=re.escape(f"{folder.parent} has class folder(s) n00000009 (e.g. {folder}) "
-                                                   f"that the training set does not have")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{folder.parent} has class folder(s) n00000009 (e.g. {folder}) that the training set does not have"
+        ),
+    ):
         C.run(p)
     assert not list(tmp_path.glob("runs/*/metrics.jsonl"))  # nothing was trained
 
@@ -78,8 +83,9 @@ def test_predictions_and_the_error_gallery_keep_dataset_indices_past_a_corrupt_i
 
     wrong = [i for i in readable if predicted[i] != truth[i]]
     shown = [ax for ax in plots.show_misclassified(val, predicted, truth, val.classes).axes if ax.images]
-    assert [ax.get_title() for ax in shown] == [f"true {val.classes[truth[i]]}\npred {val.classes[predicted[i]]}"
-                                                for i in wrong]
+    assert [ax.get_title() for ax in shown] == [
+        f"true {val.classes[truth[i]]}\npred {val.classes[predicted[i]]}" for i in wrong
+    ]
     for ax, i in zip(shown, wrong):
         image = val[i][0]
         expected = ((image - image.min()) / (image.max() - image.min() + 1e-8)).permute(1, 2, 0).numpy()
@@ -88,14 +94,23 @@ def test_predictions_and_the_error_gallery_keep_dataset_indices_past_a_corrupt_i
     assert np.asarray(counts).sum() == pytest.approx(len(val.classes))  # rows normalised: -1 entries left out
 
 
-def test_images_over_the_pixel_limit_are_skipped_and_counted_like_corrupt_ones(imagenet_copy, tmp_path, monkeypatch,
-                                                                               caplog):
+def test_images_over_the_pixel_limit_are_skipped_and_counted_like_corrupt_ones(
+    imagenet_copy, tmp_path, monkeypatch, caplog
+):
     # PIL warns for an image over MAX_IMAGE_PIXELS and raises beyond twice that: both are skipped
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # the real images are 28x28 = 784 pixels
     for name, side in (("n00000000_warned.JPEG", 40), ("n00000000_refused.JPEG", 64)):
         Image.new("RGB", (side, side), (90, 90, 90)).save(imagenet_copy / "val" / "n00000000" / name)
-    result = C.run(C.Params(data_dir=str(imagenet_copy), crop=32, epochs=1, batch_size=8,
-                            runs_dir=str(tmp_path / "runs"), run_name="bombs"))
+    result = C.run(
+        C.Params(
+            data_dir=str(imagenet_copy),
+            crop=32,
+            epochs=1,
+            batch_size=8,
+            runs_dir=str(tmp_path / "runs"),
+            run_name="bombs",
+        )
+    )
     evals = read_metrics(result.run_dir, "eval")[0]
     assert evals["num_skipped"] == 3 and evals["num_samples"] == 12  # the two large images and the corrupt one
     for name in ("n00000000_warned.JPEG", "n00000000_refused.JPEG"):

@@ -1,5 +1,6 @@
 """DDP under the launcher: a stalled rank ends the job within ddp_timeout_s, and torchrun --max-restarts
 restarts a killed rank into a run that resumes from last.pt (two gloo processes on the CPU)."""
+
 import contextlib
 import json
 import multiprocessing
@@ -18,8 +19,16 @@ from pyconv_core.run import field_help, parse_params
 from pyconv_core.tasks.classification import Params
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(arch="resnet", depth=18, image_size=16, train_subset=192, val_subset=64, batch_size=16, log_every=1,
-            pyconv_plan="naive")
+TINY = dict(
+    arch="resnet",
+    depth=18,
+    image_size=16,
+    train_subset=192,
+    val_subset=64,
+    batch_size=16,
+    log_every=1,
+    pyconv_plan="naive",
+)
 
 
 def _env():
@@ -28,8 +37,18 @@ def _env():
 
 def _launcher(runs_dir: Path, run_name: str, **flags) -> list[str]:
     """The launcher with gpus 2: it starts torchrun itself, as a notebook's launch() does."""
-    args = [sys.executable, "-m", "pyconv_core.run", "classification", "--runs-dir", str(runs_dir),
-            "--run-name", run_name, "--gpus", "2"]
+    args = [
+        sys.executable,
+        "-m",
+        "pyconv_core.run",
+        "classification",
+        "--runs-dir",
+        str(runs_dir),
+        "--run-name",
+        run_name,
+        "--gpus",
+        "2",
+    ]
     for key, value in {**TINY, **flags}.items():
         args += ["--" + key.replace("_", "-"), str(value)]
     return args
@@ -108,8 +127,13 @@ TIMEOUT_S = 60  # above the start-up skew of two ranks on a loaded 2-core machin
 
 
 def test_a_stalled_rank_ends_the_job_with_one_line_naming_the_timeout(tmp_path):
-    proc = subprocess.Popen(_launcher(tmp_path, "stall", epochs=3, ddp_timeout_s=TIMEOUT_S), env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _launcher(tmp_path, "stall", epochs=3, ddp_timeout_s=TIMEOUT_S),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ranks: dict[int, int] = {}
     try:
         _wait(lambda: any(r["kind"] == "step" for r in _rows(tmp_path / "stall")), proc, "a training step")
@@ -134,8 +158,13 @@ def test_a_stalled_rank_ends_the_job_with_one_line_naming_the_timeout(tmp_path):
 def test_torchrun_restarts_a_killed_rank_and_the_run_resumes(tmp_path):
     run_dir = tmp_path / "restart"
     # rank 0 (the lock holder and writer, with a DataLoader worker) is killed once, after epoch 1 is saved
-    proc = subprocess.Popen(_launcher(tmp_path, "restart", epochs=3, max_restarts=1, num_workers=1), env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _launcher(tmp_path, "restart", epochs=3, max_restarts=1, num_workers=1),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait(lambda: any(r["kind"] == "step" and r["epoch"] > 1 for r in _rows(run_dir)), proc, "epoch 2's first step")
         os.kill(_ranks(proc.pid)[0], signal.SIGKILL)

@@ -1,4 +1,5 @@
 """SSD300 / PyConvSSD: S-Table 1 counts, head layout, box machinery on hand-computed cases, checkpoints."""
+
 import math
 
 import pytest
@@ -93,8 +94,12 @@ def test_first_default_boxes_are_hand_computed():
     boxes = S.default_boxes()
     c = 0.5 / 37.5  # NVIDIA/Caffe SSD300: centre (j + 0.5) / (300 / step), step 8
     s1, s2 = 21 / 300, math.sqrt(21 * 45) / 300
-    expected = [(c, c, s1, s1), (c, c, s2, s2), (c, c, s1 * math.sqrt(2), s1 / math.sqrt(2)),
-                (c, c, s1 / math.sqrt(2), s1 * math.sqrt(2))]
+    expected = [
+        (c, c, s1, s1),
+        (c, c, s2, s2),
+        (c, c, s1 * math.sqrt(2), s1 / math.sqrt(2)),
+        (c, c, s1 / math.sqrt(2), s1 * math.sqrt(2)),
+    ]
     torch.testing.assert_close(boxes[:4], torch.tensor(expected))
     torch.testing.assert_close(boxes[4, :2], torch.tensor([1.5 / 37.5, c]))  # next column, same row
     torch.testing.assert_close(boxes[-1], torch.tensor([0.5, 0.5, 261 / 300 / math.sqrt(2), 1.0]))
@@ -177,8 +182,11 @@ def test_postprocess_thresholds_nms_per_class_and_top_k():
 
 def _assert_backbone_holds(model, state, rename=()):
     own = model.backbone.state_dict()
-    for theirs, ours in [("conv1.weight", "conv1.weight"), ("layer2.1.bn2.running_var", "layer2.1.bn2.running_var"),
-                         *rename]:
+    for theirs, ours in [
+        ("conv1.weight", "conv1.weight"),
+        ("layer2.1.bn2.running_var", "layer2.1.bn2.running_var"),
+        *rename,
+    ]:
         assert torch.equal(own[ours], state[theirs]), ours
 
 
@@ -187,19 +195,31 @@ def test_backbone_loads_official_and_workbook_imagenet_checkpoints(tmp_path):
     classifier = build("pyconvresnet50", num_classes=1000)
     official = to_official_state_dict(classifier)
     model = S.load_backbone_checkpoint(build("pyconvssd50"), official)
-    _assert_backbone_holds(model, official, [
-        ("layer1.0.conv2.conv2_4.weight", "layer1.0.conv2.levels.3.weight"),
-        ("layer3.0.downsample.1.weight", "layer3.0.downsample.0.weight"),
-        ("layer3.0.downsample.2.running_mean", "layer3.0.downsample.1.running_mean")])
+    _assert_backbone_holds(
+        model,
+        official,
+        [
+            ("layer1.0.conv2.conv2_4.weight", "layer1.0.conv2.levels.3.weight"),
+            ("layer3.0.downsample.1.weight", "layer3.0.downsample.0.weight"),
+            ("layer3.0.downsample.2.running_mean", "layer3.0.downsample.1.running_mean"),
+        ],
+    )
     path = tmp_path / "best.pt"  # the workbook's own layout, in a Trainer checkpoint (with RNG state)
     torch.save({"model": classifier.state_dict(), "epoch": 90, "rng": rng_state()}, path)
     model = S.load_backbone_checkpoint(build("pyconvssd50"), path)
-    _assert_backbone_holds(model, classifier.state_dict(), [("layer3.5.conv2.levels.1.weight",
-                                                              "layer3.5.conv2.levels.1.weight")])
+    _assert_backbone_holds(
+        model, classifier.state_dict(), [("layer3.5.conv2.levels.1.weight", "layer3.5.conv2.levels.1.weight")]
+    )
     torchvision_state = torchvision.models.resnet50().state_dict()  # torchvision = official ResNet layout
     model = S.load_backbone_checkpoint(build("ssd50"), {f"module.{k}": v for k, v in torchvision_state.items()})
-    _assert_backbone_holds(model, torchvision_state, [("layer3.0.downsample.0.weight", "layer3.0.downsample.0.weight"),
-                                                      ("layer3.2.conv2.weight", "layer3.2.conv2.levels.0.weight")])
+    _assert_backbone_holds(
+        model,
+        torchvision_state,
+        [
+            ("layer3.0.downsample.0.weight", "layer3.0.downsample.0.weight"),
+            ("layer3.2.conv2.weight", "layer3.2.conv2.levels.0.weight"),
+        ],
+    )
 
 
 def test_backbone_checkpoint_of_another_depth_or_a_corrupt_file_is_refused(tmp_path):

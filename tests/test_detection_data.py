@@ -1,5 +1,6 @@
 """COCO layout reading (as COCO writes it and as other tools do), SSD augmentation, the embedded demo
 set, COCOeval metrics, unreadable images, and one tiny run."""
+
 import json
 import logging
 import shutil
@@ -40,8 +41,14 @@ def _write_coco(root, images, annotations, categories=({"id": 3, "name": "car"},
 
 
 def _ann(ann_id, image_id, bbox, category_id=3, iscrowd=0):
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox,
-            "area": bbox[2] * bbox[3], "iscrowd": iscrowd}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": bbox,
+        "area": bbox[2] * bbox[3],
+        "iscrowd": iscrowd,
+    }
 
 
 def test_demo_set_is_coco_layout_with_boxes_exact_from_visible_pixels(demo_root):
@@ -98,8 +105,9 @@ def test_training_augmentation_keeps_boxes_valid(demo_root):
 
 def test_random_min_iou_crop_keeps_a_box_centre_and_the_aspect_limits():
     crop = SSDRandomCrop()
-    boxes = tv_tensors.BoundingBoxes(torch.tensor([[10.0, 20, 60, 90], [70, 5, 95, 30]]), format="XYXY",
-                                     canvas_size=(100, 120))
+    boxes = tv_tensors.BoundingBoxes(
+        torch.tensor([[10.0, 20, 60, 90], [70, 5, 95, 30]]), format="XYXY", canvas_size=(100, 120)
+    )
     torch.manual_seed(0)
     kept = 0
     for _ in range(200):
@@ -110,8 +118,12 @@ def test_random_min_iou_crop_keeps_a_box_centre_and_the_aspect_limits():
         assert 0.5 <= params["width"] / params["height"] <= 2.0
         assert 30 <= params["width"] <= 120 and 30 <= params["height"] <= 100
         cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-        inside = ((params["left"] < cx) & (cx < params["left"] + params["width"])
-                  & (params["top"] < cy) & (cy < params["top"] + params["height"]))
+        inside = (
+            (params["left"] < cx)
+            & (cx < params["left"] + params["width"])
+            & (params["top"] < cy)
+            & (cy < params["top"] + params["height"])
+        )
         assert torch.equal(inside, params["is_within_crop_area"]) and inside.any()
     assert 120 < kept < 200  # "leave as is" is one of seven options
     empty = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(100, 120))
@@ -119,9 +131,17 @@ def test_random_min_iou_crop_keeps_a_box_centre_and_the_aspect_limits():
 
 
 def test_crowd_degenerate_missing_and_empty_images(tmp_path, caplog):
-    root = _write_coco(tmp_path, {"a.jpg": (1, 80, 60), "b.jpg": (2, 80, 60), "gone.jpg": (3, 80, 60)}, [
-        _ann(1, 1, [10, 10, 20, 30]), _ann(2, 1, [0, 0, 80, 60], iscrowd=1), _ann(3, 1, [5, 5, 0, 10]),
-        _ann(4, 1, [70, 50, 30, 30], category_id=9), _ann(5, 3, [1, 1, 5, 5])])
+    root = _write_coco(
+        tmp_path,
+        {"a.jpg": (1, 80, 60), "b.jpg": (2, 80, 60), "gone.jpg": (3, 80, 60)},
+        [
+            _ann(1, 1, [10, 10, 20, 30]),
+            _ann(2, 1, [0, 0, 80, 60], iscrowd=1),
+            _ann(3, 1, [5, 5, 0, 10]),
+            _ann(4, 1, [70, 50, 30, 30], category_id=9),
+            _ann(5, 3, [1, 1, 5, 5]),
+        ],
+    )
     (root / "val2017" / "gone.jpg").unlink()
     with caplog.at_level(logging.WARNING):
         val = CocoDetection(root, "val2017", size=32)
@@ -129,8 +149,9 @@ def test_crowd_degenerate_missing_and_empty_images(tmp_path, caplog):
     assert "missing_image" in caplog.text and "degenerate_box" in caplog.text
     assert [item[0] for item in val.items] == [1, 2]
     _, target = val[0]
-    torch.testing.assert_close(target["boxes"], torch.tensor([[10 / 80, 10 / 60, 30 / 80, 40 / 60],
-                                                              [70 / 80, 50 / 60, 1.0, 1.0]]))
+    torch.testing.assert_close(
+        target["boxes"], torch.tensor([[10 / 80, 10 / 60, 30 / 80, 40 / 60], [70 / 80, 50 / 60, 1.0, 1.0]])
+    )
     assert target["labels"].tolist() == [1, 2]  # ids 3 and 9 -> 1 and 2
     assert len(val[1][1]["boxes"]) == 0
     assert len(CocoDetection(root, "val2017", size=32, skip_empty=True)) == 1
@@ -147,7 +168,8 @@ def test_malformed_or_missing_annotation_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="no annotations, categories"):
         CocoDetection(tmp_path, "val2017")
     (tmp_path / "annotations" / "instances_val2017.json").write_text(
-        json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1}], "categories": []}))
+        json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1}], "categories": []})
+    )
     with pytest.raises(ValueError, match="annotation 1 .* bbox"):
         CocoDetection(tmp_path, "val2017")
 
@@ -155,15 +177,25 @@ def test_malformed_or_missing_annotation_files_are_named(tmp_path):
 def _perfect(dataset, shift=0.0):
     results = {}
     for image_id, _, _, _ in dataset.items:
-        results[image_id] = [{"image_id": image_id, "category_id": a["category_id"], "score": 0.9,
-                              "bbox": [a["bbox"][0] + shift * a["bbox"][2], a["bbox"][1], *a["bbox"][2:]]}
-                             for a in dataset.coco.imgToAnns.get(image_id, []) if not a["iscrowd"]]
+        results[image_id] = [
+            {
+                "image_id": image_id,
+                "category_id": a["category_id"],
+                "score": 0.9,
+                "bbox": [a["bbox"][0] + shift * a["bbox"][2], a["bbox"][1], *a["bbox"][2:]],
+            }
+            for a in dataset.coco.imgToAnns.get(image_id, [])
+            if not a["iscrowd"]
+        ]
     return results
 
 
 def test_cocoeval_gives_100_for_perfect_and_less_for_shifted_boxes(tmp_path):
-    root = _write_coco(tmp_path, {"a.jpg": (1, 200, 200), "b.jpg": (2, 200, 200)}, [
-        _ann(1, 1, [10, 10, 20, 30]), _ann(2, 1, [50, 40, 60, 80], category_id=9), _ann(3, 2, [20, 100, 150, 90])])
+    root = _write_coco(
+        tmp_path,
+        {"a.jpg": (1, 200, 200), "b.jpg": (2, 200, 200)},
+        [_ann(1, 1, [10, 10, 20, 30]), _ann(2, 1, [50, 40, 60, 80], category_id=9), _ann(3, 2, [20, 100, 150, 90])],
+    )
     val = CocoDetection(root, "val2017", size=32)
     perfect = D.coco_metrics(val, _perfect(val))
     assert set(D.COCO_METRICS) <= set(perfect)
@@ -176,9 +208,18 @@ def test_cocoeval_gives_100_for_perfect_and_less_for_shifted_boxes(tmp_path):
 
 
 def test_tiny_run_records_the_twelve_coco_numbers(demo_root, tmp_path):
-    p = D.Params(depth=18, image_size=64, epochs=1, batch_size=8, demo_dir=str(demo_root), demo_train=TINY.num_train,
-                 demo_val=TINY.num_val, demo_image_size=TINY.image_size, runs_dir=str(tmp_path),
-                 run_name="tiny")
+    p = D.Params(
+        depth=18,
+        image_size=64,
+        epochs=1,
+        batch_size=8,
+        demo_dir=str(demo_root),
+        demo_train=TINY.num_train,
+        demo_val=TINY.num_val,
+        demo_image_size=TINY.image_size,
+        runs_dir=str(tmp_path),
+        run_name="tiny",
+    )
     result = D.run(p)
     rows = read_metrics(result.run_dir)
     train, evals = [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
@@ -189,6 +230,7 @@ def test_tiny_run_records_the_twelve_coco_numbers(demo_root, tmp_path):
 
 
 # ---- COCO files as other tools write them ----------------------------------------------------
+
 
 def _edit_json(root, edit):
     """Apply ``edit`` to the parsed instances_val2017.json of ``root`` and write it back; its path."""
@@ -202,15 +244,19 @@ def _edit_json(root, edit):
 def _cut(path):
     """Truncate a real image file to half its bytes, as an interrupted copy leaves it."""
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
 
 
 def test_labelme_export_with_folders_and_without_area_iscrowd_or_id_is_read_and_evaluated(tmp_path, caplog):
-    root = _write_coco(tmp_path, {"JPEGImages/a.jpg": (1, 200, 200), "JPEGImages/b.jpg": (2, 200, 200),
-                                  "JPEGImages/gone.jpg": (3, 200, 200)}, [
-        {"image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 30]},
-        {"image_id": 1, "category_id": 9, "bbox": [50, 40, 60, 80]},
-        {"image_id": 2, "category_id": 3, "bbox": [20, 100, 150, 90]}])
+    root = _write_coco(
+        tmp_path,
+        {"JPEGImages/a.jpg": (1, 200, 200), "JPEGImages/b.jpg": (2, 200, 200), "JPEGImages/gone.jpg": (3, 200, 200)},
+        [
+            {"image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 30]},
+            {"image_id": 1, "category_id": 9, "bbox": [50, 40, 60, 80]},
+            {"image_id": 2, "category_id": 3, "bbox": [20, 100, 150, 90]},
+        ],
+    )
     (root / "val2017" / "JPEGImages" / "gone.jpg").unlink()
     _edit_json(root, lambda d: d["images"][1].update(file_name="JPEGImages\\b.jpg"))  # as labelme writes on Windows
     with caplog.at_level(logging.WARNING):
@@ -225,32 +271,47 @@ def test_labelme_export_with_folders_and_without_area_iscrowd_or_id_is_read_and_
     assert perfect["AP"] == pytest.approx(100.0) and perfect["APs"] == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize("section, index, key, fix", [
-    ("images", 1, "height", "its width and height in pixels"),
-    ("images", 0, "file_name", "its file_name relative to the split folder"),
-    ("annotations", 1, "bbox", "a bbox [x, y, width, height] in pixels"),
-    ("annotations", 0, "image_id", "the image_id of its image"),
-    ("annotations", 1, "category_id", "a category_id listed in categories"),
-    ("categories", 1, "name", "a category needs a unique id and a name"),
-    ("categories", 0, "id", "a category needs a unique id and a name"),
-])
+@pytest.mark.parametrize(
+    "section, index, key, fix",
+    [
+        ("images", 1, "height", "its width and height in pixels"),
+        ("images", 0, "file_name", "its file_name relative to the split folder"),
+        ("annotations", 1, "bbox", "a bbox [x, y, width, height] in pixels"),
+        ("annotations", 0, "image_id", "the image_id of its image"),
+        ("annotations", 1, "category_id", "a category_id listed in categories"),
+        ("categories", 1, "name", "a category needs a unique id and a name"),
+        ("categories", 0, "id", "a category needs a unique id and a name"),
+    ],
+)
 def test_an_entry_without_a_required_field_is_named_with_its_file_and_the_fix(tmp_path, section, index, key, fix):
-    root = _write_coco(tmp_path, {"a.jpg": (1, 80, 60), "b.jpg": (2, 80, 60)},
-                       [_ann(1, 1, [1, 1, 5, 5]), _ann(2, 2, [1, 1, 5, 5], category_id=9)])
+    root = _write_coco(
+        tmp_path,
+        {"a.jpg": (1, 80, 60), "b.jpg": (2, 80, 60)},
+        [_ann(1, 1, [1, 1, 5, 5]), _ann(2, 2, [1, 1, 5, 5], category_id=9)],
+    )
     path = _edit_json(root, lambda d: d[section][index].pop(key))
     with pytest.raises(ValueError) as raised:
         CocoDetection(root, "val2017")
     message = str(raised.value)
     assert message.startswith(f"{path}: ") and f"(entry {index} of {section}) lacks {key};" in message
-    assert fix in message and message.endswith("Fix the entry, or remove it and the annotations of its category."
-                                               if section == "categories" else "Fix or remove the entry.")
+    assert fix in message and message.endswith(
+        "Fix the entry, or remove it and the annotations of its category."
+        if section == "categories"
+        else "Fix or remove the entry."
+    )
 
 
 def test_malformed_values_duplicate_ids_and_unlisted_categories_are_errors_before_training(tmp_path):
-    root = _write_coco(tmp_path, {"a.jpg": (1, 80, 60), "b.jpg": (2, 80, 60)},
-                       [_ann(1, 1, [10, 10, 20, 30]), _ann(7, 2, [5, 5, 20, 20], category_id=42)])
-    with pytest.raises(ValueError, match=r"instances_val2017.json: annotation 7 \(entry 1 of annotations\) has "
-                                         r"category_id 42, which categories does not list \(its ids: \[3, 9\]\)"):
+    root = _write_coco(
+        tmp_path,
+        {"a.jpg": (1, 80, 60), "b.jpg": (2, 80, 60)},
+        [_ann(1, 1, [10, 10, 20, 30]), _ann(7, 2, [5, 5, 20, 20], category_id=42)],
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"instances_val2017.json: annotation 7 \(entry 1 of annotations\) has "
+        r"category_id 42, which categories does not list \(its ids: \[3, 9\]\)",
+    ):
         CocoDetection(root, "val2017")
     _edit_json(root, lambda d: d["annotations"][1].update(category_id=9, bbox=["5", 5, 20, 20]))
     with pytest.raises(ValueError, match=r"annotation 7 \(entry 1 of annotations\) has bbox \['5', 5, 20, 20\]"):
@@ -261,8 +322,11 @@ def test_malformed_values_duplicate_ids_and_unlisted_categories_are_errors_befor
 
 
 def test_the_decoded_image_size_wins_over_the_json_and_a_disagreement_is_logged_once(tmp_path, caplog):
-    root = _write_coco(tmp_path, {"a.jpg": (1, 160, 120), "b.jpg": (2, 160, 120)},
-                       [_ann(1, 1, [100, 80, 40, 30]), _ann(2, 2, [10, 10, 170, 100])])
+    root = _write_coco(
+        tmp_path,
+        {"a.jpg": (1, 160, 120), "b.jpg": (2, 160, 120)},
+        [_ann(1, 1, [100, 80, 40, 30]), _ann(2, 2, [10, 10, 170, 100])],
+    )
     _edit_json(root, lambda d: [image.update(width=80, height=60) for image in d["images"]])  # a resized export
     val = CocoDetection(root, "val2017", size=32)
     with caplog.at_level(logging.WARNING):
@@ -279,8 +343,11 @@ def test_train_and_val_files_must_list_the_same_categories(demo_root, tmp_path):
     shutil.copytree(demo_root, root)
     _edit_json(root, lambda d: d["categories"][0].update(name="renamed"))
     p = D.Params(data_dir=str(root), image_size=64)
-    with pytest.raises(ValueError, match=r"instances_val2017.json and .*instances_train2017.json list different "
-                                         r"categories .*'renamed'"):
+    with pytest.raises(
+        ValueError,
+        match=r"instances_val2017.json and .*instances_train2017.json list different "
+        r"categories .*'renamed'",
+    ):
         D.datasets(p)
 
 
@@ -290,8 +357,16 @@ def test_truncated_images_are_skipped_counted_and_keep_their_place(demo_root, tm
     _cut(root / "train2017" / "000000000005.jpg")
     _cut(root / "val2017" / "000000000002.jpg")
     train_size = len(CocoDetection(root, "train2017", skip_empty=True))
-    p = D.Params(arch="ssd", depth=18, image_size=64, epochs=1, batch_size=train_size,  # one step sees every image
-                 data_dir=str(root), runs_dir=str(tmp_path / "runs"), run_name="cut")
+    p = D.Params(
+        arch="ssd",
+        depth=18,
+        image_size=64,
+        epochs=1,
+        batch_size=train_size,  # one step sees every image
+        data_dir=str(root),
+        runs_dir=str(tmp_path / "runs"),
+        run_name="cut",
+    )
     result = D.run(p)  # the epoch and its evaluation finish
     train, evals = read_metrics(result.run_dir, "train"), read_metrics(result.run_dir, "eval")
     assert train[0]["num_skipped"] == 1 and np.isfinite(train[0]["train_loss"])
@@ -310,13 +385,21 @@ def test_truncated_images_are_skipped_counted_and_keep_their_place(demo_root, tm
     assert [s["name"] for s in samples] == [val.items[i][1] for i in (bad - 1, bad, bad + 1)]
     assert torch.equal(samples[2]["truth"]["labels"], val.items[bad + 1][3])
     titles = [ax.get_title() for ax in plots.show_detections(samples, val.class_names).axes]
-    assert titles[:5] == [f"{val.items[bad - 1][1]}: ground truth", "predicted",
-                          "000000000002.jpg: unreadable, skipped", "", f"{val.items[bad + 1][1]}: ground truth"]
+    assert titles[:5] == [
+        f"{val.items[bad - 1][1]}: ground truth",
+        "predicted",
+        "000000000002.jpg: unreadable, skipped",
+        "",
+        f"{val.items[bad + 1][1]}: ground truth",
+    ]
 
 
 def test_an_image_over_the_pixel_limit_is_skipped_and_counted(tmp_path, monkeypatch, caplog):
-    root = _write_coco(tmp_path, {"a.jpg": (1, 30, 30), "huge.jpg": (2, 80, 80)},
-                       [_ann(1, 1, [2, 2, 10, 10]), _ann(2, 2, [2, 2, 10, 10])])
+    root = _write_coco(
+        tmp_path,
+        {"a.jpg": (1, 30, 30), "huge.jpg": (2, 80, 80)},
+        [_ann(1, 1, [2, 2, 10, 10]), _ann(2, 2, [2, 2, 10, 10])],
+    )
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
     val = CocoDetection(root, "val2017", size=32)
     with caplog.at_level(logging.WARNING):

@@ -1,6 +1,7 @@
 """ImageNet training images decoded and augmented on the training device (decode_on="device"), here with
 the CPU as that device: the same crop, flip and normalization, other formats through the CPU decoder, an
 undecodable file skipped and counted."""
+
 import logging
 
 import pytest
@@ -19,8 +20,12 @@ def test_encoded_images_are_cropped_flipped_and_normalized_on_the_device(imagene
     png = tmp_path / "n00000000" / "as_png.png"
     png.parent.mkdir()
     Image.open(first).save(png)
-    items = [folder[0], folder[1], folder[corrupt], (torch.frombuffer(bytearray(png.read_bytes()), dtype=torch.uint8),
-                                                     5, str(png))]
+    items = [
+        folder[0],
+        folder[1],
+        folder[corrupt],
+        (torch.frombuffer(bytearray(png.read_bytes()), dtype=torch.uint8), 5, str(png)),
+    ]
     batch, labels, skipped = collate_encoded(items)
     assert skipped == 0 and len(batch) == 4
     augment = DeviceAugment(crop=32)
@@ -38,8 +43,18 @@ def test_encoded_images_are_cropped_flipped_and_normalized_on_the_device(imagene
 
 def test_a_run_decoding_on_the_device_trains_and_counts_the_corrupt_file(imagenet_dir, tmp_path):
     # one batch of all 37 training files: the corrupt one is in it
-    p = Params(arch="resnet", depth=18, data_dir=str(imagenet_dir), crop=32, epochs=1, batch_size=37,
-               decode_on="device", runs_dir=str(tmp_path), run_name="device", progress=False)
+    p = Params(
+        arch="resnet",
+        depth=18,
+        data_dir=str(imagenet_dir),
+        crop=32,
+        epochs=1,
+        batch_size=37,
+        decode_on="device",
+        runs_dir=str(tmp_path),
+        run_name="device",
+        progress=False,
+    )
     result = run(p)
     train, evals = read_metrics(result.run_dir, "train")[0], read_metrics(result.run_dir, "eval")[0]
     assert train["num_skipped"] == 1 and train["samples_per_s"] > 0

@@ -1,6 +1,7 @@
 """python -m pyconv_core.export: a classification run and an authors'-layout segmentation file become a
 torch.export program and an ONNX graph that compute what the eager model computes, with the PyConv plans
 the run recorded (fewer convolutions than the naive plan's); wrong input ends with one ``error:`` line."""
+
 import subprocess
 import sys
 
@@ -17,8 +18,16 @@ from pyconv_core.run import load_run_model
 from pyconv_core.tasks import classification
 from tests.official_reference import randomize_bn
 
-TINY = dict(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
-            progress=False, pyconv_plan="auto")
+TINY = dict(
+    arch="pyconvresnet",
+    depth=18,
+    image_size=16,
+    train_subset=64,
+    val_subset=32,
+    batch_size=32,
+    progress=False,
+    pyconv_plan="auto",
+)
 SIZE = ["--image-size", "16", "--batch", "32"]  # the run's evaluation batches: their recorded plans apply as they are
 
 
@@ -30,8 +39,10 @@ def run_dir(tmp_path_factory):
 
 
 def _eval_choices(run_dir, which: str) -> dict[str, list[str]]:
-    return {name: [plan for key, plan in table.items() if key.endswith(" eval")]
-            for name, table in pyconv_plans(load_run_model(run_dir, which)).items()}
+    return {
+        name: [plan for key, plan in table.items() if key.endswith(" eval")]
+        for name, table in pyconv_plans(load_run_model(run_dir, which)).items()
+    }
 
 
 def _naive_reference(run_dir, x: torch.Tensor) -> torch.Tensor:
@@ -81,8 +92,9 @@ def test_the_graph_holds_the_recorded_plan_not_the_naive_one(run_dir, tmp_path):
     save_atomic(state, doctored)
     result = main(["pyconvresnet18", "--weights", str(doctored), *SIZE])
     assert result.plans == {name: merged.get(name, "0") for name in levels}
-    naive = main(["pyconvresnet18", "--weights", str(doctored), "--plan", "naive", "--out", str(tmp_path / "n.pt2"),
-                  *SIZE])
+    naive = main(
+        ["pyconvresnet18", "--weights", str(doctored), "--plan", "naive", "--out", str(tmp_path / "n.pt2"), *SIZE]
+    )
     assert set(naive.plans.values()) == {"|".join(p) for p in merged.values()} | {"0"}
     saved = sum(levels[name] - 1 for name in merged)
     assert saved > 0 and _convolutions(naive.path) - _convolutions(result.path) == saved
@@ -99,8 +111,23 @@ def test_an_authors_layout_segmentation_file_exports_to_onnx(tmp_path):
     torch.save({"state_dict": to_official_state_dict(model)}, path)
     with pytest.raises(SystemExit):  # the file records no model arguments: the classes and backbone must be given
         main(["pyconvsegnet18", "--weights", str(path), "--image-size", "48"])
-    result = main(["pyconvsegnet18", "--weights", str(path), "--model-arg", "num_classes=5", "--model-arg",
-                   "backbone=pyconvresnet", "--image-size", "48", "--format", "onnx", "--plan", "0|123"])
+    result = main(
+        [
+            "pyconvsegnet18",
+            "--weights",
+            str(path),
+            "--model-arg",
+            "num_classes=5",
+            "--model-arg",
+            "backbone=pyconvresnet",
+            "--image-size",
+            "48",
+            "--format",
+            "onnx",
+            "--plan",
+            "0|123",
+        ]
+    )
     assert result.path == tmp_path / "pyconvsegnet18.onnx" and result.max_abs_diff <= result.tolerance
     four_levels = [n for n, m in model.named_modules() if isinstance(m, PyConv) and len(m.levels) == 4]
     assert four_levels and all(result.plans[n] == "0|123" for n in four_levels)
@@ -122,11 +149,13 @@ def test_wrong_input_ends_with_one_error_line(run_dir, tmp_path, capsys):
     assert len(launched.stderr.strip().splitlines()) == 1, launched.stderr
     nope, empty, best = tmp_path / "nope", tmp_path / "empty", run_dir / "best.pt"
     empty.mkdir()
-    cases = [("pyconvresnet18", nope, f"error: --weights '{nope}' is neither a run folder nor a checkpoint file"),
-             ("pyconvresnet18", empty, f"error: run folder {empty} holds neither best.pt nor last.pt"),
-             ("resnet18", run_dir, f"error: --weights {best} holds a pyconvresnet18"),
-             ("pyconvresnet19", run_dir, "error: unknown model 'pyconvresnet19'. Did you mean pyconvresnet18"),
-             ("ssd18", run_dir, "error: model 'ssd18' is a detection model")]
+    cases = [
+        ("pyconvresnet18", nope, f"error: --weights '{nope}' is neither a run folder nor a checkpoint file"),
+        ("pyconvresnet18", empty, f"error: run folder {empty} holds neither best.pt nor last.pt"),
+        ("resnet18", run_dir, f"error: --weights {best} holds a pyconvresnet18"),
+        ("pyconvresnet19", run_dir, "error: unknown model 'pyconvresnet19'. Did you mean pyconvresnet18"),
+        ("ssd18", run_dir, "error: model 'ssd18' is a detection model"),
+    ]
     for model, weights, expected in cases:
         with pytest.raises(SystemExit) as stopped:
             main([model, "--weights", str(weights), *SIZE])

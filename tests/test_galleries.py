@@ -1,5 +1,6 @@
 """Galleries are sized from the data: the notebooks' image, box, mask and clip galleries draw
 min(requested, available) items, so a small data set (or subset) never fails on a missing index."""
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -53,10 +54,14 @@ def test_segmentation_gallery_of_fewer_images_than_requested(tmp_path):
 @pytest.fixture(scope="module")
 def few_videos(tmp_path_factory):
     """The demo's Kinetics layout with one short video per motion class."""
-    root = make_demo_kinetics(tmp_path_factory.mktemp("kinetics"),
-                              DemoVideoConfig(train_per_class=1, val_per_class=1, frames=12, size=32))
-    return KineticsDataset(root, "train", sampling=ClipSampling(frames=2, stride=2, train_short_side=(32, 32),
-                                                                test_short_side=32, crop=32, flip=False))
+    root = make_demo_kinetics(
+        tmp_path_factory.mktemp("kinetics"), DemoVideoConfig(train_per_class=1, val_per_class=1, frames=12, size=32)
+    )
+    return KineticsDataset(
+        root,
+        "train",
+        sampling=ClipSampling(frames=2, stride=2, train_short_side=(32, 32), test_short_side=32, crop=32, flip=False),
+    )
 
 
 def test_video_gallery_of_fewer_videos_than_requested(few_videos):
@@ -66,4 +71,3 @@ def test_video_gallery_of_fewer_videos_than_requested(few_videos):
     guesses = {"resnet3d50": video.predict_videos(model, few_videos, shown)}
     fig = video.show_clips(few_videos, shown, few_videos.classes, guesses)
     assert _drawn(fig) == len(few_videos)
-

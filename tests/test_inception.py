@@ -1,4 +1,5 @@
 """Inception-ResNet-v2 and PyConvInception against S-Table 5 and the documented block design."""
+
 import pytest
 import torch
 from torch import nn
@@ -29,8 +30,11 @@ def _stage_shapes(design: str, side: int, **kwargs) -> list[tuple[int, ...]]:
         model = Inception(design, **kwargs).eval()
     x = model.mixed_5b(model.stem(torch.empty(1, 3, side, side, device="meta")))
     shapes = [tuple(x.shape[1:])]
-    for stage in (nn.Sequential(model.blocks_a, model.reduction_a), nn.Sequential(model.blocks_b, model.reduction_b),
-                  nn.Sequential(model.blocks_c, model.head_conv)):
+    for stage in (
+        nn.Sequential(model.blocks_a, model.reduction_a),
+        nn.Sequential(model.blocks_b, model.reduction_b),
+        nn.Sequential(model.blocks_c, model.head_conv),
+    ):
         x = stage(x)
         shapes.append(tuple(x.shape[1:]))
     return shapes
@@ -83,8 +87,11 @@ def test_pyconvinception_needs_aligned_feature_maps():
 
 
 def _pyconv_levels(module: nn.Module) -> list[tuple]:
-    return [tuple((lv.kernel_size[0], lv.groups, lv.out_channels, lv.stride[0]) for lv in m.levels)
-            for m in module.modules() if isinstance(m, PyConv)]
+    return [
+        tuple((lv.kernel_size[0], lv.groups, lv.out_channels, lv.stride[0]) for lv in m.levels)
+        for m in module.modules()
+        if isinstance(m, PyConv)
+    ]
 
 
 def test_pyconvinception_blocks_follow_the_documented_table():

@@ -4,6 +4,7 @@ A part is a subpackage (``engine``, ``layers``, ``models``, ``data``, ``tasks``)
 (``registry``, ``paper``, ``profile``, ``bench``, ...). Imports inside functions count as much as those at
 the top: a lazy import hides a circle, it does not remove it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -52,7 +53,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -106,11 +107,14 @@ def test_the_packages_parts_form_layers_without_a_circle():
     assert find_cycle(parts) is None, parts
 
 
-@pytest.mark.parametrize("part, below", [
-    ("registry", set()),  # a leaf: the models register themselves (timm, torchvision)
-    ("engine", set()),  # generic: it trains any model of any task
-    ("layers", {"engine"}),
-    ("models", {"engine", "layers", "registry"}),
-])
+@pytest.mark.parametrize(
+    "part, below",
+    [
+        ("registry", set()),  # a leaf: the models register themselves (timm, torchvision)
+        ("engine", set()),  # generic: it trains any model of any task
+        ("layers", {"engine"}),
+        ("models", {"engine", "layers", "registry"}),
+    ],
+)
 def test_the_lower_layers_import_only_what_lies_below_them(part, below):
     assert part_graph(import_graph()).get(part, set()) <= below

@@ -1,4 +1,5 @@
 """Every registered classification model: output shapes, options, the backbone contract, registry errors."""
+
 import copy
 
 import pytest
@@ -30,6 +31,7 @@ def test_resnet50_computes_what_torchvision_computes():
     theirs = torchvision.models.resnet50().eval()
     ours = build("resnet50").eval()
     from pyconv_core import load_official_checkpoint
+
     load_official_checkpoint(ours, theirs.state_dict())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -99,7 +101,8 @@ def test_a_truncated_backbone_lacks_the_later_stages_and_the_classifier_and_comp
     full = build("pyconvresnet18").eval()
     cut = copy.deepcopy(full).truncate(after="layer3")
     assert cut.stage_names == ("layer1", "layer2", "layer3") and [i["module"] for i in cut.feature_info] == list(
-        cut.stage_names)
+        cut.stage_names
+    )
     assert not any(hasattr(cut, name) for name in ("layer4", "avgpool", "dropout", "fc"))
     assert cut.num_features == full.feature_info[2]["num_chs"] == 256
     assert set(cut.state_dict()) == {k for k in full.state_dict() if not k.startswith(("layer4.", "fc."))}

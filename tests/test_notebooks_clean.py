@@ -8,6 +8,7 @@ The one exception: a cell marked ``# NBVAL_CHECK_OUTPUT`` keeps the output that 
 demo's expected-result lines, see ``engine.logging.expectation``), and only that output, with the
 execution count nbval requires of a cell whose output it compares.
 """
+
 import json
 from pathlib import Path
 
@@ -25,19 +26,28 @@ def _checked(cell: dict) -> bool:
     """A cell whose stored output nbval compares, holding nothing but stdout text (and an execution
     count: nbval refuses a stored output of a cell never run)."""
     return "".join(cell["source"]).startswith("# NBVAL_CHECK_OUTPUT") and all(
-        out.get("output_type") == "stream" and out.get("name") == "stdout" for out in cell["outputs"])
+        out.get("output_type") == "stream" and out.get("name") == "stdout" for out in cell["outputs"]
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_committed_clean(path):
     notebook = json.loads(path.read_text(encoding="utf-8"))
-    dirty = [i for i, cell in enumerate(notebook["cells"]) if cell["cell_type"] == "code"
-             and not _checked(cell) and (cell.get("outputs") or cell.get("execution_count") is not None)]
-    assert not dirty, (f"{path.name}: code cells {dirty} carry outputs or execution counts; clear them "
-                       f"(JupyterLab: Edit > Clear Outputs of All Cells) before committing")
+    dirty = [
+        i
+        for i, cell in enumerate(notebook["cells"])
+        if cell["cell_type"] == "code"
+        and not _checked(cell)
+        and (cell.get("outputs") or cell.get("execution_count") is not None)
+    ]
+    assert not dirty, (
+        f"{path.name}: code cells {dirty} carry outputs or execution counts; clear them "
+        f"(JupyterLab: Edit > Clear Outputs of All Cells) before committing"
+    )
     assert notebook["metadata"]["kernelspec"]["name"] == KERNEL_NAME, (
         f"{path.name}: kernelspec {notebook['metadata']['kernelspec']['name']!r}, expected {KERNEL_NAME!r} "
-        f"(the kernel make setup registers)")
+        f"(the kernel make setup registers)"
+    )
 
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name[:2] in ("01", "02", "03", "04")], ids=lambda p: p.name)

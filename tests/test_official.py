@@ -1,4 +1,5 @@
 """Official checkpoint layout: loading, exact computation, round trip, mismatch errors."""
+
 import pytest
 import torch
 
@@ -13,16 +14,27 @@ def _official_state(name, num_classes=10):
 
 def test_official_key_layout():
     keys = set(_official_state("pyconvresnet50"))
-    for key in ["conv1.weight", "bn1.running_mean", "layer1.0.conv2.conv2_1.weight", "layer1.0.conv2.conv2_4.weight",
-                "layer2.0.conv2.conv2_3.weight", "layer3.0.conv2.conv2_2.weight", "layer4.0.conv2.weight",
-                "layer1.0.downsample.1.weight", "layer1.0.downsample.2.running_var", "fc.bias"]:
+    for key in [
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv2.conv2_1.weight",
+        "layer1.0.conv2.conv2_4.weight",
+        "layer2.0.conv2.conv2_3.weight",
+        "layer3.0.conv2.conv2_2.weight",
+        "layer4.0.conv2.weight",
+        "layer1.0.downsample.1.weight",
+        "layer1.0.downsample.2.running_var",
+        "fc.bias",
+    ]:
         assert key in keys, key
     assert not any(".levels." in k for k in keys)
     assert "layer1.0.downsample.0.weight" not in keys
 
 
-@pytest.mark.parametrize("name, bottleneck", [("pyconvresnet50", True), ("pyconvhgresnet50", True),
-                                               ("pyconvresnet18", False), ("pyconvresnet34", False)])
+@pytest.mark.parametrize(
+    "name, bottleneck",
+    [("pyconvresnet50", True), ("pyconvhgresnet50", True), ("pyconvresnet18", False), ("pyconvresnet34", False)],
+)
 def test_loaded_model_computes_what_the_authors_code_computes(name, bottleneck):
     state = _official_state(name)
     model = load_official_checkpoint(build(name, num_classes=10), state).eval()

@@ -1,5 +1,6 @@
 """Parameters are checked before any work, and each error says what is allowed: every task's Params,
 the launcher (whose --help shows the fields' comments) and the notebooks under papermill."""
+
 import dataclasses
 import json
 import os
@@ -24,15 +25,28 @@ def _env():
 
 REFUSED = [
     (classification, dict(epochs="abc"), r"^epochs must be an integer \(or None: the recipe's\), got 'abc'$"),
-    (classification, dict(epochs=0), r"^epochs must be >= 1, got 0; epochs 0 evaluates without training and needs "
-                                     r"weights \(a run's best.pt or last.pt, or the authors' released file\)$"),
-    (classification, dict(arch="pyconvrenset"),
-     r"arch must be one of 'resnet', 'pyconvresnet', 'pyconvhgresnet' \(with depth\).*did you mean 'pyconvresnet'"),
-    (classification, dict(arch="pyconvhgresnet", depth=18),
-     r"depth must be one of 50, 101, 152 for arch 'pyconvhgresnet'"),
+    (
+        classification,
+        dict(epochs=0),
+        r"^epochs must be >= 1, got 0; epochs 0 evaluates without training and needs "
+        r"weights \(a run's best.pt or last.pt, or the authors' released file\)$",
+    ),
+    (
+        classification,
+        dict(arch="pyconvrenset"),
+        r"arch must be one of 'resnet', 'pyconvresnet', 'pyconvhgresnet' \(with depth\).*did you mean 'pyconvresnet'",
+    ),
+    (
+        classification,
+        dict(arch="pyconvhgresnet", depth=18),
+        r"depth must be one of 50, 101, 152 for arch 'pyconvhgresnet'",
+    ),
     (classification, dict(recipe="standart"), r"recipe must be one of '', 'standard', 'augment', 'demo'"),
-    (classification, dict(amp="fp32"),
-     r"amp must be one of 'none', 'bf16', 'fp16' \(or None: the recipe's\), got 'fp32'"),
+    (
+        classification,
+        dict(amp="fp32"),
+        r"amp must be one of 'none', 'bf16', 'fp16' \(or None: the recipe's\), got 'fp32'",
+    ),
     (classification, dict(lr="0.1"), r"lr must be a number \(or None: the recipe's\), got '0.1'"),
     (classification, dict(lr=0), r"lr must be > 0 \(or None: the recipe's\), got 0"),
     (classification, dict(batch_size=1), r"batch_size must be at least 2 per process"),
@@ -48,16 +62,20 @@ REFUSED = [
     (video, dict(batch_size=1), r"batch_size must be at least 2 per process"),
     (video, dict(gpus=16), r"batch_size must be at least 2 per process.*got 16 over gpus=16"),  # the recipe's batch
     (video, dict(frames=0), r"frames must be >= 1 \(or None: the recipe's\), got 0"),
-    (segmentation, dict(head="pspnte"),
-     r"head must be one of 'pyconvsegnet', 'pspnet', 'deeplabv3', 'fcn'.*did you mean 'pspnet'"),
+    (
+        segmentation,
+        dict(head="pspnte"),
+        r"head must be one of 'pyconvsegnet', 'pspnet', 'deeplabv3', 'fcn'.*did you mean 'pspnet'",
+    ),
     (segmentation, dict(head="deeplabv3", depth=34), r"depth must be one of 18, 50, 101, 152 for head 'deeplabv3'"),
     (segmentation, dict(output_stride=32), r"output_stride must be one of 8, 16, got 32"),
     (segmentation, dict(epochs=-1), r"epochs must be >= 1, got -1"),
 ]
 
 
-@pytest.mark.parametrize("module, values, message", REFUSED,
-                         ids=[f"{m.__name__.split('.')[-1]}-{next(iter(v))}" for m, v, _ in REFUSED])
+@pytest.mark.parametrize(
+    "module, values, message", REFUSED, ids=[f"{m.__name__.split('.')[-1]}-{next(iter(v))}" for m, v, _ in REFUSED]
+)
 def test_a_wrong_value_is_refused_naming_what_is_allowed(module, values, message):
     with pytest.raises(ValueError, match=message):
         module.Params(**values)
@@ -72,17 +90,32 @@ def test_an_arch_typo_lists_the_arch_values_not_every_model():
 def test_defaults_and_allowed_values_pass_and_ints_become_floats():
     for module in (classification, detection, video, segmentation):
         module.Params()
-    assert classification.Params(arch="pyconvresnet50", lr=1).lr == 1.0 and isinstance(classification.Params(lr=1).lr,
-                                                                                        float)
+    assert classification.Params(arch="pyconvresnet50", lr=1).lr == 1.0 and isinstance(
+        classification.Params(lr=1).lr, float
+    )
     assert video.Params(stage_blocks="2,2,2,2", batch_size=None).blocks == (2, 2, 2, 2)
     assert segmentation.Params(head="deeplabv3", depth=50).model_name == "deeplabv3_50"
 
 
 def test_launcher_refuses_before_reading_or_generating_data(tmp_path):
     demo = tmp_path / "demo_coco"
-    launched = subprocess.run([sys.executable, "-m", "pyconv_core.run", "detection", "--batch-size", "1",
-                               "--demo-dir", str(demo), "--runs-dir", str(tmp_path)], env=_env(),
-                              capture_output=True, text=True)
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyconv_core.run",
+            "detection",
+            "--batch-size",
+            "1",
+            "--demo-dir",
+            str(demo),
+            "--runs-dir",
+            str(tmp_path),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert launched.returncode == 1 and "Traceback" not in launched.stderr
     assert launched.stderr.strip().splitlines()[-1].startswith("error: batch_size must be at least 2 per process")
     assert not demo.exists() and not list(tmp_path.glob("*/config.json"))
@@ -95,14 +128,24 @@ def test_launcher_help_shows_each_fields_comment():
     assert helps["amp"].startswith("none | bf16 | fp16; None: the recipe's")  # from the shared RunParams
     assert helps["lr"].startswith("per the recipe's reference batch of 256")  # the task's own comment wins
     assert field_help(segmentation.Params)["backbone_weights"].startswith("classifier checkpoint of the backbone")
-    shown = subprocess.run([sys.executable, "-m", "pyconv_core.run", "video", "--help"], env=_env(),
-                           capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "pyconv_core.run", "video", "--help"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "demo training videos per motion class" in " ".join(shown.split())
 
 
 def _papermill(notebook: Path, out: Path, *params: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "papermill", str(notebook), str(out), *params], env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "papermill", str(notebook), str(out), *params],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _error(executed: Path) -> tuple[str, str]:
@@ -120,8 +163,10 @@ def small_notebook(tmp_path_factory):
     path = tmp_path_factory.mktemp("nb") / "small.ipynb"
     params = nbformat.v4.new_code_cell('epochs: int = 3  # passes\nlr: float = 0.1  # rate\nheads: list = ["fcn"]')
     params.metadata["tags"] = ["parameters"]
-    setup = nbformat.v4.new_code_cell("from pyconv_core.run import check_notebook_parameters\n"
-                                      "check_notebook_parameters()\nprint('checked', epochs, repr(lr), heads)")
+    setup = nbformat.v4.new_code_cell(
+        "from pyconv_core.run import check_notebook_parameters\n"
+        "check_notebook_parameters()\nprint('checked', epochs, repr(lr), heads)"
+    )
     notebook = nbformat.v4.new_notebook(cells=[params, setup])
     notebook.metadata["kernelspec"] = nbformat.read(ROOT / "notebooks" / "00_quickstart.ipynb", 4).metadata.kernelspec
     nbformat.write(notebook, path)
@@ -135,14 +180,20 @@ def test_papermill_parameters_the_notebook_declares_pass(small_notebook, tmp_pat
     assert "checked 5 1.0 ['fcn', 'pspnet']" in out.read_text()
 
 
-@pytest.mark.parametrize("notebook, params, message", [
-    ("00_quickstart", ("-p", "batchsize", "4"),
-     "'batchsize' is not a parameter of this notebook (did you mean 'batch'?)"),
-    ("01_classification", ("-p", "epochs", "-1"), "epochs must be >= 1, got -1"),
-    ("02_detection", ("-p", "epochs", "abc"), "epochs must be an integer (or None: the recipe's), got 'abc'"),
-    ("03_video", ("-p", "stage_blocks", "1,1,1"), "stage_blocks must be 4 block counts"),
-    ("04_segmentation", ("-p", "heads", "fcn"), "heads must be a list, got 'fcn'"),
-])
+@pytest.mark.parametrize(
+    "notebook, params, message",
+    [
+        (
+            "00_quickstart",
+            ("-p", "batchsize", "4"),
+            "'batchsize' is not a parameter of this notebook (did you mean 'batch'?)",
+        ),
+        ("01_classification", ("-p", "epochs", "-1"), "epochs must be >= 1, got -1"),
+        ("02_detection", ("-p", "epochs", "abc"), "epochs must be an integer (or None: the recipe's), got 'abc'"),
+        ("03_video", ("-p", "stage_blocks", "1,1,1"), "stage_blocks must be 4 block counts"),
+        ("04_segmentation", ("-p", "heads", "fcn"), "heads must be a list, got 'fcn'"),
+    ],
+)
 def test_every_notebook_stops_in_its_setup_cell_on_a_bad_parameter(tmp_path, notebook, params, message):
     out = tmp_path / f"{notebook}.ipynb"
     done = _papermill(ROOT / "notebooks" / f"{notebook}.ipynb", out, *params)
@@ -153,8 +204,11 @@ def test_every_notebook_stops_in_its_setup_cell_on_a_bad_parameter(tmp_path, not
 
 @pytest.mark.parametrize("name", ["../x", "/tmp/x", "a/b", "a\\b", "..", "."])
 def test_a_run_name_that_would_leave_the_runs_folder_is_refused(name, tmp_path):
-    with pytest.raises(ValueError, match=r"^run_name must be one folder name inside runs_dir \(no '/' or '\\', not "
-                                         r"'\.' or '\.\.'\), got .*: e\.g\. '"):
+    with pytest.raises(
+        ValueError,
+        match=r"^run_name must be one folder name inside runs_dir \(no '/' or '\\', not "
+        r"'\.' or '\.\.'\), got .*: e\.g\. '",
+    ):
         classification.Params(run_name=name, runs_dir=str(tmp_path / "runs"))
     p = classification.Params(runs_dir=str(tmp_path / "runs"))
     p.run_name = name  # as a notebook sets it from run_prefix after the parameters are made
@@ -163,8 +217,12 @@ def test_a_run_name_that_would_leave_the_runs_folder_is_refused(name, tmp_path):
     assert not any(tmp_path.iterdir()), "the run wrote something"
 
 
-NOTEBOOK_PARAMS = {"01_classification": classification, "02_detection": detection, "03_video": video,
-                   "04_segmentation": segmentation}
+NOTEBOOK_PARAMS = {
+    "01_classification": classification,
+    "02_detection": detection,
+    "03_video": video,
+    "04_segmentation": segmentation,
+}
 # Where a notebook's default is not its Params': the launcher draws progress bars (a notebook under papermill
 # must not), and a launched detection or segmentation run starts from scratch unless given a backbone, where
 # the demos start from the Fashion-MNIST one.
@@ -172,8 +230,11 @@ NOTEBOOK_ONLY_DEFAULTS = {"progress", "backbone_weights"}
 
 
 def _declared(notebook: str) -> dict[str, object]:
-    cell = next(c for c in nbformat.read(ROOT / "notebooks" / f"{notebook}.ipynb", 4).cells
-                if "parameters" in c.metadata.get("tags", []))
+    cell = next(
+        c
+        for c in nbformat.read(ROOT / "notebooks" / f"{notebook}.ipynb", 4).cells
+        if "parameters" in c.metadata.get("tags", [])
+    )
     namespace: dict[str, object] = {}
     exec(cell.source, namespace)
     return {name: namespace[name] for name in namespace["__annotations__"]}
@@ -183,8 +244,11 @@ def _declared(notebook: str) -> dict[str, object]:
 def test_a_notebooks_defaults_are_its_params_defaults(notebook):
     declared = _declared(notebook)
     defaults = NOTEBOOK_PARAMS[notebook].Params()
-    differ = {name: (value, getattr(defaults, name)) for name, value in declared.items()
-              if hasattr(defaults, name) and name not in NOTEBOOK_ONLY_DEFAULTS and value != getattr(defaults, name)}
+    differ = {
+        name: (value, getattr(defaults, name))
+        for name, value in declared.items()
+        if hasattr(defaults, name) and name not in NOTEBOOK_ONLY_DEFAULTS and value != getattr(defaults, name)
+    }
     assert not differ, f"{notebook}'s parameters cell and its Params disagree (notebook, Params): {differ}"
 
 
@@ -233,5 +297,7 @@ def test_the_launcher_takes_none_for_the_recipes_value():
 def test_papermill_reads_every_parameter_a_notebook_declares(notebook):
     listed = papermill.inspect_notebook(str(ROOT / "notebooks" / f"{notebook}.ipynb"))  # --help-notebook, sweeps
     assert set(listed) == set(_declared(notebook))
-    assert {annotation_kind(listed[name]["inferred_type_name"]) for name in ("epochs", "lr")} == {("int", True),
-                                                                                                ("float", True)}
+    assert {annotation_kind(listed[name]["inferred_type_name"]) for name in ("epochs", "lr")} == {
+        ("int", True),
+        ("float", True),
+    }

@@ -1,5 +1,6 @@
 """Paper fidelity: params and GFLOPs of every model with paper figures, within the issue's bounds;
 the paper's table itself; shape-only (meta device) counting equal to computed counting."""
+
 import pytest
 
 from pyconv_core import build
@@ -35,8 +36,12 @@ def test_params_within_half_a_percent(rows):
 
 def test_gflops_within_two_percent(rows):
     checked = [r for r in rows if r["paper_gflops"] is not None]
-    assert {(r["model"], r["input"][-1]) for r in checked} >= {("pyconvresnet50", 224), ("pyconvresnet50", 320),
-                                                              ("pyconvresnet101", 224), ("pyconvresnet101", 320)}
+    assert {(r["model"], r["input"][-1]) for r in checked} >= {
+        ("pyconvresnet50", 224),
+        ("pyconvresnet50", 320),
+        ("pyconvresnet101", 224),
+        ("pyconvresnet101", 320),
+    }
     for r in checked:
         assert abs(r["gflops_diff"]) <= 0.02, r
 
@@ -52,12 +57,15 @@ def test_an_experiment_setup_is_counted_without_paper_figures():
     assert row["params"] == sum(p.numel() for p in build("pyconvresnet50", num_classes=10).parameters())
 
 
-@pytest.mark.parametrize("name, kwargs, shape", [
-    ("pyconvresnet50", {}, (3, 64, 64)),
-    ("pyconvresnet3d50", {"stage_blocks": (1, 1, 1, 1), "num_classes": 10}, (3, 4, 48, 48)),
-    ("pyconvssd18", {"image_size": 128}, (3, 128, 128)),
-    ("pyconvsegnet18", {"num_classes": 5, "output_stride": 8, "with_aux": True}, (3, 49, 49)),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, shape",
+    [
+        ("pyconvresnet50", {}, (3, 64, 64)),
+        ("pyconvresnet3d50", {"stage_blocks": (1, 1, 1, 1), "num_classes": 10}, (3, 4, 48, 48)),
+        ("pyconvssd18", {"image_size": 128}, (3, 128, 128)),
+        ("pyconvsegnet18", {"num_classes": 5, "output_stride": 8, "with_aux": True}, (3, 49, 49)),
+    ],
+)
 def test_shape_only_counting_equals_computed_counting(name, kwargs, shape):
     """The meta device (the default) gives exactly the counts of a computed forward pass."""
     model = build(name, **kwargs)

@@ -1,4 +1,5 @@
 """The PyConv layer against independent convolutions, and its configuration errors."""
+
 import random
 
 import pytest
@@ -28,8 +29,16 @@ def random_config(rng: random.Random, dim: int):
     for _ in range(n_levels):
         k = rng.choice([1, 3, 5, 7])
         kernels.append(k if dim == 2 else (rng.choice([1, 3]), k, k))
-    return dict(in_channels=in_channels, out_channels=sum(split), kernels=kernels, groups=groups,
-                split=split, stride=rng.choice([1, 2]), dilation=rng.choice([1, 2]), dim=dim)
+    return dict(
+        in_channels=in_channels,
+        out_channels=sum(split),
+        kernels=kernels,
+        groups=groups,
+        split=split,
+        stride=rng.choice([1, 2]),
+        dilation=rng.choice([1, 2]),
+        dim=dim,
+    )
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -65,13 +74,16 @@ def test_single_level_has_no_concatenation_overhead_and_keeps_shape():
     assert layer(torch.randn(1, 16, 10, 10)).shape == (1, 16, 5, 5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(in_channels=10, out_channels=16, kernels=[3, 5], groups=[1, 4]), "level 1"),
-    (dict(in_channels=16, out_channels=16, kernels=[3, 5], groups=[1, 4], split=[4, 8]), "sums to 12"),
-    (dict(in_channels=16, out_channels=16, kernels=[3, 4], groups=[1, 1]), r"level 1: kernel \(4, 4\)"),
-    (dict(in_channels=16, out_channels=16, kernels=[3, 5], groups=[1]), "one kernel, group count"),
-    (dict(in_channels=16, out_channels=16, kernels=[3], groups=[1], dim=4), "dim must be 2"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(in_channels=10, out_channels=16, kernels=[3, 5], groups=[1, 4]), "level 1"),
+        (dict(in_channels=16, out_channels=16, kernels=[3, 5], groups=[1, 4], split=[4, 8]), "sums to 12"),
+        (dict(in_channels=16, out_channels=16, kernels=[3, 4], groups=[1, 1]), r"level 1: kernel \(4, 4\)"),
+        (dict(in_channels=16, out_channels=16, kernels=[3, 5], groups=[1]), "one kernel, group count"),
+        (dict(in_channels=16, out_channels=16, kernels=[3], groups=[1], dim=4), "dim must be 2"),
+    ],
+)
 def test_impossible_configs_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PyConv(**kwargs)

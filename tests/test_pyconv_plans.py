@@ -1,5 +1,6 @@
 """PyConv execution plans: every plan computes what the naive plan computes (outputs and gradients,
 2D and 3D, random level sets), "auto" records its choices, and runs record and restore them."""
+
 import dataclasses
 import json
 import random
@@ -28,8 +29,16 @@ def _random_pyconv(rng: random.Random, dim: int, bias: bool) -> PyConv:
     for _ in range(levels):
         k = rng.choice([1, 3, 5, 7])
         kernels.append((rng.choice([1, 3, 5]), k, k) if dim == 3 else k)
-    layer = PyConv(in_channels, sum(split), kernels, groups, split=split, stride=rng.choice([1, 2]),
-                   dilation=rng.choice([1, 2]), dim=dim)
+    layer = PyConv(
+        in_channels,
+        sum(split),
+        kernels,
+        groups,
+        split=split,
+        stride=rng.choice([1, 2]),
+        dilation=rng.choice([1, 2]),
+        dim=dim,
+    )
     if bias:  # the plans merge biases too (the factory's convolutions have none by default)
         for conv in layer.levels:
             conv.bias = torch.nn.Parameter(torch.randn(conv.out_channels))
@@ -105,7 +114,8 @@ def test_mac_ratio_counts_the_zero_padded_kernels():
     # levels 1-3 as one 9x9 convolution with 4 groups: 48 outputs x 16 inputs x 81 taps
     naive = 16 * (64 * 9 + 16 * 25 + 8 * 49 + 4 * 81)
     assert plans.mac_ratio(layer.levels, plans.Plan(((0,), (1, 2, 3)))) == pytest.approx(
-        (16 * 64 * 9 + 48 * 16 * 81) / naive)
+        (16 * 64 * 9 + 48 * 16 * 81) / naive
+    )
     assert plans.Plan(((0, 1, 2, 3),)) not in plans.candidate_plans(layer.levels)  # one dense 9x9: 12x the MACs
 
 
@@ -135,8 +145,18 @@ def test_unknown_plan_is_a_clear_error():
 
 
 def test_a_run_records_its_plans_and_the_reloaded_model_uses_them(tmp_path, monkeypatch):
-    params = Params(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
-                    epochs=1, runs_dir=str(tmp_path), run_name="plans", pyconv_plan="auto")
+    params = Params(
+        arch="pyconvresnet",
+        depth=18,
+        image_size=16,
+        train_subset=64,
+        val_subset=32,
+        batch_size=32,
+        epochs=1,
+        runs_dir=str(tmp_path),
+        run_name="plans",
+        pyconv_plan="auto",
+    )
     result = run(params)
     config = json.loads((result.run_dir / "config.json").read_text())
     assert config["train"]["pyconv_plan"] == "auto"
@@ -150,6 +170,7 @@ def test_a_run_records_its_plans_and_the_reloaded_model_uses_them(tmp_path, monk
     # resuming restores the recorded choices instead of measuring again (which could pick other plans)
     def no_tuning(*args, **kwargs):
         raise AssertionError("a resumed run measured PyConv plans again instead of restoring them")
+
     monkeypatch.setattr("pyconv_core.layers.pyconv.tune", no_tuning)
     resumed = run(dataclasses.replace(params, epochs=2, resume=True))
     assert len(read_metrics(resumed.run_dir, "train")) == 2
@@ -159,8 +180,18 @@ def test_a_run_records_its_plans_and_the_reloaded_model_uses_them(tmp_path, monk
 def test_a_checkpoint_saved_before_the_layers_carried_their_plans_loads_and_resumes_with_them(tmp_path, monkeypatch):
     """Runs saved before plans moved into the layers' state kept them in a ``pyconv_plans`` entry (and the mode
     in ``config``), with no ``_extra_state`` keys: loading and resuming such a run restores its plans."""
-    params = Params(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
-                    epochs=1, runs_dir=str(tmp_path), run_name="old", pyconv_plan="auto")
+    params = Params(
+        arch="pyconvresnet",
+        depth=18,
+        image_size=16,
+        train_subset=64,
+        val_subset=32,
+        batch_size=32,
+        epochs=1,
+        runs_dir=str(tmp_path),
+        run_name="old",
+        pyconv_plan="auto",
+    )
     result = run(params)
     recorded = pyconv_plans(result.model)
     for name in ("last.pt", "best.pt"):  # rewritten in the old layout
@@ -173,6 +204,7 @@ def test_a_checkpoint_saved_before_the_layers_carried_their_plans_loads_and_resu
 
     def no_tuning(*args, **kwargs):
         raise AssertionError("a resumed run measured PyConv plans again instead of restoring them")
+
     monkeypatch.setattr("pyconv_core.layers.pyconv.tune", no_tuning)
     resumed = run(dataclasses.replace(params, epochs=2, resume=True))
     assert len(read_metrics(resumed.run_dir, "train")) == 2
@@ -181,8 +213,10 @@ def test_a_checkpoint_saved_before_the_layers_carried_their_plans_loads_and_resu
 
 def _prefer(monkeypatch, naive: bool) -> None:
     """Make plan timing report a fixed winner: the naive plan, or the plan with fewest parts."""
+
     def fake_time(x, convs, plan, training, repeats):
         return len(plan.parts) if not naive else -len(plan.parts)
+
     monkeypatch.setattr(plans, "time_plan", fake_time)
 
 
@@ -194,8 +228,17 @@ def _fresh_process_state(monkeypatch) -> None:
 
 def test_a_second_run_reuses_the_measured_plans_whatever_its_timing_says(tmp_path, monkeypatch):
     monkeypatch.setenv("PYCONV_PLAN_CACHE", str(tmp_path / "plans.json"))
-    params = Params(arch="pyconvresnet", depth=18, image_size=16, train_subset=64, val_subset=32, batch_size=32,
-                    epochs=1, runs_dir=str(tmp_path), pyconv_plan="auto")
+    params = Params(
+        arch="pyconvresnet",
+        depth=18,
+        image_size=16,
+        train_subset=64,
+        val_subset=32,
+        batch_size=32,
+        epochs=1,
+        runs_dir=str(tmp_path),
+        pyconv_plan="auto",
+    )
     _fresh_process_state(monkeypatch)
     _prefer(monkeypatch, naive=True)
     first = run(dataclasses.replace(params, run_name="first"))
@@ -203,8 +246,11 @@ def test_a_second_run_reuses_the_measured_plans_whatever_its_timing_says(tmp_pat
     _prefer(monkeypatch, naive=False)  # a loaded machine: timing now names another winner
     second = run(dataclasses.replace(params, run_name="second"))
     assert pyconv_plans(second.model) == pyconv_plans(first.model)
-    assert {plan for table in pyconv_plans(first.model).values() for plan in table.values()} == {"0|1|2|3", "0|1|2",
-                                                                                                 "0|1"}
+    assert {plan for table in pyconv_plans(first.model).values() for plan in table.values()} == {
+        "0|1|2|3",
+        "0|1|2",
+        "0|1",
+    }
 
     def strip(rows):
         return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in rows]

@@ -1,5 +1,6 @@
 """Every task seeds before it builds: two uninterrupted tiny runs in fresh processes record the same
 metrics.jsonl (all but the timings), with random augmentation, dropout and auto PyConv plans."""
+
 import json
 import os
 import subprocess
@@ -12,10 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMINGS = ("seconds", "samples_per_s")
 
 FLAGS = {
-    "classification": dict(arch="pyconvresnet", depth=18, image_size=16, train_subset=128, val_subset=64,
-                           batch_size=32, augment=True, dropout=0.2),
-    "detection": dict(depth=18, image_size=64, batch_size=8, augment=True, demo_train=24, demo_val=8,
-                      demo_image_size=64, eval_every=1),
+    "classification": dict(
+        arch="pyconvresnet",
+        depth=18,
+        image_size=16,
+        train_subset=128,
+        val_subset=64,
+        batch_size=32,
+        augment=True,
+        dropout=0.2,
+    ),
+    "detection": dict(
+        depth=18, image_size=64, batch_size=8, augment=True, demo_train=24, demo_val=8, demo_image_size=64, eval_every=1
+    ),
     "video": dict(batch_size=4, demo_train_per_class=2, demo_val_per_class=1),
     "segmentation": dict(batch_size=4, train_subset=8, val_subset=4),
 }
@@ -35,10 +45,14 @@ def test_two_fresh_processes_record_the_same_metrics(task, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYCONV_PLAN_CACHE": str(tmp_path / "plans.json")}
     runs = []
     for name in ("first", "second"):
-        args = [arg for k, v in {**flags, "runs_dir": str(tmp_path / name)}.items()
-                for arg in ("--" + k.replace("_", "-"), str(v))]
-        launched = subprocess.run([sys.executable, "-m", "pyconv_core.run", task, *args], env=env,
-                                  capture_output=True, text=True)
+        args = [
+            arg
+            for k, v in {**flags, "runs_dir": str(tmp_path / name)}.items()
+            for arg in ("--" + k.replace("_", "-"), str(v))
+        ]
+        launched = subprocess.run(
+            [sys.executable, "-m", "pyconv_core.run", task, *args], env=env, capture_output=True, text=True
+        )
         assert launched.returncode == 0, launched.stderr[-3000:]
         runs.append(_rows(tmp_path / name / "same"))
     assert (tmp_path / "plans.json").is_file()

@@ -2,6 +2,7 @@
 refused (execution-only fields aside), the same parameters start again from scratch, resume continues
 (with more epochs at most, recorded in config.json), and a folder another process trains in is refused
 at once. Each refusal's advice is followed to show that it works."""
+
 import dataclasses
 import os
 import platform
@@ -40,14 +41,29 @@ def test_other_parameters_in_the_folder_are_refused_with_the_fix(finished, tmp_p
         run(dataclasses.replace(finished, epochs=2, lr=0.3))
     message = str(caught.value)
     assert message.startswith(f"{folder} holds another run: its config.json records epochs 1 -> 2, lr 0.05 -> 0.3; ")
-    assert message.endswith(f"pick another run_name (notebooks: run_prefix) for these parameters, or delete {folder} "
-                            f"to train them there")  # not resume=True: a resume may not change lr
+    assert message.endswith(
+        f"pick another run_name (notebooks: run_prefix) for these parameters, or delete {folder} to train them there"
+    )  # not resume=True: a resume may not change lr
     assert (folder / "metrics.jsonl").read_text() == before and (folder / "best.pt").is_file()
 
-    launched = subprocess.run([sys.executable, "-m", "pyconv_core.run", "classification", "--runs-dir", str(tmp_path),
-                               "--run-name", "tiny", "--epochs", "2",
-                               *[arg for k, v in TINY.items() for arg in ("--" + k.replace("_", "-"), str(v))]],
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyconv_core.run",
+            "classification",
+            "--runs-dir",
+            str(tmp_path),
+            "--run-name",
+            "tiny",
+            "--epochs",
+            "2",
+            *[arg for k, v in TINY.items() for arg in ("--" + k.replace("_", "-"), str(v))],
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
     assert launched.returncode == 1 and "Traceback" not in launched.stderr
     last = launched.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "holds another run" in last and "epochs 1 -> 2;" in last
@@ -76,8 +92,10 @@ def test_the_same_parameters_start_again_and_leave_nothing_of_the_earlier_run(fi
     assert "holds a run of the same parameters: training it again from scratch" in capsys.readouterr().out
     assert not (folder / "best.pt").exists() and not (folder / "last.pt").exists(), "the earlier run's model survived"
     assert read_metrics(folder) == []
-    assert str(caught.value).endswith(f"No checkpoint exists yet: train again with a lower lr than 0.05 (per 256 "
-                                      f"images; a resume keeps it) under another run_name, or delete {folder} first.")
+    assert str(caught.value).endswith(
+        f"No checkpoint exists yet: train again with a lower lr than 0.05 (per 256 "
+        f"images; a resume keeps it) under another run_name, or delete {folder} first."
+    )
     # the advice works: a lower lr under another run_name trains (deleting the folder first: the test above)
     lower = run(dataclasses.replace(finished, lr=0.02, run_name="tiny-lower"))
     assert read_config(lower.run_dir)["train"]["lr"] == 0.02 and read_metrics(lower.run_dir, "eval")
@@ -105,8 +123,10 @@ def test_more_epochs_resume_the_run_and_config_json_records_each_resume(finished
     assert rising > 0 and steps[1]["lr"] == pytest.approx(rising)
 
     run(dataclasses.replace(finished, epochs=2, resume=True))  # nothing left to train: a resume all the same
-    assert [r["changed"] for r in read_config(folder)["resumes"]] == [{"epochs": [1, 2], "log_every": [10, 2]},
-                                                                      {"log_every": [2, 10]}]
+    assert [r["changed"] for r in read_config(folder)["resumes"]] == [
+        {"epochs": [1, 2], "log_every": [10, 2]},
+        {"log_every": [2, 10]},
+    ]
     with pytest.raises(ValueError, match=r"cannot be resumed with epochs 2 -> 1: a resume may only add epochs"):
         run(dataclasses.replace(finished, epochs=1, resume=True))
 
@@ -114,15 +134,27 @@ def test_more_epochs_resume_the_run_and_config_json_records_each_resume(finished
     with pytest.raises(ValueError, match=r"no last\.pt to resume epochs 2 -> 3; .*or delete "):
         run(dataclasses.replace(finished, epochs=3, resume=True))
     shutil.rmtree(folder)  # the advice works
-    assert [r["epoch"] for r in read_metrics(run(dataclasses.replace(finished, epochs=3, resume=True)).run_dir,
-                                             "train")] == [1, 2, 3]
+    assert [
+        r["epoch"] for r in read_metrics(run(dataclasses.replace(finished, epochs=3, resume=True)).run_dir, "train")
+    ] == [1, 2, 3]
 
 
 def test_a_resume_that_would_change_the_model_or_the_schedule_is_refused(finished, tmp_path):
     folder = tmp_path / "tiny"
     before = (folder / "metrics.jsonl").read_text(), (folder / "last.pt").read_bytes()
-    changes = dict(arch="pyconvresnet", depth=34, image_size=24, lr=0.3, batch_size=16, recipe="standard", seed=1,
-                   amp="bf16", train_subset=96, augment=True, epochs=2)
+    changes = dict(
+        arch="pyconvresnet",
+        depth=34,
+        image_size=24,
+        lr=0.3,
+        batch_size=16,
+        recipe="standard",
+        seed=1,
+        amp="bf16",
+        train_subset=96,
+        augment=True,
+        epochs=2,
+    )
     with pytest.raises(ValueError) as caught:
         run(dataclasses.replace(finished, resume=True, **changes))
     message = str(caught.value)
@@ -130,8 +162,9 @@ def test_a_resume_that_would_change_the_model_or_the_schedule_is_refused(finishe
     recorded = read_config(folder)["train"]["extra"]  # the values that ran (a recipe's where left None)
     for name, new in changes.items():
         assert (f"{name} {recorded[name]!r} -> {new!r}" in message) is (name != "epochs"), name
-    assert message.endswith("resume with the recorded values, or pick another run_name (notebooks: run_prefix) for "
-                            "these parameters")
+    assert message.endswith(
+        "resume with the recorded values, or pick another run_name (notebooks: run_prefix) for these parameters"
+    )
     assert ((folder / "metrics.jsonl").read_text(), (folder / "last.pt").read_bytes()) == before
 
     # the advice works: another run_name trains changed parameters (resuming the recorded values: the test above)
@@ -160,8 +193,19 @@ def test_demo_backbone_reuses_its_run_and_steps_aside_for_another(tmp_path):
 
 
 def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_keeps_its_files(tmp_path):
-    args = [sys.executable, "-m", "pyconv_core.run", "classification", "--runs-dir", str(tmp_path), "--run-name",
-            "busy", "--epochs", "2", *[arg for k, v in TINY.items() for arg in ("--" + k.replace("_", "-"), str(v))]]
+    args = [
+        sys.executable,
+        "-m",
+        "pyconv_core.run",
+        "classification",
+        "--runs-dir",
+        str(tmp_path),
+        "--run-name",
+        "busy",
+        "--epochs",
+        "2",
+        *[arg for k, v in TINY.items() for arg in ("--" + k.replace("_", "-"), str(v))],
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock, deadline = tmp_path / "busy" / ".lock", time.time() + 300
@@ -177,8 +221,9 @@ def test_a_second_run_in_the_same_folder_is_refused_at_once_and_the_first_keeps_
         first.send_signal(signal.SIGCONT)
     assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
     last = second.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {tmp_path / 'busy'} is in use by another run (pid {first.pid} on "
-                           f"{platform.node()}, since ")
+    assert last.startswith(
+        f"error: {tmp_path / 'busy'} is in use by another run (pid {first.pid} on {platform.node()}, since "
+    )
     assert took < 60, f"the second run took {took:.0f} s to be refused"
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]

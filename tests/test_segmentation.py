@@ -1,5 +1,6 @@
 """Segmentation: metrics on crafted masks, sliding-window inference, ADE20K reading and
 augmentation, the demo set, the dilated backbone, the four heads, paper figures, and a short fit."""
+
 import json
 import logging
 
@@ -44,6 +45,7 @@ from pyconv_core.tasks.segmentation import (
 )
 
 # ---- metrics on crafted masks ----------------------------------------------------------------
+
 
 def _scores(pred, target, num_classes=3):
     return scores(confusion_matrix(torch.tensor(pred), torch.tensor(target), num_classes))
@@ -98,6 +100,7 @@ def test_class_iou_table_names_every_class():
 
 # ---- sliding-window inference ----------------------------------------------------------------
 
+
 def test_sliding_window_equals_a_whole_image_pass_for_a_pointwise_model():
     """A 1x1 conv sees no context, so windows, padding and flips must not change its output."""
     torch.manual_seed(0)
@@ -108,8 +111,9 @@ def test_sliding_window_equals_a_whole_image_pass_for_a_pointwise_model():
         probs = predict(model, image, 4, crop=33, base_size=0, flip=flip)
         torch.testing.assert_close(probs, expected.detach(), rtol=1e-5, atol=1e-5)
     small = torch.randn(3, 20, 25)  # smaller than the crop: padded
-    torch.testing.assert_close(predict(model, small, 4, crop=33, base_size=0),
-                               model(small[None])[0].softmax(0).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        predict(model, small, 4, crop=33, base_size=0), model(small[None])[0].softmax(0).detach(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_multi_scale_prediction_keeps_the_image_size():
@@ -120,6 +124,7 @@ def test_multi_scale_prediction_keeps_the_image_size():
 
 
 # ---- ADE20K layout ---------------------------------------------------------------------------
+
 
 def _write_ade(root, sizes=((40, 30), (36, 36)), split="training"):
     (root / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -139,8 +144,9 @@ def test_ade20k_reads_the_release_layout_and_maps_labels(tmp_path):
     image, mask = ds[0]
     assert image.shape == (3, 30, 40) and image.dtype == torch.float32 and mask.dtype == torch.int64
     assert mask[0, :4].tolist() == [IGNORE_INDEX, 0, 1, 2]
-    (root / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n2\t0.1\t1\t1\tbuilding, edifice\n"
-                                            "1\t0.2\t1\t1\twall\n")
+    (root / "objectInfo150.txt").write_text(
+        "Idx\tRatio\tTrain\tVal\tName\n2\t0.1\t1\t1\tbuilding, edifice\n1\t0.2\t1\t1\twall\n"
+    )
     assert read_class_names(root) == ("wall", "building")
 
 
@@ -198,6 +204,7 @@ def test_colorize_uses_the_palette_and_blacks_out_ignored_pixels():
 
 # ---- demo set ----------------------------------------------------------------------------------
 
+
 def test_demo_set_is_written_in_the_ade20k_layout_and_reused(tmp_path):
     root = make_demo_ade20k(tmp_path, num_train=6, num_val=3)
     train, val = ADE20K(root, "training"), ADE20K(root, "validation")
@@ -222,6 +229,7 @@ def test_demo_set_size_and_folder_come_from_the_parameters(tmp_path):
 
 
 # ---- models --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("output_stride, sizes", [(8, [17, 9, 9, 9]), (16, [17, 9, 5, 5])])
 @pytest.mark.parametrize("family", ["resnet", "pyconvresnet"])
@@ -282,7 +290,8 @@ def paper_rows():
 
 def test_params_and_gflops_match_s_table_6_at_both_output_strides(paper_rows):
     assert {(r["model"], r["output_stride"]) for r in paper_rows} == {
-        (n, s) for n in ("pyconvsegnet50", "pspnet50", "deeplabv3_50", "fcn50") for s in (8, 16)}
+        (n, s) for n in ("pyconvsegnet50", "pspnet50", "deeplabv3_50", "fcn50") for s in (8, 16)
+    }
     for r in paper_rows:
         assert r["input"] == (473, 473)
         assert abs(r["params_diff"]) <= 0.01, r
@@ -296,6 +305,7 @@ def test_the_profiler_counts_the_aux_head_as_s_table_6(paper_rows):
 
 
 # ---- task and trainer ----------------------------------------------------------------------------
+
 
 def _shard_confusion(rank, world, init_file, out):
     """One process of a gloo group: the confusion matrix of its shard, summed over the group."""
@@ -322,8 +332,9 @@ def _eval_fixture():
 def test_confusion_is_summed_over_processes(tmp_path):
     torch.multiprocessing.spawn(_shard_confusion, args=(2, tmp_path / "init", tmp_path / "conf.pt"), nprocs=2)
     images, masks, model = _eval_fixture()
-    single, skipped = SegmentationTask(4, crop=33, base_size=0).confusion(model, [collate(list(zip(images, masks)))],
-                                                                          torch.device("cpu"))
+    single, skipped = SegmentationTask(4, crop=33, base_size=0).confusion(
+        model, [collate(list(zip(images, masks)))], torch.device("cpu")
+    )
     assert torch.equal(torch.load(tmp_path / "conf.pt"), single) and single.sum() == sum(m.numel() for m in masks)
     assert skipped == 0
 
@@ -347,10 +358,23 @@ def test_short_fit_on_the_demo_layout_records_miou(tmp_path):
     val = ADE20K(root, "validation")
     model = build("fcn18", num_classes=len(train.classes), output_stride=16)
     task = SegmentationTask(len(train.classes), crop=73, base_size=0)
-    result = fit(model, task, train, val, TrainConfig(run_name="seg", epochs=1, batch_size=4, lr=0.01,
-                                                      lr_reference_batch=16, schedule="poly",
-                                                      lr_multipliers={prefix: 10.0 for prefix in NEW_MODULES},
-                                                      runs_dir=str(tmp_path / "runs"), progress=False))
+    result = fit(
+        model,
+        task,
+        train,
+        val,
+        TrainConfig(
+            run_name="seg",
+            epochs=1,
+            batch_size=4,
+            lr=0.01,
+            lr_reference_batch=16,
+            schedule="poly",
+            lr_multipliers={prefix: 10.0 for prefix in NEW_MODULES},
+            runs_dir=str(tmp_path / "runs"),
+            progress=False,
+        ),
+    )
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [row for row in rows if row["kind"] != "step"]  # the loss-curve rows (tests/test_curves.py)
     assert rows[0]["kind"] == "train" and rows[0]["train_aux_loss"] > 0
@@ -379,10 +403,11 @@ def test_backbone_starts_from_a_workbook_classification_checkpoint(tmp_path):
 
 # ---- unreadable images and masks -------------------------------------------------------------
 
+
 def _cut(path):
     """Truncate a real image file to half its bytes, as an interrupted copy leaves it."""
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
 
 
 def test_a_truncated_image_or_mask_is_skipped_logged_once_counted_and_keeps_its_place(tmp_path, caplog):
@@ -399,8 +424,9 @@ def test_a_truncated_image_or_mask_is_skipped_logged_once_counted_and_keeps_its_
     torch.manual_seed(0)
     model, task = nn.Conv2d(3, 150, 1).eval(), SegmentationTask(150, crop=33, base_size=0)
     metrics = task.evaluate(model, DataLoader(ds, batch_size=2, collate_fn=collate), torch.device("cpu"))
-    readable = task.evaluate(model, DataLoader(Subset(ds, [0, 3]), batch_size=2, collate_fn=collate),
-                             torch.device("cpu"))
+    readable = task.evaluate(
+        model, DataLoader(Subset(ds, [0, 3]), batch_size=2, collate_fn=collate), torch.device("cpu")
+    )
     assert metrics == {**readable, "num_skipped": 2.0} and readable["num_skipped"] == 0.0
 
     samples = [segmentation_sample(ds, i, {"conv": model}, task) for i in range(4)]
@@ -408,8 +434,11 @@ def test_a_truncated_image_or_mask_is_skipped_logged_once_counted_and_keeps_its_
     assert samples[1]["image"] is None and samples[2]["image"] is None
     assert samples[3]["image"].shape == (20, 33, 3) and samples[3]["truth"].shape == (20, 33)
     axes = plots.show_segmentation(samples, ds.palette, ds.classes).axes
-    assert [ax.get_title() for ax in axes[3:10:3]] == ["ADE_valid_00000002.jpg: unreadable, skipped",
-                                                       "ADE_valid_00000003.jpg: unreadable, skipped", "image"]
+    assert [ax.get_title() for ax in axes[3:10:3]] == [
+        "ADE_valid_00000002.jpg: unreadable, skipped",
+        "ADE_valid_00000003.jpg: unreadable, skipped",
+        "image",
+    ]
 
 
 def test_an_epoch_with_truncated_files_runs_and_records_the_count(tmp_path):
@@ -420,9 +449,23 @@ def test_an_epoch_with_truncated_files_runs_and_records_the_count(tmp_path):
     val = ADE20K(root, "validation")
     model = build("fcn18", num_classes=len(train.classes), output_stride=16)
     task = SegmentationTask(len(train.classes), crop=73, base_size=0)
-    result = fit(model, task, train, val, TrainConfig(run_name="cut", epochs=1, batch_size=4, lr=0.01,
-                                                      lr_reference_batch=16, schedule="poly", pyconv_plan="naive",
-                                                      runs_dir=str(tmp_path / "runs"), progress=False))
+    result = fit(
+        model,
+        task,
+        train,
+        val,
+        TrainConfig(
+            run_name="cut",
+            epochs=1,
+            batch_size=4,
+            lr=0.01,
+            lr_reference_batch=16,
+            schedule="poly",
+            pyconv_plan="naive",
+            runs_dir=str(tmp_path / "runs"),
+            progress=False,
+        ),
+    )
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     train_row, eval_row = [r for r in rows if r["kind"] == "train"][0], [r for r in rows if r["kind"] == "eval"][0]
     assert train_row["num_skipped"] == 1 and np.isfinite(train_row["train_loss"])

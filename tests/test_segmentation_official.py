@@ -2,6 +2,7 @@
 as an independent forward pass written from docs/paper.md s.6 that reads every weight by the authors'
 key name (dilation replacing stride, padding dilation*(k//2) per level, stride-1 MaxPool in the
 shortcut of a dilated stage, align_corners=True upsampling)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,15 +13,34 @@ from tests.official_reference import randomize_bn
 
 
 def _bn(state, prefix, x):
-    return F.batch_norm(x, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"],
-                        state[f"{prefix}.weight"], state[f"{prefix}.bias"], training=False, eps=1e-5)
+    return F.batch_norm(
+        x,
+        state[f"{prefix}.running_mean"],
+        state[f"{prefix}.running_var"],
+        state[f"{prefix}.weight"],
+        state[f"{prefix}.bias"],
+        training=False,
+        eps=1e-5,
+    )
 
 
 def _pyconv(state, prefix, x, stride=1, dilation=1):
     levels = sorted((k for k in state if k.startswith(f"{prefix}.conv2_")), key=lambda k: int(k.split("_")[-1][0]))
     weights = [state[k] for k in levels] or [state[f"{prefix}.weight"]]
-    return torch.cat([F.conv2d(x, w, stride=stride, padding=dilation * (w.shape[-1] // 2), dilation=dilation,
-                               groups=x.shape[1] // w.shape[1]) for w in weights], 1)
+    return torch.cat(
+        [
+            F.conv2d(
+                x,
+                w,
+                stride=stride,
+                padding=dilation * (w.shape[-1] // 2),
+                dilation=dilation,
+                groups=x.shape[1] // w.shape[1],
+            )
+            for w in weights
+        ],
+        1,
+    )
 
 
 def _stage_settings(output_stride, pyconv):
@@ -58,8 +78,9 @@ def _backbone(state, x, output_stride, pyconv):
 
 
 def _cbr(state, prefix, x, padding=0):
-    return F.relu(_bn(state, f"{prefix[:-1]}{int(prefix[-1]) + 1}",
-                      F.conv2d(x, state[f"{prefix}.weight"], padding=padding)))
+    return F.relu(
+        _bn(state, f"{prefix[:-1]}{int(prefix[-1]) + 1}", F.conv2d(x, state[f"{prefix}.weight"], padding=padding))
+    )
 
 
 def official_segnet_forward(state, x, output_stride, pyconv):
@@ -80,20 +101,37 @@ def official_segnet_forward(state, x, output_stride, pyconv):
 
 def test_official_key_layout():
     keys = set(to_official_state_dict(build("pyconvsegnet50", num_classes=150, backbone="pyconvresnet")))
-    for key in ["layer0.0.weight", "layer0.1.running_var", "layer1.0.conv2.conv2_4.weight", "layer4.2.conv2.weight",
-                "layer3.0.downsample.1.weight", "layer3.0.downsample.2.running_mean",
-                "pyconvhead.local_context.layers.0.weight", "pyconvhead.local_context.layers.3.conv2_4.weight",
-                "pyconvhead.global_context.features.4.conv2_1.weight", "pyconvhead.global_context.features.8.bias",
-                "pyconvhead.merge_context.features.0.weight", "aux.0.weight", "aux.4.bias", "cls.1.weight"]:
+    for key in [
+        "layer0.0.weight",
+        "layer0.1.running_var",
+        "layer1.0.conv2.conv2_4.weight",
+        "layer4.2.conv2.weight",
+        "layer3.0.downsample.1.weight",
+        "layer3.0.downsample.2.running_mean",
+        "pyconvhead.local_context.layers.0.weight",
+        "pyconvhead.local_context.layers.3.conv2_4.weight",
+        "pyconvhead.global_context.features.4.conv2_1.weight",
+        "pyconvhead.global_context.features.8.bias",
+        "pyconvhead.merge_context.features.0.weight",
+        "aux.0.weight",
+        "aux.4.bias",
+        "cls.1.weight",
+    ]:
         assert key in keys, key
     assert not any(k.startswith(("backbone.", "head.", "classifier.")) or ".levels." in k for k in keys)
     assert not any(k.startswith("fc.") for k in keys)
 
 
-@pytest.mark.parametrize("name, keys", [
-    ("pspnet50", ["ppm.features.0.1.weight", "ppm.features.3.2.running_var", "cls.0.weight", "cls.1.bias",
-                  "cls.4.bias"]),
-    ("fcn50", ["cls.0.weight", "cls.1.running_mean", "cls.4.weight"])])
+@pytest.mark.parametrize(
+    "name, keys",
+    [
+        (
+            "pspnet50",
+            ["ppm.features.0.1.weight", "ppm.features.3.2.running_var", "cls.0.weight", "cls.1.bias", "cls.4.bias"],
+        ),
+        ("fcn50", ["cls.0.weight", "cls.1.running_mean", "cls.4.weight"]),
+    ],
+)
 def test_peers_use_the_semseg_layout_of_the_authors_repository(name, keys):
     official = set(to_official_state_dict(build(name, num_classes=150)))
     assert set(keys) <= official and "aux.4.weight" in official and "layer0.0.weight" in official
@@ -106,7 +144,8 @@ def test_loaded_model_computes_what_the_authors_code_computes(output_stride, bac
     source = randomize_bn(build("pyconvsegnet50", num_classes=5, output_stride=output_stride, backbone=backbone))
     state = to_official_state_dict(source)
     model = load_official_checkpoint(
-        build("pyconvsegnet50", num_classes=5, output_stride=output_stride, backbone=backbone), state).eval()
+        build("pyconvsegnet50", num_classes=5, output_stride=output_stride, backbone=backbone), state
+    ).eval()
     x = torch.randn(1, 3, 65, 65)
     logits, stage3 = official_segnet_forward(state, x, output_stride, backbone == "pyconvresnet")
     assert stage3.shape[-1] == (9 if output_stride == 8 else 5)

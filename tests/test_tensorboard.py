@@ -1,6 +1,7 @@
 """TensorBoard: every run writes its metrics.jsonl rows as scalars (``<kind>/<key>`` at the optimizer step)
 and its parameters as hparams into runs/<name>/, read back here with TensorBoard's own readers; a run
 resumed after a crash holds every row exactly once."""
+
 import time
 
 import numpy as np
@@ -26,14 +27,33 @@ def _tiny_model() -> nn.Module:
 
 
 def _config(tmp_path, **overrides) -> TrainConfig:
-    return TrainConfig(**{**dict(run_name="board", epochs=3, batch_size=16, lr=0.1, lr_reference_batch=16,
-                                 schedule="cosine", log_every=1, runs_dir=str(tmp_path), progress=False,
-                                 extra={"arch": "tiny", "depth": 3}), **overrides})
+    return TrainConfig(
+        **{
+            **dict(
+                run_name="board",
+                epochs=3,
+                batch_size=16,
+                lr=0.1,
+                lr_reference_batch=16,
+                schedule="cosine",
+                log_every=1,
+                runs_dir=str(tmp_path),
+                progress=False,
+                extra={"arch": "tiny", "depth": 3},
+            ),
+            **overrides,
+        }
+    )
 
 
 def _fit(tmp_path, task=None, **overrides):
-    return fit(_tiny_model(), task or ClassificationTask(), FashionMNIST("train", 16, 64), FashionMNIST("test", 16, 32),
-               _config(tmp_path, **overrides))
+    return fit(
+        _tiny_model(),
+        task or ClassificationTask(),
+        FashionMNIST("train", 16, 64),
+        FashionMNIST("test", 16, 32),
+        _config(tmp_path, **overrides),
+    )
 
 
 def _expected(run_dir) -> dict[str, list[tuple[int, float]]]:
@@ -58,8 +78,11 @@ def _served(run_dir) -> dict[str, list[tuple[int, float]]]:
     """The scalars as the TensorBoard server's accumulator keeps them (it purges on a session restart only)."""
     events = plugin_event_accumulator.EventAccumulator(str(run_dir), tensor_size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
-            for tag in events.Tags()["tensors"] if not tag.startswith("_hparams_")}
+    return {
+        tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+        for tag in events.Tags()["tensors"]
+        if not tag.startswith("_hparams_")
+    }
 
 
 def _assert_holds(read: dict, expected: dict) -> None:
@@ -73,18 +96,26 @@ def test_a_run_writes_its_rows_and_parameters_as_tensorboard_events(tmp_path):
     run_dir = _fit(tmp_path).run_dir
     assert len(list(run_dir.glob(EVENT_FILES))) == 1
     expected = _expected(run_dir)
-    assert {"step/train_loss", "step/lr", "train/samples_per_s", "train/train_loss", "eval/top1",
-            "eval/val_loss"} <= set(expected)
+    assert {
+        "step/train_loss",
+        "step/lr",
+        "train/samples_per_s",
+        "train/train_loss",
+        "eval/top1",
+        "eval/val_loss",
+    } <= set(expected)
     assert [s for s, _ in expected["step/train_loss"]] == list(range(1, 3 * STEPS_PER_EPOCH + 1))
     _assert_holds(_scalars(run_dir), expected)
     events = EventAccumulator(str(run_dir))
     events.Reload()
     start = plugin_data_pb2.HParamsPluginData.FromString(
-        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info
     assert start.hparams["arch"].string_value == "tiny" and start.hparams["depth"].number_value == 3
     assert start.hparams["lr"].number_value == 0.1 and start.hparams["schedule"].string_value == "cosine"
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
-        events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+        events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    ).experiment
     assert [m.name.tag for m in experiment.metric_infos] == ["eval/top1"]
 
 

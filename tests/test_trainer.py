@@ -1,4 +1,5 @@
 """The shared Trainer on the classification task: learning, resume, DDP, bad input, NaN."""
+
 import dataclasses
 import json
 import math
@@ -33,8 +34,20 @@ def _env():
 
 
 def test_loss_falls_and_accuracy_beats_chance(tmp_path):
-    result = run(Params(arch="resnet", depth=18, image_size=32, train_subset=1024, val_subset=500, epochs=2,
-                        batch_size=32, lr=0.4, runs_dir=str(tmp_path), run_name="learn"))
+    result = run(
+        Params(
+            arch="resnet",
+            depth=18,
+            image_size=32,
+            train_subset=1024,
+            val_subset=500,
+            epochs=2,
+            batch_size=32,
+            lr=0.4,
+            runs_dir=str(tmp_path),
+            run_name="learn",
+        )
+    )
     train = read_metrics(result.run_dir, "train")
     evals = read_metrics(result.run_dir, "eval")
     assert train[1]["train_loss"] < train[0]["train_loss"]
@@ -48,8 +61,18 @@ def test_loss_falls_and_accuracy_beats_chance(tmp_path):
 
 
 def _launcher(tmp_path, run_name, epochs, **flags):
-    args = [sys.executable, "-m", "pyconv_core.run", "classification", "--runs-dir", str(tmp_path),
-            "--run-name", run_name, "--epochs", str(epochs)]
+    args = [
+        sys.executable,
+        "-m",
+        "pyconv_core.run",
+        "classification",
+        "--runs-dir",
+        str(tmp_path),
+        "--run-name",
+        run_name,
+        "--epochs",
+        str(epochs),
+    ]
     for key, value in {**TINY, **flags}.items():
         args += ["--" + key.replace("_", "-"), str(value)]
     return args
@@ -92,8 +115,9 @@ def straight_run(tmp_path_factory):
 def test_killed_run_resumes_to_the_same_weights(tmp_path, how, straight_run):
     epochs, workers = EPOCHS, 2 if "workers" in how else 0
     args = _launcher(tmp_path, "killed", epochs, **AUGMENT, num_workers=workers, log_every=1)
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: the launcher and its workers
+    proc = subprocess.Popen(
+        args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )  # its own process group: the launcher and its workers
     if how == "sigkill":
         _wait_for(tmp_path / "killed" / "last.pt", proc)
         proc.kill()
@@ -130,14 +154,32 @@ DDP_SCRIPT = str(ROOT / "tests" / "scripts" / "ddp_fit.py")
 
 
 def _ddp_fit(tmp_path, name: str, pyconv_plan: str, *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                           DDP_SCRIPT, str(tmp_path / name), str(tmp_path / f"{name}.pt"), pyconv_plan, *options],
-                          env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29517",
+            DDP_SCRIPT,
+            str(tmp_path / name),
+            str(tmp_path / f"{name}.pt"),
+            pyconv_plan,
+            *options,
+        ],
+        env={**_env(), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
-    subprocess.run([sys.executable, DDP_SCRIPT, str(tmp_path / "one"), str(tmp_path / "one.pt"), "auto"], env=_env(),
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, DDP_SCRIPT, str(tmp_path / "one"), str(tmp_path / "one.pt"), "auto"],
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
     ddp = _ddp_fit(tmp_path, "two", "auto")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
@@ -152,8 +194,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 def _workers_of(pid: int) -> dict[int, int]:
     """RANK -> pid of the processes that ``pid`` (torchrun) started."""
-    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
     ranks = {}
     for child in children:
         environ = dict(e.split("=", 1) for e in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in e)
@@ -164,10 +205,18 @@ def _workers_of(pid: int) -> dict[int, int]:
 
 def test_a_signal_to_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path):
     # rank 0 alone writes: had rank 1 stopped on its own, rank 0 would wait for it in the next step forever
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "-m",
-            *_launcher(tmp_path, "ddp-stop", EPOCHS, log_every=1)[2:]]
-    proc = subprocess.Popen(args, env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29518",
+        "-m",
+        *_launcher(tmp_path, "ddp-stop", EPOCHS, log_every=1)[2:],
+    ]
+    proc = subprocess.Popen(
+        args, env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         _wait_for_training(tmp_path / "ddp-stop", proc)
         os.kill(_workers_of(proc.pid)[1], signal.SIGTERM)
@@ -194,8 +243,18 @@ def test_ddp_replicas_train_with_rank0_auto_plans(tmp_path):
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path, imagenet_dir, caplog):
-    result = run(Params(arch="resnet", depth=18, data_dir=str(imagenet_dir), crop=32, epochs=1, batch_size=8,
-                        runs_dir=str(tmp_path), run_name="corrupt"))
+    result = run(
+        Params(
+            arch="resnet",
+            depth=18,
+            data_dir=str(imagenet_dir),
+            crop=32,
+            epochs=1,
+            batch_size=8,
+            runs_dir=str(tmp_path),
+            run_name="corrupt",
+        )
+    )
     train, evals = read_metrics(result.run_dir, "train")[0], read_metrics(result.run_dir, "eval")[0]
     assert evals["num_skipped"] == 1 and evals["num_samples"] == 12
     assert train["num_skipped"] <= 1
@@ -205,9 +264,21 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, imagenet_dir, caplog):
 def test_wrong_data_dir_says_what_was_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"lacks train and val/: expected the ImageNet layout"):
         run(Params(data_dir=str(tmp_path / "nowhere"), runs_dir=str(tmp_path)))
-    launched = subprocess.run([sys.executable, "-m", "pyconv_core.run", "classification", "--data-dir",
-                               str(tmp_path / "nowhere"), "--runs-dir", str(tmp_path)], env=_env(),
-                              capture_output=True, text=True)
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyconv_core.run",
+            "classification",
+            "--data-dir",
+            str(tmp_path / "nowhere"),
+            "--runs-dir",
+            str(tmp_path),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert launched.returncode == 1 and "Traceback" not in launched.stderr
     last = launched.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "nowhere" in last and "expected the ImageNet layout" in last
@@ -228,9 +299,11 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     last = tmp_path / "nan" / "last.pt"
     with pytest.raises(NonFiniteLossError) as caught:
         fit(build("resnet18", num_classes=10), _NaNAfterOneEpoch(), train, val, train_config(p))
-    assert str(caught.value) == (f"run 'nan': loss is nan at epoch 2, step 1. The last good checkpoint {last} is kept: "
-                                 f"start a new run with weights={last} and a lower lr than 0.05 (per 256 images; a "
-                                 f"resume keeps it).")
+    assert str(caught.value) == (
+        f"run 'nan': loss is nan at epoch 2, step 1. The last good checkpoint {last} is kept: "
+        f"start a new run with weights={last} and a lower lr than 0.05 (per 256 images; a "
+        f"resume keeps it)."
+    )
     assert _final_state(tmp_path / "nan")["epoch"] == 1
     # the advice works: a run from those weights at a lower lr trains on (in its own folder)
     again = run(Params(**TINY, epochs=1, lr=0.02, weights=str(last), runs_dir=str(tmp_path), progress=False))
@@ -300,9 +373,12 @@ def test_an_evaluation_loss_that_is_not_finite_stops_the_run_before_it_is_record
     p = Params(**TINY, epochs=3, runs_dir=str(tmp_path), run_name="inf-eval")
     train, val, _ = datasets(p)
     best = tmp_path / "inf-eval" / "best.pt"
-    with pytest.raises(NonFiniteLossError, match=r"evaluation after epoch 2 gives \{'val_loss': inf\}.*best.pt, "
-                                                 r"the best evaluated epoch, is kept; .*last.pt holds epoch 2 "
-                                                 rf"unevaluated: start a new run with weights={best} and a lower lr"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"evaluation after epoch 2 gives \{'val_loss': inf\}.*best.pt, "
+        r"the best evaluated epoch, is kept; .*last.pt holds epoch 2 "
+        rf"unevaluated: start a new run with weights={best} and a lower lr",
+    ):
         fit(build("resnet18", num_classes=10), _EvaluationDiverges(), train, val, train_config(p))
     assert load_checkpoint(best)["epoch"] == 1
     assert load_checkpoint(tmp_path / "inf-eval" / "last.pt")["pending_eval"]  # epoch 2, never recorded as good
@@ -314,8 +390,9 @@ def test_an_evaluation_loss_that_is_not_finite_stops_the_run_before_it_is_record
 def test_unreadable_checkpoint_is_named_with_the_fix(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "last.pt").write_bytes(b"not a checkpoint: the run was copied half-way")
-    launched = subprocess.run(_launcher(tmp_path, "broken", 1) + ["--resume", "true"], env=_env(),
-                              capture_output=True, text=True)
+    launched = subprocess.run(
+        _launcher(tmp_path, "broken", 1) + ["--resume", "true"], env=_env(), capture_output=True, text=True
+    )
     assert launched.returncode == 1 and "Traceback" not in launched.stderr
     last = launched.stderr.strip().splitlines()[-1]
     assert last.startswith("error: checkpoint ") and "last.pt cannot be read" in last and "start the run again" in last
@@ -326,8 +403,11 @@ def test_unreadable_checkpoint_is_named_with_the_fix(tmp_path):
 
 def test_too_few_samples_for_a_batch_say_so_and_a_lower_batch_size_trains(tmp_path):
     p = Params(**{**TINY, "train_subset": 24}, epochs=1, runs_dir=str(tmp_path), progress=False)
-    with pytest.raises(ValueError, match=r"^24 training samples give no full batch of 32: lower batch_size or add "
-                                         r"data$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^24 training samples give no full batch of 32: lower batch_size or add "
+        r"data$",
+    ):
         run(p)
     result = run(dataclasses.replace(p, batch_size=8))  # the advice works
     assert read_metrics(result.run_dir, "train")[0]["samples_per_s"] > 0
@@ -373,10 +453,24 @@ def test_eager_plan_tuning_leaves_no_trace_but_the_plans():
 
 def test_compiled_run_trains_with_measured_plans(tmp_path):
     # torch.compile traces PyConv without timing it: the Trainer measures the plans eagerly first
-    model = torch.nn.Sequential(PyConv(3, 16, [3, 5], [1, 1]), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(16, 10))
-    cfg = TrainConfig(run_name="compiled", epochs=1, batch_size=16, lr=0.1, lr_reference_batch=16, schedule="constant",
-                      compile=True, runs_dir=str(tmp_path), progress=False)
+    model = torch.nn.Sequential(
+        PyConv(3, 16, [3, 5], [1, 1]),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 10),
+    )
+    cfg = TrainConfig(
+        run_name="compiled",
+        epochs=1,
+        batch_size=16,
+        lr=0.1,
+        lr_reference_batch=16,
+        schedule="constant",
+        compile=True,
+        runs_dir=str(tmp_path),
+        progress=False,
+    )
     result = fit(model, ClassificationTask(), FashionMNIST("train", 16, 64), FashionMNIST("test", 16, 32), cfg)
     plans = json.loads((result.run_dir / "config.json").read_text())["pyconv_plans"]
     assert [sig for sig in plans["0"] if sig.endswith("train")]

@@ -2,6 +2,7 @@
 header and the validation masks' labels before training (detection checks its annotation files, video
 and classification their class lists, at load: tests/test_detection_data.py, test_video_data.py,
 test_data_edges.py). A mask that cannot be decoded is no error: it is skipped and counted, as in training."""
+
 import logging
 import time
 
@@ -13,8 +14,17 @@ from pyconv_core.data.ade20k import ADE20K
 from pyconv_core.data.demo_segmentation import DEMO_CLASSES, make_demo_ade20k
 from pyconv_core.tasks.segmentation import Params, run
 
-TINY = dict(head="fcn", depth=18, output_stride=16, batch_size=4, crop=33, test_crop=73, epochs=1,
-            pyconv_plan="naive", progress=False)
+TINY = dict(
+    head="fcn",
+    depth=18,
+    output_stride=16,
+    batch_size=4,
+    crop=33,
+    test_crop=73,
+    epochs=1,
+    pyconv_plan="naive",
+    progress=False,
+)
 
 
 @pytest.fixture()
@@ -44,13 +54,20 @@ def _colour(path):
         m.convert("RGB").save(path)
 
 
-@pytest.mark.parametrize("split, break_mask, message", [
-    ("validation", _wrong_size, r"is \d+x\d+ but its mask .*ADE_val_00000002\.png is \d+x\d+: image and mask must "
-                                r"have the same size; fix or remove the pair before training"),
-    ("validation", _label_out_of_range, r"ADE_val_00000002\.png holds label 15 but the data set has 14 classes"),
-    ("validation", _colour, r"ADE_val_00000002\.png is a RGB image"),
-    ("training", _wrong_size, r"but its mask .*ADE_train_00000002\.png is"),
-])
+@pytest.mark.parametrize(
+    "split, break_mask, message",
+    [
+        (
+            "validation",
+            _wrong_size,
+            r"is \d+x\d+ but its mask .*ADE_val_00000002\.png is \d+x\d+: image and mask must "
+            r"have the same size; fix or remove the pair before training",
+        ),
+        ("validation", _label_out_of_range, r"ADE_val_00000002\.png holds label 15 but the data set has 14 classes"),
+        ("validation", _colour, r"ADE_val_00000002\.png is a RGB image"),
+        ("training", _wrong_size, r"but its mask .*ADE_train_00000002\.png is"),
+    ],
+)
 def test_a_bad_mask_stops_the_run_before_any_epoch_naming_the_file(demo, tmp_path, split, break_mask, message):
     """Without the check the run would train an epoch (writing last.pt and metrics.jsonl) and fail
     only when that epoch is evaluated, or when the training pair is met."""
@@ -84,7 +101,7 @@ def test_training_labels_are_left_to_the_read_and_validation_labels_are_checked(
 
 def test_an_undecodable_mask_passes_the_check_logged_once_then_skipped(demo, caplog):
     path = _mask(demo, "validation", 1)
-    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])  # truncated: its header still reads
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated: its header still reads
     val = ADE20K(demo, "validation")
     with caplog.at_level(logging.WARNING):
         val.check()

@@ -1,4 +1,5 @@
 """Kinetics layout, PyAV decoding and clip sampling, bad files, the demo set, and the video task."""
+
 import csv
 import logging
 import shutil
@@ -21,8 +22,9 @@ from pyconv_core.data.kinetics import (
 from pyconv_core.engine.logging import read_metrics
 from pyconv_core.tasks.video import Params, VideoTask, predict_videos, run, show_clips
 
-SMALL = ClipSampling(frames=4, stride=3, train_short_side=(40, 48), test_short_side=40, crop=32, test_clips=3,
-                     test_crops=3)
+SMALL = ClipSampling(
+    frames=4, stride=3, train_short_side=(40, 48), test_short_side=40, crop=32, test_clips=3, test_crops=3
+)
 
 
 def _counter_video(path, frames=30, height=48, width=64, fps=12):
@@ -189,8 +191,19 @@ def test_an_epoch_with_bad_videos_runs_and_logs_the_count(kinetics_dir, tmp_path
     shutil.copytree(kinetics_dir / "train", kinetics_dir / "val")
     with open(kinetics_dir / "annotations" / "val.csv", "w") as f:
         f.write(open(kinetics_dir / "annotations" / "train.csv").read().replace(",train", ",val"))
-    p = Params(arch="pyconvresnet3d50", data_dir=str(kinetics_dir), epochs=1, batch_size=3, frames=4, stride=3,
-               crop=32, stage_blocks="1,1,1,1", runs_dir=str(tmp_path), run_name="bad", test_clips=2)
+    p = Params(
+        arch="pyconvresnet3d50",
+        data_dir=str(kinetics_dir),
+        epochs=1,
+        batch_size=3,
+        frames=4,
+        stride=3,
+        crop=32,
+        stage_blocks="1,1,1,1",
+        runs_dir=str(tmp_path),
+        run_name="bad",
+        test_clips=2,
+    )
     result = run(p)
     train, evals = read_metrics(result.run_dir, "train"), read_metrics(result.run_dir, "eval")
     assert train[0]["num_skipped"] == 1 and evals[0]["num_skipped"] == 1 and evals[0]["num_videos"] == 5
@@ -215,10 +228,14 @@ def test_predictions_and_frame_strips_keep_their_rows_past_a_bad_video(kinetics_
 
 # ---- each message's advice, followed ----------------------------------------------------------------
 
+
 def test_short_sides_of_at_least_the_crop_or_a_smaller_crop_are_accepted():
-    with pytest.raises(ValueError, match=r"crop 64 is larger than the smallest short side 40 \(train_short_side "
-                                         r"\(40, 48\), test_short_side 40\); give short sides of at least the crop, "
-                                         r"or a smaller crop"):
+    with pytest.raises(
+        ValueError,
+        match=r"crop 64 is larger than the smallest short side 40 \(train_short_side "
+        r"\(40, 48\), test_short_side 40\); give short sides of at least the crop, "
+        r"or a smaller crop",
+    ):
         ClipSampling(crop=64, train_short_side=(40, 48), test_short_side=40)
     assert ClipSampling(crop=64, train_short_side=(64, 72), test_short_side=64).crop == 64
     assert ClipSampling(crop=40, train_short_side=(40, 48), test_short_side=40).crop == 40
@@ -243,8 +260,11 @@ def test_the_annotation_file_of_the_split_passed_is_read(kinetics_dir, tmp_path_
     own = tmp_path_factory.mktemp("csv") / "kinetics400_train.csv"
     shutil.move(kinetics_dir / "annotations" / "train.csv", own)
     shutil.copy(kinetics_dir / "annotations" / "val.csv", kinetics_dir / "annotations" / "train.csv")
-    with pytest.raises(ValueError, match=r"has no rows of split 'train' \(its split column holds \['val'\]\); pass "
-                                         r"the file of that split"):
+    with pytest.raises(
+        ValueError,
+        match=r"has no rows of split 'train' \(its split column holds \['val'\]\); pass "
+        r"the file of that split",
+    ):
         KineticsDataset(kinetics_dir, "train", sampling=SMALL)
     with pytest.raises(FileNotFoundError, match="does not exist; pass the Kinetics CSV"):
         KineticsDataset(kinetics_dir, "train", sampling=SMALL, annotations=own.parent / "train.csv")
@@ -269,8 +289,11 @@ def test_data_put_where_the_layout_says_is_read(kinetics_dir, tmp_path_factory):
 def test_videos_of_labels_outside_the_training_classes_removed_are_read(kinetics_dir):
     training_classes = ["abseiling"]  # a training set without the validation set's "air drumming"
     path = kinetics_dir / "annotations" / "val.csv"
-    with pytest.raises(ValueError, match=r"has labels outside the given classes \(1, e.g. the training set's\): "
-                                         r"\['air drumming'\]; remove their videos \(rows\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"has labels outside the given classes \(1, e.g. the training set's\): "
+        r"\['air drumming'\]; remove their videos \(rows\)",
+    ):
         KineticsDataset(kinetics_dir, "val", sampling=SMALL, classes=training_classes)
     rows = path.read_text().splitlines()
     path.write_text("\n".join(row for row in rows if not row.startswith("air drumming")))

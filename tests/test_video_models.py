@@ -1,4 +1,5 @@
 """ResNet3D-50 / PyConvResNet3D-50: S-Table 2 layout, S-Table 3 counts, 2D inflation."""
+
 import pytest
 import torch
 

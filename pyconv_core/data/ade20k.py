@@ -18,6 +18,7 @@ single-channel, another size, a label beyond the class list) is an error naming 
 :meth:`ADE20K.check` finds it before any training (the segmentation task checks both splits, the
 validation masks' labels too), not an epoch later when the pair is first read.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,21 @@ from torchvision.transforms import InterpolationMode
 
 from pyconv_core.data.unreadable import UnreadableFileError, UnreadableFiles, open_image
 
-__all__ = ["ADE20K", "ADE20K_CLASSES", "ADE20K_PALETTE", "IGNORE_INDEX", "MEAN", "STD", "TrainTransform",
-           "normalize", "denormalize", "colorize", "palette_for", "read_class_names", "to_train_ids"]
+__all__ = [
+    "ADE20K",
+    "ADE20K_CLASSES",
+    "ADE20K_PALETTE",
+    "IGNORE_INDEX",
+    "MEAN",
+    "STD",
+    "TrainTransform",
+    "normalize",
+    "denormalize",
+    "colorize",
+    "palette_for",
+    "read_class_names",
+    "to_train_ids",
+]
 
 IGNORE_INDEX = 255
 MEAN = (0.485, 0.456, 0.406)
@@ -49,49 +63,312 @@ _FIX_UNREADABLE = "replace the file, or remove the image and its mask"
 
 # The 150 classes of the benchmark (first name of each objectInfo150.txt row) and the usual palette.
 ADE20K_CLASSES: tuple[str, ...] = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
-    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
-    "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair",
-    "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box",
-    "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace",
-    "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table", "pillow",
-    "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet",
-    "flower", "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer",
-    "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower",
-    "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track",
-    "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
-    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle",
-    "oven", "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle",
-    "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light",
-    "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower",
-    "radiator", "glass", "clock", "flag")
-ADE20K_PALETTE = np.array([
-    (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80),
-    (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7),
-    (150, 5, 61), (120, 120, 70), (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4),
-    (255, 51, 7), (204, 70, 3), (0, 102, 200), (61, 230, 250), (255, 6, 51), (11, 102, 255),
-    (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220), (255, 9, 92), (112, 9, 255),
-    (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10), (7, 255, 255),
-    (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20),
-    (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255),
-    (140, 140, 140), (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0),
-    (153, 255, 0), (0, 0, 255), (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255),
-    (11, 200, 200), (255, 82, 0), (0, 255, 245), (0, 61, 255), (0, 255, 112), (0, 255, 133),
-    (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0), (0, 143, 255), (51, 255, 0), (0, 82, 255),
-    (0, 255, 41), (0, 255, 173), (10, 0, 255), (173, 255, 0), (0, 255, 153), (255, 92, 0),
-    (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0), (255, 0, 20), (255, 184, 184),
-    (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194), (0, 255, 82), (0, 10, 255),
-    (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255), (0, 255, 163), (255, 153, 0),
-    (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255), (163, 255, 0), (255, 235, 0),
-    (8, 184, 170), (133, 0, 255), (0, 255, 92), (184, 0, 255), (255, 0, 31), (0, 184, 255),
-    (0, 214, 255), (255, 0, 112), (92, 255, 0), (0, 224, 255), (112, 224, 255), (70, 184, 160),
-    (163, 0, 255), (153, 0, 255), (71, 255, 0), (255, 0, 163), (255, 204, 0), (255, 0, 143),
-    (0, 255, 235), (133, 255, 0), (255, 0, 235), (245, 0, 255), (255, 0, 122), (255, 245, 0),
-    (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255), (255, 255, 0), (0, 153, 255),
-    (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0), (173, 0, 255), (0, 245, 255), (71, 0, 255),
-    (122, 0, 255), (0, 255, 184), (0, 92, 255), (184, 255, 0), (0, 133, 255), (255, 214, 0),
-    (25, 194, 194), (102, 255, 0), (92, 0, 255)], dtype=np.uint8)
+    "wall",
+    "building",
+    "sky",
+    "floor",
+    "tree",
+    "ceiling",
+    "road",
+    "bed",
+    "windowpane",
+    "grass",
+    "cabinet",
+    "sidewalk",
+    "person",
+    "earth",
+    "door",
+    "table",
+    "mountain",
+    "plant",
+    "curtain",
+    "chair",
+    "car",
+    "water",
+    "painting",
+    "sofa",
+    "shelf",
+    "house",
+    "sea",
+    "mirror",
+    "rug",
+    "field",
+    "armchair",
+    "seat",
+    "fence",
+    "desk",
+    "rock",
+    "wardrobe",
+    "lamp",
+    "bathtub",
+    "railing",
+    "cushion",
+    "base",
+    "box",
+    "column",
+    "signboard",
+    "chest of drawers",
+    "counter",
+    "sand",
+    "sink",
+    "skyscraper",
+    "fireplace",
+    "refrigerator",
+    "grandstand",
+    "path",
+    "stairs",
+    "runway",
+    "case",
+    "pool table",
+    "pillow",
+    "screen door",
+    "stairway",
+    "river",
+    "bridge",
+    "bookcase",
+    "blind",
+    "coffee table",
+    "toilet",
+    "flower",
+    "book",
+    "hill",
+    "bench",
+    "countertop",
+    "stove",
+    "palm",
+    "kitchen island",
+    "computer",
+    "swivel chair",
+    "boat",
+    "bar",
+    "arcade machine",
+    "hovel",
+    "bus",
+    "towel",
+    "light",
+    "truck",
+    "tower",
+    "chandelier",
+    "awning",
+    "streetlight",
+    "booth",
+    "television receiver",
+    "airplane",
+    "dirt track",
+    "apparel",
+    "pole",
+    "land",
+    "bannister",
+    "escalator",
+    "ottoman",
+    "bottle",
+    "buffet",
+    "poster",
+    "stage",
+    "van",
+    "ship",
+    "fountain",
+    "conveyer belt",
+    "canopy",
+    "washer",
+    "plaything",
+    "swimming pool",
+    "stool",
+    "barrel",
+    "basket",
+    "waterfall",
+    "tent",
+    "bag",
+    "minibike",
+    "cradle",
+    "oven",
+    "ball",
+    "food",
+    "step",
+    "tank",
+    "trade name",
+    "microwave",
+    "pot",
+    "animal",
+    "bicycle",
+    "lake",
+    "dishwasher",
+    "screen",
+    "blanket",
+    "sculpture",
+    "hood",
+    "sconce",
+    "vase",
+    "traffic light",
+    "tray",
+    "ashcan",
+    "fan",
+    "pier",
+    "crt screen",
+    "plate",
+    "monitor",
+    "bulletin board",
+    "shower",
+    "radiator",
+    "glass",
+    "clock",
+    "flag",
+)
+ADE20K_PALETTE = np.array(
+    [
+        (120, 120, 120),
+        (180, 120, 120),
+        (6, 230, 230),
+        (80, 50, 50),
+        (4, 200, 3),
+        (120, 120, 80),
+        (140, 140, 140),
+        (204, 5, 255),
+        (230, 230, 230),
+        (4, 250, 7),
+        (224, 5, 255),
+        (235, 255, 7),
+        (150, 5, 61),
+        (120, 120, 70),
+        (8, 255, 51),
+        (255, 6, 82),
+        (143, 255, 140),
+        (204, 255, 4),
+        (255, 51, 7),
+        (204, 70, 3),
+        (0, 102, 200),
+        (61, 230, 250),
+        (255, 6, 51),
+        (11, 102, 255),
+        (255, 7, 71),
+        (255, 9, 224),
+        (9, 7, 230),
+        (220, 220, 220),
+        (255, 9, 92),
+        (112, 9, 255),
+        (8, 255, 214),
+        (7, 255, 224),
+        (255, 184, 6),
+        (10, 255, 71),
+        (255, 41, 10),
+        (7, 255, 255),
+        (224, 255, 8),
+        (102, 8, 255),
+        (255, 61, 6),
+        (255, 194, 7),
+        (255, 122, 8),
+        (0, 255, 20),
+        (255, 8, 41),
+        (255, 5, 153),
+        (6, 51, 255),
+        (235, 12, 255),
+        (160, 150, 20),
+        (0, 163, 255),
+        (140, 140, 140),
+        (250, 10, 15),
+        (20, 255, 0),
+        (31, 255, 0),
+        (255, 31, 0),
+        (255, 224, 0),
+        (153, 255, 0),
+        (0, 0, 255),
+        (255, 71, 0),
+        (0, 235, 255),
+        (0, 173, 255),
+        (31, 0, 255),
+        (11, 200, 200),
+        (255, 82, 0),
+        (0, 255, 245),
+        (0, 61, 255),
+        (0, 255, 112),
+        (0, 255, 133),
+        (255, 0, 0),
+        (255, 163, 0),
+        (255, 102, 0),
+        (194, 255, 0),
+        (0, 143, 255),
+        (51, 255, 0),
+        (0, 82, 255),
+        (0, 255, 41),
+        (0, 255, 173),
+        (10, 0, 255),
+        (173, 255, 0),
+        (0, 255, 153),
+        (255, 92, 0),
+        (255, 0, 255),
+        (255, 0, 245),
+        (255, 0, 102),
+        (255, 173, 0),
+        (255, 0, 20),
+        (255, 184, 184),
+        (0, 31, 255),
+        (0, 255, 61),
+        (0, 71, 255),
+        (255, 0, 204),
+        (0, 255, 194),
+        (0, 255, 82),
+        (0, 10, 255),
+        (0, 112, 255),
+        (51, 0, 255),
+        (0, 194, 255),
+        (0, 122, 255),
+        (0, 255, 163),
+        (255, 153, 0),
+        (0, 255, 10),
+        (255, 112, 0),
+        (143, 255, 0),
+        (82, 0, 255),
+        (163, 255, 0),
+        (255, 235, 0),
+        (8, 184, 170),
+        (133, 0, 255),
+        (0, 255, 92),
+        (184, 0, 255),
+        (255, 0, 31),
+        (0, 184, 255),
+        (0, 214, 255),
+        (255, 0, 112),
+        (92, 255, 0),
+        (0, 224, 255),
+        (112, 224, 255),
+        (70, 184, 160),
+        (163, 0, 255),
+        (153, 0, 255),
+        (71, 255, 0),
+        (255, 0, 163),
+        (255, 204, 0),
+        (255, 0, 143),
+        (0, 255, 235),
+        (133, 255, 0),
+        (255, 0, 235),
+        (245, 0, 255),
+        (255, 0, 122),
+        (255, 245, 0),
+        (10, 190, 212),
+        (214, 255, 0),
+        (0, 204, 255),
+        (20, 0, 255),
+        (255, 255, 0),
+        (0, 153, 255),
+        (0, 41, 255),
+        (0, 255, 204),
+        (41, 0, 255),
+        (41, 255, 0),
+        (173, 0, 255),
+        (0, 245, 255),
+        (71, 0, 255),
+        (122, 0, 255),
+        (0, 255, 184),
+        (0, 92, 255),
+        (184, 255, 0),
+        (0, 133, 255),
+        (255, 214, 0),
+        (25, 194, 194),
+        (102, 255, 0),
+        (92, 0, 255),
+    ],
+    dtype=np.uint8,
+)
 
 
 def read_class_names(root: str | os.PathLike) -> tuple[str, ...]:
@@ -99,11 +376,16 @@ def read_class_names(root: str | os.PathLike) -> tuple[str, ...]:
     info = Path(root) / "objectInfo150.txt"
     if not info.is_file():
         return ADE20K_CLASSES
-    rows = [line.split("\t") if "\t" in line else line.split(None, 4)
-            for line in info.read_text().splitlines()[1:] if line.strip()]
+    rows = [
+        line.split("\t") if "\t" in line else line.split(None, 4)
+        for line in info.read_text().splitlines()[1:]
+        if line.strip()
+    ]
     if any(len(row) < 5 or not row[0].strip().isdigit() for row in rows):
-        raise ValueError(f"{info} is not in the ADE20K format (columns Idx, Ratio, Train, Val, Name): fix or "
-                         f"remove it (without it the 150 ADE20K names are used)")
+        raise ValueError(
+            f"{info} is not in the ADE20K format (columns Idx, Ratio, Train, Val, Name): fix or "
+            f"remove it (without it the 150 ADE20K names are used)"
+        )
     return tuple(row[4].split(",")[0].strip() for row in sorted(rows, key=lambda r: int(r[0])))
 
 
@@ -116,20 +398,26 @@ def _check_mask_header(image_path: Path, image_size: tuple[int, int], mask_path:
     """Refuse a mask that is not 8-bit single-channel or not of its image's ``(width, height)``; only the
     files' headers are needed."""
     if mask.mode not in ("L", "P"):
-        raise ValueError(f"{mask_path} is a {mask.mode} image; ADE20K annotations are 8-bit single-channel "
-                         f"PNGs of class indices (0 = other), not colour masks")
+        raise ValueError(
+            f"{mask_path} is a {mask.mode} image; ADE20K annotations are 8-bit single-channel "
+            f"PNGs of class indices (0 = other), not colour masks"
+        )
     if mask.size != image_size:
-        raise ValueError(f"{image_path} is {image_size[0]}x{image_size[1]} but its mask {mask_path} is "
-                         f"{mask.size[0]}x{mask.size[1]}: image and mask must have the same size")
+        raise ValueError(
+            f"{image_path} is {image_size[0]}x{image_size[1]} but its mask {mask_path} is "
+            f"{mask.size[0]}x{mask.size[1]}: image and mask must have the same size"
+        )
 
 
 def _mask_labels(mask_path: Path, mask: Image.Image, num_classes: int) -> np.ndarray:
     """The decoded annotation values, refusing one beyond ``num_classes`` (1..num_classes, 0 = other)."""
     label = np.asarray(mask)
     if label.max() > num_classes:
-        raise ValueError(f"{mask_path} holds label {label.max()} but the data set has {num_classes} "
-                         f"classes (1..{num_classes}, 0 = other; objectInfo150.txt lists them, else ADE20K's 150): "
-                         f"correct the mask, or list its classes in objectInfo150.txt")
+        raise ValueError(
+            f"{mask_path} holds label {label.max()} but the data set has {num_classes} "
+            f"classes (1..{num_classes}, 0 = other; objectInfo150.txt lists them, else ADE20K's 150): "
+            f"correct the mask, or list its classes in objectInfo150.txt"
+        )
     return label
 
 
@@ -176,9 +464,13 @@ class ADE20K(Dataset):
     mask cannot be decoded is ``None`` (the task's collate drops and counts it).
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "training",
-                 transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 limit: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "training",
+        transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        limit: int | None = None,
+    ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         root = Path(root)
@@ -186,18 +478,22 @@ class ADE20K(Dataset):
             root = root / "ADEChallengeData2016"
         image_dir, mask_dir = root / "images" / split, root / "annotations" / split
         if not image_dir.is_dir():
-            raise FileNotFoundError(f"{image_dir} does not exist: point root at ADEChallengeData2016 (from "
-                                    f"http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip) "
-                                    f"holding images/{split}/ and annotations/{split}/")
+            raise FileNotFoundError(
+                f"{image_dir} does not exist: point root at ADEChallengeData2016 (from "
+                f"http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip) "
+                f"holding images/{split}/ and annotations/{split}/"
+            )
         images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:limit]
         if not images:
             raise FileNotFoundError(f"{image_dir} holds no .jpg/.png images")
         masks = [mask_dir / f"{p.stem}.png" for p in images]
         missing = [(image, mask) for image, mask in zip(images, masks) if not mask.is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} of {len(images)} images have no annotation mask, e.g. "
-                                    f"{missing[0][1]} for {missing[0][0]}: every image needs a PNG of the same "
-                                    f"name in {mask_dir} (re-extract the data set, or remove the image)")
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(images)} images have no annotation mask, e.g. "
+                f"{missing[0][1]} for {missing[0][0]}: every image needs a PNG of the same "
+                f"name in {mask_dir} (re-extract the data set, or remove the image)"
+            )
         self.root, self.split, self.transform, self.unreadable = root, split, transform, UnreadableFiles()
         self.samples = list(zip(images, masks))
         self.classes = read_class_names(root)
@@ -274,8 +570,14 @@ class TrainTransform:
     normalization) in the image and ``ignore_index`` in the mask.
     """
 
-    def __init__(self, crop_size: int = 473, scale: Sequence[float] = (0.5, 2.0), rotate: Sequence[float] = (-10, 10),
-                 flip: bool = True, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self,
+        crop_size: int = 473,
+        scale: Sequence[float] = (0.5, 2.0),
+        rotate: Sequence[float] = (-10, 10),
+        flip: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
         self.crop_size, self.scale, self.rotate = crop_size, tuple(scale), tuple(rotate)
         self.flip, self.ignore_index = flip, ignore_index
 

@@ -12,6 +12,7 @@ Training images are decoded and augmented in the DataLoader's CPU workers, or, w
 only reads the files and :class:`DeviceAugment` decodes them there (``torchvision.io.decode_jpeg``) and
 applies the same RandomResizedCrop and flip.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,9 +33,20 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from pyconv_core.data.fashion_mnist import CLASSES as FASHION_CLASSES, load_fashion_mnist
 from pyconv_core.data.unreadable import UnreadableFiles, open_image
 
-__all__ = ["ImageFolder", "EncodedImageFolder", "EncodedBatch", "DeviceAugment", "FashionMNIST", "imagenet_datasets",
-           "train_transform", "eval_transform", "collate_skipping_bad", "collate_encoded", "IMAGENET_MEAN",
-           "IMAGENET_STD"]
+__all__ = [
+    "ImageFolder",
+    "EncodedImageFolder",
+    "EncodedBatch",
+    "DeviceAugment",
+    "FashionMNIST",
+    "imagenet_datasets",
+    "train_transform",
+    "eval_transform",
+    "collate_skipping_bad",
+    "collate_encoded",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -44,14 +56,16 @@ IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".
 
 def train_transform(crop: int = 224) -> Callable:
     """RandomResizedCrop + horizontal flip (the standard ImageNet recipe)."""
-    return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose(
+        [T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
 
 
 def eval_transform(crop: int = 224) -> Callable:
     """Resize to crop/0.875 (256 for 224, 366 for 320) then center crop."""
-    return T.Compose([T.Resize(round(crop / 0.875)), T.CenterCrop(crop), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose(
+        [T.Resize(round(crop / 0.875)), T.CenterCrop(crop), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
 
 
 class ImageFolder(Dataset):
@@ -62,33 +76,50 @@ class ImageFolder(Dataset):
     set's ``classes``) labels are indices into that list: a listed class without a folder is a
     warning naming it, a folder that is not listed an error naming it."""
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
-                 classes: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike, transform: Callable | None = None, classes: Sequence[str] | None = None
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist; expected the ImageNet layout "
-                                    f"<data_dir>/train/<wnid>/*.JPEG and <data_dir>/val/<wnid>/*.JPEG")
+            raise FileNotFoundError(
+                f"image folder {self.root} does not exist; expected the ImageNet layout "
+                f"<data_dir>/train/<wnid>/*.JPEG and <data_dir>/val/<wnid>/*.JPEG"
+            )
         folders = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         self.classes = list(classes) if classes is not None else folders
         unknown = sorted(set(folders) - set(self.classes))
         if unknown:
-            raise ValueError(f"{self.root} has class folder(s) {', '.join(unknown[:5])}"
-                             f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''} (e.g. "
-                             f"{self.root / unknown[0]}) that the training set does not have: the labels are the "
-                             f"training folders' ({len(self.classes)} classes); remove the folder or add its class "
-                             f"to train/")
+            raise ValueError(
+                f"{self.root} has class folder(s) {', '.join(unknown[:5])}"
+                f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''} (e.g. "
+                f"{self.root / unknown[0]}) that the training set does not have: the labels are the "
+                f"training folders' ({len(self.classes)} classes); remove the folder or add its class "
+                f"to train/"
+            )
         absent = [c for c in self.classes if c not in set(folders)]
         if absent:
-            log.warning("%s has no folder for %d of the %d training classes (%s%s): they are left out of its "
-                        "metrics; the other classes keep their training labels", self.root, len(absent),
-                        len(self.classes), ", ".join(absent[:10]), " ..." if len(absent) > 10 else "")
+            log.warning(
+                "%s has no folder for %d of the %d training classes (%s%s): they are left out of its "
+                "metrics; the other classes keep their training labels",
+                self.root,
+                len(absent),
+                len(self.classes),
+                ", ".join(absent[:10]),
+                " ..." if len(absent) > 10 else "",
+            )
         index = {c: i for i, c in enumerate(self.classes)}
-        self.samples = [(p, index[c]) for c in folders for p in sorted((self.root / c).iterdir())
-                        if p.suffix.lower() in IMAGE_EXTENSIONS]
+        self.samples = [
+            (p, index[c])
+            for c in folders
+            for p in sorted((self.root / c).iterdir())
+            if p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
         if not self.samples:
-            raise FileNotFoundError(f"no images found under {self.root}: expected one folder per class holding "
-                                    f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), e.g. "
-                                    f"{self.root}/n01440764/n01440764_10026.JPEG")
+            raise FileNotFoundError(
+                f"no images found under {self.root}: expected one folder per class holding "
+                f"image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), e.g. "
+                f"{self.root}/n01440764/n01440764_10026.JPEG"
+            )
         self.transform, self.unreadable = transform, UnreadableFiles()
 
     def __len__(self) -> int:
@@ -170,8 +201,9 @@ class DeviceAugment:
                     images.append(None)
             return images
 
-    def __call__(self, batch: EncodedBatch, labels: torch.Tensor,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __call__(
+        self, batch: EncodedBatch, labels: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Normalized ``[N, 3, crop, crop]`` float images on ``device``, their labels, and how many were skipped."""
         crops, kept = [], []
         for i, image in enumerate(self._decode(batch, device)):
@@ -188,19 +220,23 @@ class DeviceAugment:
         return images, labels[kept].to(device, non_blocking=True), len(batch) - len(kept)
 
 
-def imagenet_datasets(data_dir: str | os.PathLike, crop: int = 224, test_crop: int | None = None,
-                      encoded: bool = False) -> tuple[ImageFolder, ImageFolder]:
+def imagenet_datasets(
+    data_dir: str | os.PathLike, crop: int = 224, test_crop: int | None = None, encoded: bool = False
+) -> tuple[ImageFolder, ImageFolder]:
     """Train and val sets of an ImageNet-layout folder, with the standard transforms; val takes
     train's classes (one label space). ``encoded``: the train set yields the files' bytes
     (:class:`EncodedImageFolder`), for :class:`DeviceAugment`."""
     data_dir = Path(data_dir)
     missing = [s for s in ("train", "val") if not (data_dir / s).is_dir()]
     if missing:
-        raise FileNotFoundError(f"data_dir {data_dir} lacks {' and '.join(missing)}/: expected the ImageNet layout "
-                                f"{data_dir}/train/<wnid>/*.JPEG and {data_dir}/val/<wnid>/*.JPEG (val sorted into "
-                                f"class folders); leave data_dir empty to use the embedded Fashion-MNIST")
-    train = (EncodedImageFolder(data_dir / "train") if encoded else
-             ImageFolder(data_dir / "train", train_transform(crop)))
+        raise FileNotFoundError(
+            f"data_dir {data_dir} lacks {' and '.join(missing)}/: expected the ImageNet layout "
+            f"{data_dir}/train/<wnid>/*.JPEG and {data_dir}/val/<wnid>/*.JPEG (val sorted into "
+            f"class folders); leave data_dir empty to use the embedded Fashion-MNIST"
+        )
+    train = (
+        EncodedImageFolder(data_dir / "train") if encoded else ImageFolder(data_dir / "train", train_transform(crop))
+    )
     return train, ImageFolder(data_dir / "val", eval_transform(test_crop or crop), classes=train.classes)
 
 
@@ -235,7 +271,7 @@ class FashionMNIST(Dataset):
             size = x.shape[-1]
             x = F.pad(x, (self.pad,) * 4, value=float(x.min()))
             i, j = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
-            x = x[:, i:i + size, j:j + size]
+            x = x[:, i : i + size, j : j + size]
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)
         return (x.expand(3, -1, -1) - _MEAN) / _STD, int(self.labels[index])

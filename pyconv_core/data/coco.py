@@ -19,6 +19,7 @@ cannot be decoded is logged by path and skipped when it is met, and counted (``n
 :mod:`pyconv_core.data.unreadable`); images without annotations are kept (unless ``skip_empty``)
 since COCOeval scores false positives on them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,14 +68,25 @@ class SSDRandomCrop(v2.RandomIoUCrop):
             left, top = ((width - new_w) * shift[:, 0]).long(), ((height - new_h) * shift[:, 1]).long()
             right, bottom = left + new_w, top + new_h
             aspect = new_w / new_h.clamp(min=1)
-            inside = ((left[:, None] < cx) & (cx < right[:, None]) & (top[:, None] < cy) & (cy < bottom[:, None]))
+            inside = (left[:, None] < cx) & (cx < right[:, None]) & (top[:, None] < cy) & (cy < bottom[:, None])
             ious = box_iou(torch.stack([left, top, right, bottom], 1).to(xyxy.dtype), xyxy).masked_fill(~inside, -1.0)
-            ok = ((new_w > 0) & (new_h > 0) & (aspect >= self.min_aspect_ratio) & (aspect <= self.max_aspect_ratio)
-                  & inside.any(1) & (ious.max(1).values >= min_iou)).nonzero()
+            ok = (
+                (new_w > 0)
+                & (new_h > 0)
+                & (aspect >= self.min_aspect_ratio)
+                & (aspect <= self.max_aspect_ratio)
+                & inside.any(1)
+                & (ious.max(1).values >= min_iou)
+            ).nonzero()
             if len(ok):
                 i = int(ok[0])
-                return dict(top=int(top[i]), left=int(left[i]), height=int(new_h[i]), width=int(new_w[i]),
-                            is_within_crop_area=inside[i])
+                return dict(
+                    top=int(top[i]),
+                    left=int(left[i]),
+                    height=int(new_h[i]),
+                    width=int(new_w[i]),
+                    is_within_crop_area=inside[i],
+                )
 
 
 def ssd_transform(train: bool, size: int = 300, max_expand: float = 4.0) -> v2.Compose:
@@ -84,8 +96,15 @@ def ssd_transform(train: bool, size: int = 300, max_expand: float = 4.0) -> v2.C
     fill = tuple(round(255 * m) for m in IMAGENET_MEAN)
     expand = [v2.RandomZoomOut(fill=fill, side_range=(1.0, max_expand), p=0.5)] if max_expand > 1 else []
     augment = [v2.RandomPhotometricDistort(p=0.5), *expand, SSDRandomCrop(), v2.RandomHorizontalFlip()] if train else []
-    return v2.Compose([*augment, v2.Resize((size, size), antialias=True), v2.SanitizeBoundingBoxes(),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return v2.Compose(
+        [
+            *augment,
+            v2.Resize((size, size), antialias=True),
+            v2.SanitizeBoundingBoxes(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 class CocoDetection(Dataset):
@@ -105,15 +124,24 @@ class CocoDetection(Dataset):
         max_expand: largest zoom-out of the augmentation (SSD: 4; small demo images: less).
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "val2017", train: bool = False, size: int = 300,
-                 skip_empty: bool = False, max_expand: float = 4.0) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "val2017",
+        train: bool = False,
+        size: int = 300,
+        skip_empty: bool = False,
+        max_expand: float = 4.0,
+    ) -> None:
         self.root, self.split = Path(root), split
         self.image_dir = self.root / split
         self.ann_file = ann_file = self.root / "annotations" / f"instances_{split}.json"
         self.coco = _load_coco(ann_file)
         if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"image folder {self.image_dir} is missing; the COCO layout is "
-                                    f"<root>/{split}/*.jpg next to <root>/annotations/instances_{split}.json")
+            raise FileNotFoundError(
+                f"image folder {self.image_dir} is missing; the COCO layout is "
+                f"<root>/{split}/*.jpg next to <root>/annotations/instances_{split}.json"
+            )
         cat_ids = sorted(self.coco.getCatIds())
         self.cat_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
         self.label_to_cat = {i: c for c, i in self.cat_to_label.items()}
@@ -135,15 +163,25 @@ class CocoDetection(Dataset):
                 continue
             self.items.append((image_id, file_name, boxes, labels))
         problems = {k: v for k, v in self.skipped.items() if k in ("missing_image", "degenerate_box")}
-        where = (f"; no file at {missing[0]}{' and others' if len(missing) > 1 else ''} (file_name is taken "
-                 f"relative to {self.image_dir})" if missing else "")
+        where = (
+            f"; no file at {missing[0]}{' and others' if len(missing) > 1 else ''} (file_name is taken "
+            f"relative to {self.image_dir})"
+            if missing
+            else ""
+        )
         if problems:
             log.warning("%s: skipped %s%s", ann_file, problems, where)
-        log.info("%s: %d images (%d without boxes left out), %d crowd boxes left to COCOeval", ann_file,
-                 len(self.items), self.skipped["empty_image"], self.skipped["crowd_box"])
+        log.info(
+            "%s: %d images (%d without boxes left out), %d crowd boxes left to COCOeval",
+            ann_file,
+            len(self.items),
+            self.skipped["empty_image"],
+            self.skipped["crowd_box"],
+        )
         if not self.items:
-            raise ValueError(f"{ann_file} lists no usable image in {self.image_dir} (skipped: "
-                             f"{dict(self.skipped)}){where}")
+            raise ValueError(
+                f"{ann_file} lists no usable image in {self.image_dir} (skipped: {dict(self.skipped)}){where}"
+            )
 
     def _file_name(self, name: str) -> str | None:
         """``name`` (relative to the image folder, folders allowed; written on Windows with backslashes)
@@ -186,11 +224,26 @@ class CocoDetection(Dataset):
         info = self.coco.imgs[image_id]
         if (info["width"], info["height"]) != (width, height) and not self._size_logged:
             self._size_logged = True
-            log.warning("%s says image %s is %sx%s but %s is %dx%d: boxes are clipped to the image's own size "
-                        "(logged for the first such image of the file only)", self.ann_file, image_id, info["width"],
-                        info["height"], path, width, height)
-        boxes = torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
-                             boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], 1)
+            log.warning(
+                "%s says image %s is %sx%s but %s is %dx%d: boxes are clipped to the image's own size "
+                "(logged for the first such image of the file only)",
+                self.ann_file,
+                image_id,
+                info["width"],
+                info["height"],
+                path,
+                width,
+                height,
+            )
+        boxes = torch.stack(
+            [
+                boxes[:, 0].clamp(0, width),
+                boxes[:, 1].clamp(0, height),
+                boxes[:, 2].clamp(0, width),
+                boxes[:, 3].clamp(0, height),
+            ],
+            1,
+        )
         keep = ((boxes[:, 2:] - boxes[:, :2]) >= 1).all(1)
         return image, boxes[keep], labels[keep]
 
@@ -202,24 +255,34 @@ class CocoDetection(Dataset):
             return None
         image_id = self.items[index][0]
         height, width = image.shape[-2:]
-        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-                  "labels": labels}
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+            "labels": labels,
+        }
         image, target = self.transform(tv_tensors.Image(image), target)
         size = torch.tensor(image.shape[-2:][::-1], dtype=torch.float32).repeat(2)
         return image.as_subclass(torch.Tensor), {
-            "boxes": target["boxes"].as_subclass(torch.Tensor) / size, "labels": target["labels"],
-            "image_id": image_id, "orig_size": (int(height), int(width))}
+            "boxes": target["boxes"].as_subclass(torch.Tensor) / size,
+            "labels": target["labels"],
+            "image_id": image_id,
+            "orig_size": (int(height), int(width)),
+        }
 
 
 # The fields every entry of an instances file needs (COCO's data format), per list: the entry's
 # name in messages, and what a correct entry holds.
 _REQUIRED = {
-    "images": (("id", "file_name", "width", "height"), "image",
-               "an image needs a unique id, its file_name relative to the split folder, and its width and "
-               "height in pixels"),
-    "annotations": (("image_id", "bbox", "category_id"), "annotation",
-                    "an annotation needs the image_id of its image, a bbox [x, y, width, height] in pixels "
-                    "and a category_id listed in categories"),
+    "images": (
+        ("id", "file_name", "width", "height"),
+        "image",
+        "an image needs a unique id, its file_name relative to the split folder, and its width and height in pixels",
+    ),
+    "annotations": (
+        ("image_id", "bbox", "category_id"),
+        "annotation",
+        "an annotation needs the image_id of its image, a bbox [x, y, width, height] in pixels "
+        "and a category_id listed in categories",
+    ),
     "categories": (("id", "name"), "category", "a category needs a unique id and a name"),
 }
 # Fields COCOeval reads that exports of other tools often leave out, and what stands in for them.
@@ -235,35 +298,63 @@ def _entry(noun: str, section: str, index: int, entry) -> str:
 def _check_entries(ann_file: Path, data: dict) -> None:
     """Refuse the first entry of ``data`` lacking a required field, with a duplicate id, a malformed
     image or bbox, or an unlisted category: one error naming the file, the entry and the fix."""
+
     def refuse(section: str, bad: list[tuple[int, dict, str]], fix: str = "") -> None:
         if bad:
             _, noun, needs = _REQUIRED[section]
             index, entry, problem = bad[0]
             more = f" ({len(bad) - 1} more {section} entries have this problem)" if len(bad) > 1 else ""
-            tail = "Fix the entry, or remove it and the annotations of its category" if section == "categories" else (
-                "Fix or remove the entry")
-            raise ValueError(f"{ann_file}: {_entry(noun, section, index, entry)} {problem}{more}; {fix or needs}. "
-                             f"{tail}.")
+            tail = (
+                "Fix the entry, or remove it and the annotations of its category"
+                if section == "categories"
+                else ("Fix or remove the entry")
+            )
+            raise ValueError(
+                f"{ann_file}: {_entry(noun, section, index, entry)} {problem}{more}; {fix or needs}. {tail}."
+            )
 
     for section, (keys, _, _) in _REQUIRED.items():
         if not isinstance(data[section], list):
             raise ValueError(f"{ann_file}: {section} is a {type(data[section]).__name__}, not a list of entries")
         entries = list(enumerate(data[section]))
-        refuse(section, [(i, e, f"lacks {', '.join(missing)}") for i, e in entries
-                         if (missing := [k for k in keys if not isinstance(e, dict) or k not in e])])
+        refuse(
+            section,
+            [
+                (i, e, f"lacks {', '.join(missing)}")
+                for i, e in entries
+                if (missing := [k for k in keys if not isinstance(e, dict) or k not in e])
+            ],
+        )
         ids = Counter(e["id"] for _, e in entries if "id" in e)
-        refuse(section, [(i, e, f"shares its id with {ids[e['id']] - 1} other entries") for i, e in entries
-                         if ids[e.get("id")] > 1])
-    refuse("images", [(i, e, f"has file_name {e['file_name']!r}, width {e['width']!r} and height {e['height']!r}")
-                      for i, e in enumerate(data["images"])
-                      if not (isinstance(e["file_name"], str) and _is_number(e["width"]) and _is_number(e["height"]))])
+        refuse(
+            section,
+            [
+                (i, e, f"shares its id with {ids[e['id']] - 1} other entries")
+                for i, e in entries
+                if ids[e.get("id")] > 1
+            ],
+        )
+    refuse(
+        "images",
+        [
+            (i, e, f"has file_name {e['file_name']!r}, width {e['width']!r} and height {e['height']!r}")
+            for i, e in enumerate(data["images"])
+            if not (isinstance(e["file_name"], str) and _is_number(e["width"]) and _is_number(e["height"]))
+        ],
+    )
     anns = list(enumerate(data["annotations"]))
     refuse("annotations", [(i, a, f"has bbox {a['bbox']!r}") for i, a in anns if not _is_box(a["bbox"])])
     known = sorted(c["id"] for c in data["categories"])
     listed, known_set = f"{known[:20]}{'...' if len(known) > 20 else ''}", set(known)
-    refuse("annotations", [(i, a, f"has category_id {a['category_id']!r}, which categories does not list (its ids: "
-                                  f"{listed})") for i, a in anns if a["category_id"] not in known_set],
-           "add the category to categories, or correct the annotation's category_id")
+    refuse(
+        "annotations",
+        [
+            (i, a, f"has category_id {a['category_id']!r}, which categories does not list (its ids: {listed})")
+            for i, a in anns
+            if a["category_id"] not in known_set
+        ],
+        "add the category to categories, or correct the annotation's category_id",
+    )
 
 
 def _is_number(value) -> bool:
@@ -286,24 +377,34 @@ def _fill_optional(ann_file: Path, annotations: list[dict]) -> None:
                 ann[key] = {"area": float(ann["bbox"][2] * ann["bbox"][3]), "iscrowd": 0, "id": next_id}[key]
                 next_id += key == "id"
     if filled:
-        log.warning("%s: %s", ann_file, "; ".join(f"{n} of {len(annotations)} annotations have no {key}, "
-                                                  f"taken as {_FILLED[key]}" for key, n in filled.items()))
+        log.warning(
+            "%s: %s",
+            ann_file,
+            "; ".join(
+                f"{n} of {len(annotations)} annotations have no {key}, taken as {_FILLED[key]}"
+                for key, n in filled.items()
+            ),
+        )
 
 
 def _load_coco(ann_file: Path) -> COCO:
     """pycocotools' COCO index of ``ann_file``, checked (see the module doc), with clear errors for a
     missing or malformed file."""
     if not ann_file.is_file():
-        raise FileNotFoundError(f"annotation file {ann_file} is missing; COCO's layout is "
-                                f"<root>/annotations/instances_<split>.json (download annotations_trainval2017.zip)")
+        raise FileNotFoundError(
+            f"annotation file {ann_file} is missing; COCO's layout is "
+            f"<root>/annotations/instances_<split>.json (download annotations_trainval2017.zip)"
+        )
     try:
         data = json.loads(ann_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{ann_file} is not valid JSON ({err}); re-download or regenerate it") from err
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
     if missing:
-        raise ValueError(f"{ann_file} is not a COCO instances file: no {', '.join(missing)} list; "
-                         f"use annotations/instances_<split>.json")
+        raise ValueError(
+            f"{ann_file} is not a COCO instances file: no {', '.join(missing)} list; "
+            f"use annotations/instances_<split>.json"
+        )
     _check_entries(ann_file, data)
     _fill_optional(ann_file, data["annotations"])
     coco = COCO()

@@ -10,6 +10,7 @@ Fashion-MNIST train split, validation images items of the test split.
 The folder ``<root>/{train2017,val2017}/*.jpg`` + ``annotations/instances_*.json`` is the real
 COCO layout, read by :class:`pyconv_core.data.coco.CocoDetection` like COCO itself.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,13 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     """A random RGB background: smooth colour noise plus oriented stripes, float in [0, 1]."""
     cells = rng.integers(3, 9)
     coarse = rng.random((cells, cells, 3)).astype(np.float32)
-    noise = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC),
-                       dtype=np.float32) / 255
+    noise = (
+        np.asarray(
+            Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC),
+            dtype=np.float32,
+        )
+        / 255
+    )
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     angle, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
     stripes = 0.5 + 0.5 * np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
@@ -68,8 +74,9 @@ def _item(rng: np.random.Generator, image: np.ndarray, side: int) -> tuple[np.nd
     return (0.25 + 0.75 * grey)[..., None] * tint, alpha
 
 
-def _render(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, cfg: DemoDetectionConfig,
-            ) -> tuple[np.ndarray, list[dict]]:
+def _render(
+    rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, cfg: DemoDetectionConfig
+) -> tuple[np.ndarray, list[dict]]:
     """One image and its annotations (category index, visible mask, full pixel count)."""
     size = cfg.image_size
     canvas = _texture(rng, size)
@@ -101,9 +108,15 @@ def _annotation(ann_id: int, image_id: int, item: dict, cfg: DemoDetectionConfig
     x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
     rle = mask_utils.encode(np.asfortranarray(visible.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
-    return {"id": ann_id, "image_id": image_id, "category_id": DEMO_CATEGORY_IDS[item["category"]],
-            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": area, "segmentation": rle,
-            "iscrowd": int(area < cfg.min_visible * item["full"])}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": DEMO_CATEGORY_IDS[item["category"]],
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "area": area,
+        "segmentation": rle,
+        "iscrowd": int(area < cfg.min_visible * item["full"]),
+    }
 
 
 def _write_split(root: Path, split: str, source: str, count: int, cfg: DemoDetectionConfig, seed: int) -> None:
@@ -121,10 +134,15 @@ def _write_split(root: Path, split: str, source: str, count: int, cfg: DemoDetec
             ann = _annotation(len(annotations) + 1, image_id, item, cfg)
             if ann is not None:
                 annotations.append(ann)
-    categories = [{"id": cid, "name": name, "supercategory": "clothing"}
-                  for cid, name in zip(DEMO_CATEGORY_IDS, CLASSES)]
-    data = {"info": {"description": "PyConv workbook demo detection set (Fashion-MNIST items)", "config": asdict(cfg)},
-            "images": images, "annotations": annotations, "categories": categories}
+    categories = [
+        {"id": cid, "name": name, "supercategory": "clothing"} for cid, name in zip(DEMO_CATEGORY_IDS, CLASSES)
+    ]
+    data = {
+        "info": {"description": "PyConv workbook demo detection set (Fashion-MNIST items)", "config": asdict(cfg)},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
     (root / "annotations").mkdir(exist_ok=True)
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
 

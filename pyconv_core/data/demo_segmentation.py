@@ -8,6 +8,7 @@ scaled, lightly tinted and pasted with their intensity as opacity. Masks are exa
 visible pixels: a pixel takes the label of the layer that contributes at least half of its
 colour, and is "other" (0, ignored) where no layer does, as on the soft rims of the items.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,18 +52,26 @@ def _texture(kind: str, height: int, width: int, rng: np.random.Generator) -> np
     return a + t[..., None] * (b - a)
 
 
-def _render(items: np.ndarray, labels: np.ndarray, rng: np.random.Generator, size_range: tuple[int, int],
-            items_per_image: tuple[int, int], item_scale: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+def _render(
+    items: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    size_range: tuple[int, int],
+    items_per_image: tuple[int, int],
+    item_scale: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
     """One image (uint8 ``[H, W, 3]``) and its ADE20K-style mask (uint8, 0 = other, classes from 1)."""
     height, width = rng.integers(size_range[0], size_range[1] + 1, 2)
     top, bottom = rng.choice(len(TEXTURES), 2, replace=False)
     kinds = list(TEXTURES)
     x = np.arange(width)
-    boundary = height * rng.uniform(0.3, 0.7) + height * 0.1 * np.sin(2 * np.pi * x / width * rng.uniform(0.5, 2)
-                                                                        + rng.uniform(0, 2 * np.pi))
+    boundary = height * rng.uniform(0.3, 0.7) + height * 0.1 * np.sin(
+        2 * np.pi * x / width * rng.uniform(0.5, 2) + rng.uniform(0, 2 * np.pi)
+    )
     lower = np.arange(height)[:, None] >= boundary[None, :]
-    image = np.where(lower[..., None], _texture(kinds[bottom], height, width, rng),
-                     _texture(kinds[top], height, width, rng))
+    image = np.where(
+        lower[..., None], _texture(kinds[bottom], height, width, rng), _texture(kinds[top], height, width, rng)
+    )
     layer_labels = [np.where(lower, bottom + 1, top + 1)]
     weights = [np.ones((height, width), np.float32)]  # visible share of each layer's colour
     for index in rng.choice(len(items), rng.integers(items_per_image[0], items_per_image[1] + 1), replace=False):
@@ -95,9 +104,15 @@ def _write_object_info(root: Path, pixels: dict[str, np.ndarray], images: dict[s
     (root / "objectInfo150.txt").write_text("\n".join(rows) + "\n")
 
 
-def make_demo_ade20k(root: str | os.PathLike | None = None, num_train: int = 400, num_val: int = 80,
-                     size_range: tuple[int, int] = (48, 72), items_per_image: tuple[int, int] = (2, 4),
-                     item_scale: tuple[float, float] = (0.9, 1.4), seed: int = 0) -> Path:
+def make_demo_ade20k(
+    root: str | os.PathLike | None = None,
+    num_train: int = 400,
+    num_val: int = 80,
+    size_range: tuple[int, int] = (48, 72),
+    items_per_image: tuple[int, int] = (2, 4),
+    item_scale: tuple[float, float] = (0.9, 1.4),
+    seed: int = 0,
+) -> Path:
     """Write the demo set (unless already there with the same parameters); return its
     ``ADEChallengeData2016`` folder.
 
@@ -105,8 +120,15 @@ def make_demo_ade20k(root: str | os.PathLike | None = None, num_train: int = 400
     Classes (``DEMO_CLASSES``): 4 textures, then the 10 Fashion-MNIST classes.
     """
     root = Path(root) if root is not None else DEMO_ROOT
-    params = {"version": _VERSION, "num_train": num_train, "num_val": num_val, "size_range": list(size_range),
-              "items_per_image": list(items_per_image), "item_scale": list(item_scale), "seed": seed}
+    params = {
+        "version": _VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "size_range": list(size_range),
+        "items_per_image": list(items_per_image),
+        "item_scale": list(item_scale),
+        "seed": seed,
+    }
     out = root / "ADEChallengeData2016"
     stamp = root / "demo.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params and out.is_dir():
@@ -114,8 +136,9 @@ def make_demo_ade20k(root: str | os.PathLike | None = None, num_train: int = 400
     tmp = root / f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     pixels, images = {}, {}
-    for part, (split, fashion_split, count, prefix) in enumerate((("training", "train", num_train, "ADE_train"),
-                                                                  ("validation", "test", num_val, "ADE_val"))):
+    for part, (split, fashion_split, count, prefix) in enumerate(
+        (("training", "train", num_train, "ADE_train"), ("validation", "test", num_val, "ADE_val"))
+    ):
         items, labels = load_fashion_mnist(fashion_split)
         rng = np.random.default_rng([seed, part])
         (tmp / "images" / split).mkdir(parents=True)

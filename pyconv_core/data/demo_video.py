@@ -11,6 +11,7 @@ The folder is the real Kinetics layout read by :class:`pyconv_core.data.kinetics
 ``annotations/{train,val}.csv`` (``label,youtube_id,time_start,time_end,split``) and H.264 files
 ``{train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4`` written with PyAV.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,8 +30,17 @@ from pyconv_core.data.kinetics import ANNOTATION_COLUMNS
 
 __all__ = ["DemoVideoConfig", "MOTIONS", "make_demo_kinetics", "render_video", "write_mp4"]
 
-MOTIONS = ("moving right", "moving left", "moving up", "moving down", "bouncing", "rotating clockwise",
-           "rotating anticlockwise", "zooming in", "zooming out")
+MOTIONS = (
+    "moving right",
+    "moving left",
+    "moving up",
+    "moving down",
+    "bouncing",
+    "rotating clockwise",
+    "rotating anticlockwise",
+    "zooming in",
+    "zooming out",
+)
 _DIRECTIONS = {"moving right": (1, 0), "moving left": (-1, 0), "moving up": (0, -1), "moving down": (0, 1)}
 
 
@@ -52,8 +62,10 @@ class DemoVideoConfig:
 
     def __post_init__(self) -> None:
         if not 1 < self.zoom < self.item_scale[1] / self.item_scale[0]:
-            raise ValueError(f"zoom {self.zoom} must lie between 1 and the item_scale range ratio "
-                             f"{self.item_scale[1] / self.item_scale[0]:.2f}, so zooms stay within item_scale")
+            raise ValueError(
+                f"zoom {self.zoom} must lie between 1 and the item_scale range ratio "
+                f"{self.item_scale[1] / self.item_scale[0]:.2f}, so zooms stay within item_scale"
+            )
 
 
 def _path(rng: np.random.Generator, motion: str, cfg: DemoVideoConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,8 +144,10 @@ def make_demo_kinetics(root: str | Path = "data/demo_kinetics", cfg: DemoVideoCo
         shutil.rmtree(root / part, ignore_errors=True)
     (root / "annotations").mkdir(parents=True)
     seconds = math.ceil(cfg.frames / cfg.fps)
-    for split, source, per_class, offset in (("train", "train", cfg.train_per_class, 0),
-                                             ("val", "test", cfg.val_per_class, 1)):
+    for split, source, per_class, offset in (
+        ("train", "train", cfg.train_per_class, 0),
+        ("val", "test", cfg.val_per_class, 1),
+    ):
         items, _ = load_fashion_mnist(source)
         rng = np.random.default_rng([cfg.seed, offset])
         rows = []

@@ -5,6 +5,7 @@ installs the original idx ``.gz`` files offline; the environment variable ``FASH
 read at each load, points at another folder holding them. The detection, segmentation and video
 demo sets are generated from these same real items.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -16,10 +17,11 @@ import numpy as np
 __all__ = ["DEBIAN_DIR", "CLASSES", "fashion_mnist_dir", "load_fashion_mnist"]
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # where dataset-fashion-mnist installs the files
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
 
 
 def fashion_mnist_dir() -> Path:
@@ -33,11 +35,13 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         data = f.read()
     found = int.from_bytes(data[:4], "big")
     if found != magic:
-        raise ValueError(f"{path} is not an idx file of the expected kind (magic {found:#x}, expected "
-                         f"{magic:#x}); reinstall it with `sudo apt-get install --reinstall dataset-fashion-mnist`, or "
-                         f"replace it with the original file of that name")
+        raise ValueError(
+            f"{path} is not an idx file of the expected kind (magic {found:#x}, expected "
+            f"{magic:#x}); reinstall it with `sudo apt-get install --reinstall dataset-fashion-mnist`, or "
+            f"replace it with the original file of that name"
+        )
     ndim = magic & 0xFF
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -53,7 +57,8 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
                 f"Fashion-MNIST file {path} is missing. It is the embedded default data set: install it "
                 f"with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; `make setup` does this), "
                 f"or set the environment variable FASHION_MNIST_DIR to a folder holding the four idx .gz files "
-                f"({', '.join(name for pair in _FILES.values() for name in pair)}).")
+                f"({', '.join(name for pair in _FILES.values() for name in pair)})."
+            )
     images = _read_idx(images_file, 0x00000803)
     labels = _read_idx(labels_file, 0x00000801).astype(np.int64)
     if len(images) != len(labels):

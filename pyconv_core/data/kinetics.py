@@ -17,6 +17,7 @@ uniform clips x 3 crops along the long side, at short side 256. An item is a uin
 PyAV cannot open or that ends early (truncated) is logged by path and yields ``None``;
 :func:`collate_clips` drops it and counts it, so an epoch never stops on a bad file.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,8 +33,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["ClipSampling", "KineticsDataset", "VideoBatch", "VideoDecodeError", "collate_clips", "decode_frames",
-           "clip_starts", "ANNOTATION_COLUMNS", "KINETICS_MEAN", "KINETICS_STD"]
+__all__ = [
+    "ClipSampling",
+    "KineticsDataset",
+    "VideoBatch",
+    "VideoDecodeError",
+    "collate_clips",
+    "decode_frames",
+    "clip_starts",
+    "ANNOTATION_COLUMNS",
+    "KINETICS_MEAN",
+    "KINETICS_STD",
+]
 
 log = logging.getLogger(__name__)
 ANNOTATION_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
@@ -59,10 +70,12 @@ class ClipSampling:
 
     def __post_init__(self) -> None:
         if self.crop > min(self.train_short_side[0], self.test_short_side):
-            raise ValueError(f"crop {self.crop} is larger than the smallest short side "
-                             f"{min(self.train_short_side[0], self.test_short_side)} (train_short_side "
-                             f"{self.train_short_side}, test_short_side {self.test_short_side}); give short sides "
-                             f"of at least the crop, or a smaller crop")
+            raise ValueError(
+                f"crop {self.crop} is larger than the smallest short side "
+                f"{min(self.train_short_side[0], self.test_short_side)} (train_short_side "
+                f"{self.train_short_side}, test_short_side {self.test_short_side}); give short sides "
+                f"of at least the crop, or a smaller crop"
+            )
         if self.frames < 1 or self.stride < 1 or self.test_clips < 1 or self.test_crops < 1:
             raise ValueError(f"frames, stride, test_clips and test_crops must be positive: {self}")
 
@@ -178,9 +191,11 @@ def read_annotations(path: Path, split: str) -> list[tuple[str, list[str]]]:
         header = [h.strip() for h in reader.fieldnames or []]
         missing = [c for c in ANNOTATION_COLUMNS if c not in header]
         if missing:
-            raise ValueError(f"annotation file {path} lacks the column(s) {', '.join(missing)} (header: "
-                             f"{','.join(header) or 'empty'}); a Kinetics annotation file starts with the header "
-                             f"line '{expected}'")
+            raise ValueError(
+                f"annotation file {path} lacks the column(s) {', '.join(missing)} (header: "
+                f"{','.join(header) or 'empty'}); a Kinetics annotation file starts with the header "
+                f"line '{expected}'"
+            )
         reader.fieldnames = header
         rows, splits = [], set()
         for line, row in enumerate(reader, start=2):
@@ -188,16 +203,20 @@ def read_annotations(path: Path, split: str) -> list[tuple[str, list[str]]]:
                 label, youtube_id = row["label"].strip(), row["youtube_id"].strip()
                 start, end = int(float(row["time_start"])), int(float(row["time_end"]))
             except (AttributeError, TypeError, ValueError) as err:
-                raise ValueError(f"annotation file {path}, line {line}: malformed row {row} ({err}); expected "
-                                 f"'{expected}' with integer times, e.g. 'abseiling,0347ZoDXyP0,14,24,train'") from err
+                raise ValueError(
+                    f"annotation file {path}, line {line}: malformed row {row} ({err}); expected "
+                    f"'{expected}' with integer times, e.g. 'abseiling,0347ZoDXyP0,14,24,train'"
+                ) from err
             if not label or not youtube_id:
                 raise ValueError(f"annotation file {path}, line {line}: empty label or youtube_id in {row}")
             splits.add((row["split"] or "").strip())
             if (row["split"] or "").strip() in names:
                 rows.append((label, [f"{youtube_id}_{start:06d}_{end:06d}", youtube_id]))
     if not rows:
-        raise ValueError(f"annotation file {path} has no rows of split {split!r} (its split column holds "
-                         f"{sorted(splits) or 'nothing'}); pass the file of that split")
+        raise ValueError(
+            f"annotation file {path} has no rows of split {split!r} (its split column holds "
+            f"{sorted(splits) or 'nothing'}); pass the file of that split"
+        )
     return rows
 
 
@@ -226,9 +245,15 @@ class KineticsDataset(Dataset):
         annotations: an explicit annotation CSV instead of the default locations.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", mode: str | None = None,
-                 sampling: ClipSampling = ClipSampling(), classes: Sequence[str] | None = None,
-                 annotations: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        mode: str | None = None,
+        sampling: ClipSampling = ClipSampling(),
+        classes: Sequence[str] | None = None,
+        annotations: str | os.PathLike | None = None,
+    ) -> None:
         self.root, self.split = Path(root), split
         self.mode = mode or ("train" if split == "train" else "val")
         if self.mode not in ("train", "val", "test"):
@@ -237,8 +262,10 @@ class KineticsDataset(Dataset):
         folder = self.root / split
         csv_path = Path(annotations) if annotations else _annotation_file(self.root, split)
         if annotations and not Path(annotations).is_file():
-            raise FileNotFoundError(f"annotation file {csv_path} does not exist; pass the Kinetics CSV "
-                                    f"('{','.join(ANNOTATION_COLUMNS)}') of split {split!r}")
+            raise FileNotFoundError(
+                f"annotation file {csv_path} does not exist; pass the Kinetics CSV "
+                f"('{','.join(ANNOTATION_COLUMNS)}') of split {split!r}"
+            )
         if csv_path is not None:
             rows = read_annotations(csv_path, split)
             videos = _index_videos(folder if folder.is_dir() else self.root)
@@ -247,27 +274,38 @@ class KineticsDataset(Dataset):
             labelled = [(label, path) for label, path in found if path is not None]
             where = f"{csv_path} (files under {folder})"
         elif folder.is_dir() and any(d.is_dir() for d in folder.iterdir()):
-            labelled = [(d.name, p) for d in sorted(folder.iterdir()) if d.is_dir() for p in sorted(d.iterdir())
-                        if p.suffix.lower() in VIDEO_EXTENSIONS]
+            labelled = [
+                (d.name, p)
+                for d in sorted(folder.iterdir())
+                if d.is_dir()
+                for p in sorted(d.iterdir())
+                if p.suffix.lower() in VIDEO_EXTENSIONS
+            ]
             self.missing, where = 0, str(folder)
         else:
             raise FileNotFoundError(
                 f"no Kinetics data for split {split!r} under {self.root}: expected an annotation file "
                 f"{self.root / 'annotations' / f'{split}.csv'} (columns {','.join(ANNOTATION_COLUMNS)}) with the "
-                f"videos under {folder}/, or one folder per class {folder}/<label>/*.mp4")
+                f"videos under {folder}/, or one folder per class {folder}/<label>/*.mp4"
+            )
         if not labelled:
-            raise FileNotFoundError(f"none of the videos listed by {where} exist; expected files named "
-                                    f"<youtube_id>_<start:06d>_<end:06d>.mp4 under {folder}")
+            raise FileNotFoundError(
+                f"none of the videos listed by {where} exist; expected files named "
+                f"<youtube_id>_<start:06d>_<end:06d>.mp4 under {folder}"
+            )
         if self.missing:
-            log.warning("%d of %d videos of %s are missing and skipped", self.missing,
-                        self.missing + len(labelled), where)
+            log.warning(
+                "%d of %d videos of %s are missing and skipped", self.missing, self.missing + len(labelled), where
+            )
         self.classes = list(classes) if classes is not None else sorted({label for label, _ in labelled})
         index = {c: i for i, c in enumerate(self.classes)}
         unknown = sorted({label for label, _ in labelled} - set(index))
         if unknown:
-            raise ValueError(f"{where} has labels outside the given classes ({len(self.classes)}, e.g. the "
-                             f"training set's): {unknown[:5]}; remove their videos (rows), or give training and "
-                             f"validation data of the same Kinetics version")
+            raise ValueError(
+                f"{where} has labels outside the given classes ({len(self.classes)}, e.g. the "
+                f"training set's): {unknown[:5]}; remove their videos (rows), or give training and "
+                f"validation data of the same Kinetics version"
+            )
         self.samples = [(path, index[label]) for label, path in labelled]
         self.num_skipped = 0
 
@@ -292,11 +330,12 @@ class KineticsDataset(Dataset):
             boxes = _crop_boxes(frames.shape[1], frames.shape[2], s.crop, self.mode, s.test_crops)
         except (VideoDecodeError, *_DECODE_ERRORS) as err:
             self.num_skipped += 1
-            log.warning("skipping unreadable video %s (%s); %d skipped so far in this process", path, err,
-                        self.num_skipped)
+            log.warning(
+                "skipping unreadable video %s (%s); %d skipped so far in this process", path, err, self.num_skipped
+            )
             return None
         clips = torch.from_numpy(frames).view(len(starts), s.frames, *frames.shape[1:])
-        views = [clip[:, y:y + s.crop, x:x + s.crop] for clip in clips for y, x in boxes]
+        views = [clip[:, y : y + s.crop, x : x + s.crop] for clip in clips for y, x in boxes]
         if self.mode == "train" and s.flip and torch.rand(()) < 0.5:
             views = [v.flip(2) for v in views]
         return torch.stack(views).permute(0, 4, 1, 2, 3).contiguous(), label
@@ -306,7 +345,15 @@ def collate_clips(samples: list) -> VideoBatch:
     """Batch the readable videos (their views concatenated); ``num_skipped`` counts the others."""
     good = [s for s in samples if s is not None]
     if not good:
-        return VideoBatch(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long),
-                          torch.empty(0, dtype=torch.long), len(samples))
-    return VideoBatch(torch.cat([c for c, _ in good]), torch.tensor([y for _, y in good]),
-                      torch.tensor([len(c) for c, _ in good]), len(samples) - len(good))
+        return VideoBatch(
+            torch.empty(0, dtype=torch.uint8),
+            torch.empty(0, dtype=torch.long),
+            torch.empty(0, dtype=torch.long),
+            len(samples),
+        )
+    return VideoBatch(
+        torch.cat([c for c, _ in good]),
+        torch.tensor([y for _, y in good]),
+        torch.tensor([len(c) for c, _ in good]),
+        len(samples) - len(good),
+    )

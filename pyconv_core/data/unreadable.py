@@ -8,6 +8,7 @@ training rows of ``metrics.jsonl``, and in the evaluation metrics. Prediction he
 work by dataset index, so a skipped item never shifts another item's title or image. An image of
 more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (:func:`open_image`) is skipped the same way.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,9 @@ def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise OSError(f"{err} (over PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; raise it to read "
-                      f"such images)") from None
+        raise OSError(
+            f"{err} (over PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; raise it to read such images)"
+        ) from None
     with image:
         yield image
 

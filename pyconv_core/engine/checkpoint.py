@@ -9,6 +9,7 @@ leaves a file the record accepts. A file without a record (older runs, downloade
 unchecked. What a layer must carry besides its weights (a PyConv's execution plans) is its extra state
 in the model's state_dict, a tensor too (:func:`json_tensor`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +27,21 @@ import torch
 
 from pyconv_core.engine.files import AtomicFile, write_atomic
 
-__all__ = ["save_atomic", "load_checkpoint", "remove_checkpoint", "checksum_path", "rng_state", "set_rng_state",
-           "refused_as_code", "CheckpointMismatchError", "StateDictDiff", "diff_state_dicts", "json_tensor",
-           "from_json_tensor", "EXTRA_STATE_KEY"]
+__all__ = [
+    "save_atomic",
+    "load_checkpoint",
+    "remove_checkpoint",
+    "checksum_path",
+    "rng_state",
+    "set_rng_state",
+    "refused_as_code",
+    "CheckpointMismatchError",
+    "StateDictDiff",
+    "diff_state_dicts",
+    "json_tensor",
+    "from_json_tensor",
+    "EXTRA_STATE_KEY",
+]
 
 _SHOWN = 12  # keys listed per kind in a mismatch message
 EXTRA_STATE_KEY = "_extra_state"  # a module's extra state in a state_dict (torch.nn.Module.get_extra_state)
@@ -92,17 +105,20 @@ def _accepted(path: Path) -> list[str]:
     try:
         return list(json.loads(record.read_text())["sha256"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise OSError(f"checksum record {record} cannot be read ({err}); delete it to load {path.name} "
-                      f"unchecked") from None
+        raise OSError(
+            f"checksum record {record} cannot be read ({err}); delete it to load {path.name} unchecked"
+        ) from None
 
 
 def _verify(path: Path) -> None:
     if not checksum_path(path).is_file():
         return
     if _sha256(path) not in _accepted(path):
-        raise OSError(f"checkpoint {path} is damaged: its sha256 differs from the one {checksum_path(path).name} "
-                      f"recorded when it was written (a partial copy, a disk error or an edit); restore both files "
-                      f"from a copy, or delete them and start the run again")
+        raise OSError(
+            f"checkpoint {path} is damaged: its sha256 differs from the one {checksum_path(path).name} "
+            f"recorded when it was written (a partial copy, a disk error or an edit); restore both files "
+            f"from a copy, or delete them and start the run again"
+        )
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -111,19 +127,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         held = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
-        raise FileNotFoundError(f"checkpoint {path} does not exist ({path.parent} holds "
-                                f"{', '.join(held) or 'no checkpoint'}): give the path of one that exists")
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist ({path.parent} holds "
+            f"{', '.join(held) or 'no checkpoint'}): give the path of one that exists"
+        )
     _verify(path)
     try:
         return _plans_into_the_model(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as err:
         if refused_as_code(err):
-            raise OSError(f"checkpoint {path} holds Python objects other than tensors and plain values, which a "
-                          f"weights-only load refuses because loading them could run code ({_first_line(err)}). "
-                          f"Use a checkpoint written by this workbook or a plain state_dict "
-                          f"(torch.save(model.state_dict(), path))") from None
-        raise OSError(f"checkpoint {path} cannot be read ({_first_line(err)}); delete it and start the run "
-                      f"again, or restore the file from a copy") from err
+            raise OSError(
+                f"checkpoint {path} holds Python objects other than tensors and plain values, which a "
+                f"weights-only load refuses because loading them could run code ({_first_line(err)}). "
+                f"Use a checkpoint written by this workbook or a plain state_dict "
+                f"(torch.save(model.state_dict(), path))"
+            ) from None
+        raise OSError(
+            f"checkpoint {path} cannot be read ({_first_line(err)}); delete it and start the run "
+            f"again, or restore the file from a copy"
+        ) from err
 
 
 def _plans_into_the_model(checkpoint: Any) -> Any:
@@ -131,8 +153,11 @@ def _plans_into_the_model(checkpoint: Any) -> Any:
     them in a ``pyconv_plans`` entry (layer name -> the choices of ``"auto"``) and the plan mode in its
     ``config``: they move into the model's state as those layers' extra state (``PyConv.get_extra_state``),
     the layout that resumes and every loader read, so such a run computes with the plans it had."""
-    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("pyconv_plans"), dict)
-            and isinstance(checkpoint.get("model"), dict)):
+    if not (
+        isinstance(checkpoint, dict)
+        and isinstance(checkpoint.get("pyconv_plans"), dict)
+        and isinstance(checkpoint.get("model"), dict)
+    ):
         return checkpoint
     plans = checkpoint.pop("pyconv_plans")
     mode = (checkpoint.get("config") or {}).get("pyconv_plan", "auto")
@@ -168,9 +193,11 @@ def rng_state() -> dict:
     and plain values so that a weights-only load can restore them."""
     legacy_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())  # the legacy=True form
     kind, keys, pos, has_gauss, cached_gaussian = legacy_state
-    state = {"python": random.getstate(),
-             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -208,8 +235,11 @@ class StateDictDiff:
         """The error every checkpoint loader gives: ``checkpoint <where> does not <problem>:``, one line
         per kind of key (the first few of each), then ``fix``, what to do about it."""
         lines = [f"checkpoint {where} does not {problem}:"]
-        for title, keys in (("missing", self.missing), ("unexpected", self.unexpected),
-                            ("mis-shaped", self.mismatched)):
+        for title, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("mis-shaped", self.mismatched),
+        ):
             if keys:
                 more = f" ... and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
                 lines.append(f"  {len(keys)} {title}: " + ", ".join(keys[:_SHOWN]) + more)
@@ -217,15 +247,20 @@ class StateDictDiff:
         return "\n".join(lines)
 
 
-def diff_state_dicts(model: Mapping[str, torch.Tensor], checkpoint: Mapping[str, Any],
-                     optional: tuple[str, ...] = ("num_batches_tracked", EXTRA_STATE_KEY)) -> StateDictDiff:
+def diff_state_dicts(
+    model: Mapping[str, torch.Tensor],
+    checkpoint: Mapping[str, Any],
+    optional: tuple[str, ...] = ("num_batches_tracked", EXTRA_STATE_KEY),
+) -> StateDictDiff:
     """Compare a model's state_dict with a checkpoint's, key by key and shape by shape (the one check
     behind every loader's error). Model keys ending with ``optional`` may be absent (BN's
     ``num_batches_tracked``, which old checkpoints lack; a layer's extra state, which it keeps when the
     file has none). Extra state is encoded data, not a weight: its shape is not compared."""
     missing = tuple(k for k in model if k not in checkpoint and not k.endswith(optional))
     unexpected = tuple(k for k in checkpoint if k not in model)
-    mismatched = tuple(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model[k].shape)}"
-                       for k, v in checkpoint.items()
-                       if k in model and not k.endswith(EXTRA_STATE_KEY) and v.shape != model[k].shape)
+    mismatched = tuple(
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model[k].shape)}"
+        for k, v in checkpoint.items()
+        if k in model and not k.endswith(EXTRA_STATE_KEY) and v.shape != model[k].shape
+    )
     return StateDictDiff(missing, unexpected, mismatched)

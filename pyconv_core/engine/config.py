@@ -1,5 +1,6 @@
 """A training run's configuration (:class:`TrainConfig`, recorded whole in ``config.json``) and what a run
 folder may hold for it (:func:`check_run_dir`): nothing, the same run, or a run a resume may continue."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,11 +65,16 @@ def check_run_dir(cfg: TrainConfig) -> dict[str, tuple[Any, Any]] | None:
     refused, resumable = unresumable(changed), (run_dir / "last.pt").is_file()
     another = "pick another run_name (notebooks: run_prefix) for these parameters"
     if changed and cfg.resume and resumable and refused:
-        raise ValueError(f"{run_dir} cannot be resumed with {describe_changes(refused)}: a resume may only add epochs, "
-                         f"change eval_every or how the run executes; resume with the recorded values, or {another}")
+        raise ValueError(
+            f"{run_dir} cannot be resumed with {describe_changes(refused)}: a resume may only add epochs, "
+            f"change eval_every or how the run executes; resume with the recorded values, or {another}"
+        )
     if changed and not (cfg.resume and resumable):
-        fix = (f"{another}, or resume=True to continue that run with them" if resumable and not refused else
-               f"{another}, or delete {run_dir} to train them there")
+        fix = (
+            f"{another}, or resume=True to continue that run with them"
+            if resumable and not refused
+            else f"{another}, or delete {run_dir} to train them there"
+        )
         what = "it has no last.pt to resume" if cfg.resume else "its config.json records"
         raise ValueError(f"{run_dir} holds another run: {what} {describe_changes(changed)}; {fix}")
     return changed

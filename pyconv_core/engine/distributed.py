@@ -7,6 +7,7 @@ a stalled rank then ends the job, gloo raising an error that :func:`collective_f
 NCCL's watchdog aborting the process with its own "collective operation timeout" line. Each attempt of a
 job that torchrun restarts (``--max-restarts``) joins under keys of its own in torchrun's store.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -17,9 +18,23 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT_S", "init", "launched", "restart_count", "collective_failure", "is_distributed", "rank",
-           "launched_rank", "world_size", "is_main", "all_reduce_sum", "all_reduce_max", "broadcast_object", "barrier",
-           "cleanup"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "init",
+    "launched",
+    "restart_count",
+    "collective_failure",
+    "is_distributed",
+    "rank",
+    "launched_rank",
+    "world_size",
+    "is_main",
+    "all_reduce_sum",
+    "all_reduce_max",
+    "broadcast_object",
+    "barrier",
+    "cleanup",
+]
 
 DEFAULT_TIMEOUT_S = 300.0  # seconds a collective waits for the other processes (why: tasks/base.py, ddp_timeout_s)
 _timeout_s = DEFAULT_TIMEOUT_S  # the group's, once joined (for the message of collective_failure)
@@ -64,12 +79,16 @@ def collective_failure(err: BaseException) -> str | None:
     if not (isinstance(err, dist.DistError) or "gloo" in text.lower()):
         return None
     if re.search(r"timed out|timeout", text, re.IGNORECASE):
-        return (f"a collective waited more than ddp_timeout_s={_timeout_s:g} s for another process, which stalled "
-                f"({text}): find the rank that stalled (its output stopped first), or raise "
-                f"--ddp-timeout-s if its work between collectives (a checkpoint, an evaluation) takes that long")
+        return (
+            f"a collective waited more than ddp_timeout_s={_timeout_s:g} s for another process, which stalled "
+            f"({text}): find the rank that stalled (its output stopped first), or raise "
+            f"--ddp-timeout-s if its work between collectives (a checkpoint, an evaluation) takes that long"
+        )
     if re.search(r"(closed|reset) by peer|broken pipe", text, re.IGNORECASE):
-        return (f"a collective failed because another process ended ({text}): torchrun's summary names the rank "
-                f"that failed first, whose own error is the cause")
+        return (
+            f"a collective failed because another process ended ({text}): torchrun's summary names the rank "
+            f"that failed first, whose own error is the cause"
+        )
     return None
 
 

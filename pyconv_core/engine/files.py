@@ -12,6 +12,7 @@ the lock file). The kernel drops the lock when the holder ends, however it ends:
 stale lock (the processes it forks close their copy of the lock at once), and the temp files it left are
 removed by the next holder.
 """
+
 from __future__ import annotations
 
 import errno
@@ -29,8 +30,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AtomicFile", "write_atomic", "replace_durably", "DiskFullError", "RunInUseError", "hold_run_dir",
-           "check_run_dir_free", "check_run_name", "LOCK_NAME"]
+__all__ = [
+    "AtomicFile",
+    "write_atomic",
+    "replace_durably",
+    "DiskFullError",
+    "RunInUseError",
+    "hold_run_dir",
+    "check_run_dir_free",
+    "check_run_name",
+    "LOCK_NAME",
+]
 
 LOCK_NAME = ".lock"
 _TEMP_SUFFIX = ".tmp"
@@ -56,15 +66,20 @@ class DiskFullError(OSError):
         folder = path.parent
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         if err.errno == errno.EFBIG and limit != resource.RLIM_INFINITY:
-            why = (f"it exceeds this process's file-size limit of {_size(limit)} (ulimit -f; it needs about "
-                   f"{_size(need)}): raise the limit")
+            why = (
+                f"it exceeds this process's file-size limit of {_size(limit)} (ulimit -f; it needs about "
+                f"{_size(need)}): raise the limit"
+            )
         elif err.errno == errno.EFBIG:
             why = f"it exceeds the largest file that {folder}'s file system takes (it needs about {_size(need)})"
         else:
-            why = (f"the disk is full ({folder} has {_size(shutil.disk_usage(folder).free)} free; this file needs "
-                   f"about {_size(need)}): free space there or point runs_dir at a larger disk")
-        super().__init__(f"cannot write {path}: {why}, then rerun with resume=True (the previous {path.name}, if "
-                         f"any, is kept)")
+            why = (
+                f"the disk is full ({folder} has {_size(shutil.disk_usage(folder).free)} free; this file needs "
+                f"about {_size(need)}): free space there or point runs_dir at a larger disk"
+            )
+        super().__init__(
+            f"cannot write {path}: {why}, then rerun with resume=True (the previous {path.name}, if any, is kept)"
+        )
         self.errno = err.errno
 
 
@@ -181,8 +196,10 @@ def check_run_name(name: str) -> None:
     or holding a path separator (``../x`` would write beside the runs folder, ``/x`` anywhere)."""
     if name in ("", ".", "..") or re.search(r"[/\\\0]", name) or os.path.isabs(name):
         parts = [part for part in re.split(r"[/\\\0]+", name) if part not in ("", ".", "..")]
-        raise ValueError(f"run_name must be one folder name inside runs_dir (no '/' or '\\', not '.' or '..'), got "
-                         f"{name!r}: e.g. {'-'.join(parts) or 'my-run'!r} (runs_dir chooses where runs go)")
+        raise ValueError(
+            f"run_name must be one folder name inside runs_dir (no '/' or '\\', not '.' or '..'), got "
+            f"{name!r}: e.g. {'-'.join(parts) or 'my-run'!r} (runs_dir chooses where runs go)"
+        )
 
 
 def _holder(path: Path) -> str:
@@ -191,8 +208,10 @@ def _holder(path: Path) -> str:
 
 
 def _in_use(folder: Path) -> RunInUseError:
-    return RunInUseError(f"{folder} is in use by another run ({_holder(folder / LOCK_NAME)}): wait for it to end "
-                         f"or stop it, or pick another run_name (notebooks: run_prefix)")
+    return RunInUseError(
+        f"{folder} is in use by another run ({_holder(folder / LOCK_NAME)}): wait for it to end "
+        f"or stop it, or pick another run_name (notebooks: run_prefix)"
+    )
 
 
 def check_run_dir_free(folder: str | os.PathLike) -> None:

@@ -1,6 +1,7 @@
 """The Trainer's data loaders: each epoch's batches fixed by the run's seed and the epoch, sharded over DDP
 processes, with the same augmentation in any worker and after a resume, and workers that a stop signal
 does not kill."""
+
 from __future__ import annotations
 
 import signal
@@ -72,15 +73,24 @@ def dataset_len(sized: object) -> int:
     return len(cast(Sized, sized))
 
 
-def epoch_loader(dataset: Dataset, batch_size: int, collate_fn: Callable[[list], Any] | None, epoch: int, train: bool,
-                 seed: int, num_workers: int, skip_batches: int = 0) -> EpochLoader:
+def epoch_loader(
+    dataset: Dataset,
+    batch_size: int,
+    collate_fn: Callable[[list], Any] | None,
+    epoch: int,
+    train: bool,
+    seed: int,
+    num_workers: int,
+    skip_batches: int = 0,
+) -> EpochLoader:
     """Epoch-seeded sharded loader: in training, rank r of W takes every W-th index of one
     permutation, so W processes see exactly the global batches of one process and an epoch's order
     is reproducible; in evaluation every sample is seen exactly once (no padding duplicates)."""
     sampler: Iterable[int]
     if train:
         shuffled: DistributedSampler[int] = DistributedSampler(
-            dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=seed, drop_last=True)
+            dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=seed, drop_last=True
+        )
         shuffled.set_epoch(epoch)
         sampler = shuffled
     else:
@@ -88,10 +98,15 @@ def epoch_loader(dataset: Dataset, batch_size: int, collate_fn: Callable[[list],
     per_rank = max(1, batch_size // dist.world_size())
     batches = list(BatchSampler(sampler, per_rank, drop_last=train))[skip_batches:]
     epoch_seed = seed * 1_000_003 + epoch
-    return EpochLoader(SeededBatches(dataset, epoch_seed) if train else dataset, batch_sampler=batches,
-                       num_workers=num_workers, collate_fn=collate_fn,
-                       generator=torch.Generator().manual_seed(epoch_seed), persistent_workers=False,
-                       pin_memory=torch.cuda.is_available())
+    return EpochLoader(
+        SeededBatches(dataset, epoch_seed) if train else dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(epoch_seed),
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def batch_len(batch: Any) -> int:

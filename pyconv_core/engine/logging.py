@@ -1,5 +1,6 @@
 """Run records: config.json with provenance, metrics.jsonl rows, and reading them back (and comparing
 a folder's recorded parameters with a new run's); the same rows as TensorBoard scalars."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,23 @@ import torch
 
 from pyconv_core.engine.files import write_atomic
 
-__all__ = ["workbook_path", "environment", "write_json", "append_jsonl", "write_jsonl", "read_metrics", "git_commit",
-           "EXECUTION_FIELDS", "RESUMABLE_FIELDS", "read_config", "changed_parameters", "unresumable",
-           "TensorBoardLog", "EVENT_FILES", "expectation"]
+__all__ = [
+    "workbook_path",
+    "environment",
+    "write_json",
+    "append_jsonl",
+    "write_jsonl",
+    "read_metrics",
+    "git_commit",
+    "EXECUTION_FIELDS",
+    "RESUMABLE_FIELDS",
+    "read_config",
+    "changed_parameters",
+    "unresumable",
+    "TensorBoardLog",
+    "EVENT_FILES",
+    "expectation",
+]
 
 _PACKAGES = ("torch", "torchvision", "numpy", "pycocotools", "av", "papermill", "seaborn", "tensorboard")
 
@@ -40,10 +55,12 @@ def git_commit() -> str | None:
     """The commit of the working tree (with ``+dirty`` if it has changes), or None outside git."""
     root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -59,9 +76,16 @@ def environment(device: torch.device) -> dict[str, Any]:
             versions[name] = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     dev = {"type": device.type, "name": name, "cpu_threads": torch.get_num_threads()}
-    return {"git_commit": git_commit(), "python": sys.version.split()[0], "platform": platform.platform(),
-            "packages": versions, "device": dev, "argv": sys.argv, "hostname": platform.node(),
-            "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+    return {
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": dev,
+        "argv": sys.argv,
+        "hostname": platform.node(),
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+    }
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -88,8 +112,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 # two runs that differ only in these are the same experiment.
 # ``amp`` is not one of them: bf16 and fp16 change the numbers every step computes (fp16 also keeps a grad
 # scaler), so runs under different amp are different experiments, and a resume keeps the run's amp.
-EXECUTION_FIELDS = ("gpus", "run_name", "runs_dir", "num_workers", "progress", "resume", "pyconv_plan",
-                    "channels_last", "compile", "log_every", "ddp_timeout_s", "max_restarts")
+EXECUTION_FIELDS = (
+    "gpus",
+    "run_name",
+    "runs_dir",
+    "num_workers",
+    "progress",
+    "resume",
+    "pyconv_plan",
+    "channels_last",
+    "compile",
+    "log_every",
+    "ddp_timeout_s",
+    "max_restarts",
+)
 
 # What a resume may change besides the execution fields: more ``epochs`` (the schedule is rebuilt over the
 # new total from the step reached, see ``engine/trainer.py``) and ``eval_every`` (when evaluations happen).
@@ -104,8 +140,9 @@ def read_config(run_dir: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def changed_parameters(recorded: dict, train: dict,
-                       ignore: tuple[str, ...] = EXECUTION_FIELDS) -> dict[str, tuple[Any, Any]]:
+def changed_parameters(
+    recorded: dict, train: dict, ignore: tuple[str, ...] = EXECUTION_FIELDS
+) -> dict[str, tuple[Any, Any]]:
     """What differs between a recorded ``config.json`` "train" entry and a new one (a TrainConfig as a
     dict), as name -> (recorded, new): the task parameters (its ``extra``) where they differ, else the
     TrainConfig fields. ``ignore`` (by default :data:`EXECUTION_FIELDS`) and names that only one side has
@@ -113,8 +150,7 @@ def changed_parameters(recorded: dict, train: dict,
     train = json.loads(json.dumps(train, default=str))  # as config.json holds it: tuples as lists
 
     def differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-        return {k: (old[k], new[k]) for k in new if k in old and k != "extra" and k not in ignore
-                and old[k] != new[k]}
+        return {k: (old[k], new[k]) for k in new if k in old and k != "extra" and k not in ignore and old[k] != new[k]}
 
     return differences(recorded.get("extra", {}), train.get("extra", {})) or differences(recorded, train)
 
@@ -122,8 +158,11 @@ def changed_parameters(recorded: dict, train: dict,
 def unresumable(changed: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
     """The changes of :func:`changed_parameters` that a resume may not make: all but those of
     :data:`RESUMABLE_FIELDS`, and fewer ``epochs``."""
-    return {name: (old, new) for name, (old, new) in changed.items()
-            if name not in RESUMABLE_FIELDS or (name == "epochs" and new < old)}
+    return {
+        name: (old, new)
+        for name, (old, new) in changed.items()
+        if name not in RESUMABLE_FIELDS or (name == "epochs" and new < old)
+    }
 
 
 EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's event files in a run folder
@@ -142,8 +181,16 @@ class TensorBoardLog:
     (TensorBoard takes a session start after the first as a restart). Disabled (``enabled=False``, DDP ranks
     other than 0), it writes nothing."""
 
-    def __init__(self, run_dir: Path, steps_per_epoch: int, history: list[dict], resumed_at: int | None,
-                 hparams: dict[str, Any], metric: str, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        steps_per_epoch: int,
+        history: list[dict],
+        resumed_at: int | None,
+        hparams: dict[str, Any],
+        metric: str,
+        enabled: bool = True,
+    ) -> None:
         """``hparams``: the run's TrainConfig as a dict (its task parameters, ``extra``, count one by one);
         ``metric``: the tag of the run's main metric (``eval/top1``)."""
         self.steps_per_epoch, self.writer = steps_per_epoch, None
@@ -160,8 +207,9 @@ class TensorBoardLog:
         self.writer = SummaryWriter(str(run_dir), purge_step=resumed_at or 0)
         if resumed_at is None:  # the parameters of the run as it started (task ones first); the metric: its main one
             given = {**hparams.get("extra", {}), **{k: v for k, v in hparams.items() if k != "extra"}}
-            values = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str)
-                      for k, v in given.items()}
+            values = {
+                k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str) for k, v in given.items()
+            }
             file_writer: Any = self.writer.file_writer  # SummaryWriter's own writer (typed Optional)
             for summary in hparams_summaries(values, {metric: 0.0}):
                 file_writer.add_summary(summary)

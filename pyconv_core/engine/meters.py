@@ -1,5 +1,6 @@
 """The training losses the Trainer logs: summed on the device step by step, averaged per step row and per
 epoch, and reduced over DDP processes."""
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,10 @@ class DeviceSums:
 
 def means(sums: dict[str, float], count: float) -> dict[str, float]:
     """Per-step means as ``train_<key>``; ``num_*`` entries (e.g. skipped files) are totals."""
-    return {k if k.startswith("num_") else f"train_{k}": float(v) if k.startswith("num_") else float(v) / count
-            for k, v in sums.items()}
+    return {
+        k if k.startswith("num_") else f"train_{k}": float(v) if k.startswith("num_") else float(v) / count
+        for k, v in sums.items()
+    }
 
 
 def reduce_means(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:

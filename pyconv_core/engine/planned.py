@@ -1,5 +1,6 @@
 """Layers with several equivalent execution plans (PyConv's: layers/plans.py), as the Trainer sees them: a
 protocol, so that the engine never imports a layer."""
+
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable

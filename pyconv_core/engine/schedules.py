@@ -1,5 +1,6 @@
 """Learning rates: schedules as step-wise multipliers for ``LambdaLR`` (warmup, multistep, cosine, poly), linear
 scaling with the batch, and per-parameter-group factors."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,15 @@ def scaled_lr(lr: float, batch_size: int, reference_batch: int) -> float:
     return lr * batch_size / reference_batch
 
 
-def lr_multiplier(schedule: str, epochs: int, steps_per_epoch: int, milestones: Sequence[float] = (),
-                  gamma: float = 0.1, warmup_epochs: float = 0.0, power: float = 0.9) -> Callable[[int], float]:
+def lr_multiplier(
+    schedule: str,
+    epochs: int,
+    steps_per_epoch: int,
+    milestones: Sequence[float] = (),
+    gamma: float = 0.1,
+    warmup_epochs: float = 0.0,
+    power: float = 0.9,
+) -> Callable[[int], float]:
     """Multiplier of the base lr after ``step`` optimizer steps.
 
     ``milestones`` are in epochs (lr x ``gamma`` at each); warmup rises linearly from
@@ -62,6 +70,8 @@ def param_groups(model: nn.Module, base_lr: float, lr_multipliers: dict[str, flo
     unmatched = sorted(set(lr_multipliers) - matched)
     if unmatched:
         tops = sorted({name.split(".")[0] + "." for name, _ in model.named_parameters()})
-        raise ValueError(f"lr_multipliers prefixes {unmatched} match no parameter of {type(model).__name__}; "
-                         f"its parameter names start with {tops}")
+        raise ValueError(
+            f"lr_multipliers prefixes {unmatched} match no parameter of {type(model).__name__}; "
+            f"its parameter names start with {tops}"
+        )
     return [{"params": params, "lr": base_lr * factor} for factor, params in factors.items() if params]

@@ -1,5 +1,6 @@
 """How a run stops early: on a signal (it saves where it is, to resume), or when a loss or a weight is no
 longer finite (the last good checkpoint is kept, never overwritten by the diverged model)."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """What a task gives the Trainer: a training step and an evaluation (:class:`Task`), and the precision both
 run in (:func:`autocast`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

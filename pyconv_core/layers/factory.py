@@ -3,6 +3,7 @@
 Everything else in the package passes ``dim`` through and asks this module for layers, so
 2D and 3D networks share every block definition.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -36,17 +37,26 @@ def ntuple(value: IntOrTuple, dim: int) -> tuple[int, ...]:
     return value
 
 
-def conv(dim: int, in_channels: int, out_channels: int, kernel: IntOrTuple = 1, stride: IntOrTuple = 1,
-         dilation: IntOrTuple = 1, groups: int = 1, padding: IntOrTuple | None = None,
-         bias: bool = False) -> ConvNd:
+def conv(
+    dim: int,
+    in_channels: int,
+    out_channels: int,
+    kernel: IntOrTuple = 1,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding: IntOrTuple | None = None,
+    bias: bool = False,
+) -> ConvNd:
     """Convolution, bias-free unless asked; padding defaults to ``dilation * (kernel // 2)`` (size-preserving)."""
     _check_dim(dim)
     kernel, dilation = ntuple(kernel, dim), ntuple(dilation, dim)
     if padding is None:
         padding = tuple(d * (k // 2) for k, d in zip(kernel, dilation))
     make: Callable[..., ConvNd] = _CONV[dim]  # torch types sizes per class; here they are dim-tuples
-    return make(in_channels, out_channels, kernel, stride=stride, padding=padding, dilation=dilation,
-                groups=groups, bias=bias)
+    return make(
+        in_channels, out_channels, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias
+    )
 
 
 def norm(dim: int, channels: int) -> NormNd:

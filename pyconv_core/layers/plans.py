@@ -17,6 +17,7 @@ is ``kt`` grouped 2D convolutions over the frames, shifted in time and summed. A
 frames), whose outputs are then summed with the taps' time shifts: same MACs, but the 2D grouped
 kernels of CPU backends are far faster than their 3D ones (BENCHMARKS.md).
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,10 +39,25 @@ import torch.nn.functional as F
 from pyconv_core.layers import factory
 from pyconv_core.layers.factory import ConvNd
 
-__all__ = ["Plan", "naive_plan", "parse_plan", "format_plan", "partitions", "all_plans", "mac_ratio",
-           "candidate_plans", "max_mac_ratio_for", "run_plan", "signature", "time_plan", "tune", "PLAN_CACHE",
-           "MAX_MAC_RATIO",
-           "machine_key", "plan_cache_path"]
+__all__ = [
+    "Plan",
+    "naive_plan",
+    "parse_plan",
+    "format_plan",
+    "partitions",
+    "all_plans",
+    "mac_ratio",
+    "candidate_plans",
+    "max_mac_ratio_for",
+    "run_plan",
+    "signature",
+    "time_plan",
+    "tune",
+    "PLAN_CACHE",
+    "MAX_MAC_RATIO",
+    "machine_key",
+    "plan_cache_path",
+]
 
 Partition = tuple[tuple[int, ...], ...]  # of the level indices; each part runs as one convolution
 TAPS_PREFIX = "taps:"
@@ -89,7 +105,7 @@ def partitions(num_levels: int) -> list[Partition]:
     """All partitions of ``range(num_levels)`` into parts (15 for four levels), parts in level order."""
     plans: list[list[list[int]]] = [[]]
     for i in range(num_levels):
-        plans = [[*p[:j], [*p[j], i], *p[j + 1:]] for p in plans for j in range(len(p))] + [[*p, [i]] for p in plans]
+        plans = [[*p[:j], [*p[j], i], *p[j + 1 :]] for p in plans for j in range(len(p))] + [[*p, [i]] for p in plans]
     return sorted(tuple(tuple(part) for part in p) for p in plans)
 
 
@@ -107,8 +123,10 @@ def _part_shape(convs: Sequence[ConvNd], part: Sequence[int]) -> tuple[tuple[int
 
 def mac_ratio(convs: Sequence[ConvNd], plan: Plan) -> float:
     """MACs of ``plan`` over the naive plan's (same output size for every level)."""
+
     def macs(out: int, cin: int, kernel: Sequence[int], groups: int) -> float:
         return out * cin / groups * math.prod(kernel)
+
     naive = sum(macs(c.out_channels, c.in_channels, c.kernel_size, c.groups) for c in convs)
     merged = 0.0
     for part in plan.parts:
@@ -127,8 +145,7 @@ def candidate_plans(convs: Sequence[ConvNd], max_mac_ratio: float = MAX_MAC_RATI
     return [p for p in all_plans(convs) if mac_ratio(convs, p) <= max_mac_ratio]
 
 
-def _merged_weight(convs: Sequence[ConvNd], part: Sequence[int], kernel: tuple[int, ...],
-                   groups: int) -> torch.Tensor:
+def _merged_weight(convs: Sequence[ConvNd], part: Sequence[int], kernel: tuple[int, ...], groups: int) -> torch.Tensor:
     """The weight of one grouped convolution computing the levels of ``part``; output channels in
     group-major order (merged group, level, channel), as a grouped convolution lays them out."""
     cin = convs[part[0]].in_channels
@@ -147,8 +164,15 @@ def _merged_weight(convs: Sequence[ConvNd], part: Sequence[int], kernel: tuple[i
     return torch.cat(blocks, dim=1).flatten(0, 1)
 
 
-def _temporal_taps_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
-                        padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+def _temporal_taps_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
     """``F.conv3d`` computed as one grouped 2D convolution of every temporal tap over the N*T frames,
     then the taps' outputs summed with their time shifts (zero padding in time as in the 3D one)."""
     n, cin, t = x.shape[:3]
@@ -162,15 +186,16 @@ def _temporal_taps_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     z = F.pad(z, (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, padding[0], padding[0]))
     t_out = (t + 2 * padding[0] - dilation[0] * (kt - 1) - 1) // stride[0] + 1
     span = (t_out - 1) * stride[0] + 1
-    y = cast(torch.Tensor, sum(z[:, d * dilation[0]:d * dilation[0] + span:stride[0], :, :, :, d] for d in range(kt)))
+    y = cast(
+        torch.Tensor, sum(z[:, d * dilation[0] : d * dilation[0] + span : stride[0], :, :, :, d] for d in range(kt))
+    )
     y = y.reshape(n, t_out, h, w, cout)
     if bias is not None:
         y = y + bias
     return y.permute(0, 4, 1, 2, 3)
 
 
-def _run_part(x: torch.Tensor, convs: Sequence[ConvNd], part: Sequence[int],
-              temporal_taps: bool) -> list[torch.Tensor]:
+def _run_part(x: torch.Tensor, convs: Sequence[ConvNd], part: Sequence[int], temporal_taps: bool) -> list[torch.Tensor]:
     """The outputs of the levels of ``part``, each ``[N, out_i, ...]``, computed by one convolution."""
     first = convs[part[0]]
     if len(part) == 1 and not temporal_taps:
@@ -217,15 +242,30 @@ def signature(x: torch.Tensor, training: bool) -> str:
     """What a plan's speed depends on besides the layer: shape, dtype, device, memory format, autocast,
     and whether a backward follows (``"[8, 64, 56, 56] float32 cpu channels_last train"``)."""
     fmt = "contiguous" if x.is_contiguous() else "channels_last" if _channels_last_format(x) else "strided"
-    amp = f" autocast-{str(torch.get_autocast_dtype(x.device.type)).removeprefix('torch.')}" \
-        if torch.is_autocast_enabled(x.device.type) else ""
-    return (f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')} {x.device.type} {fmt}{amp} "
-            f"{'train' if training else 'eval'}")
+    amp = (
+        f" autocast-{str(torch.get_autocast_dtype(x.device.type)).removeprefix('torch.')}"
+        if torch.is_autocast_enabled(x.device.type)
+        else ""
+    )
+    return (
+        f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')} {x.device.type} {fmt}{amp} "
+        f"{'train' if training else 'eval'}"
+    )
 
 
 def _layer_key(convs: Sequence[ConvNd]) -> tuple:
-    return tuple((c.in_channels, c.out_channels, tuple(c.kernel_size), c.groups, tuple(c.stride),
-                  tuple(c.dilation), c.bias is not None) for c in convs)
+    return tuple(
+        (
+            c.in_channels,
+            c.out_channels,
+            tuple(c.kernel_size),
+            c.groups,
+            tuple(c.stride),
+            tuple(c.dilation),
+            c.bias is not None,
+        )
+        for c in convs
+    )
 
 
 def time_plan(x: torch.Tensor, convs: Sequence[ConvNd], plan: Plan, training: bool, repeats: int) -> float:
@@ -243,8 +283,9 @@ def time_plan(x: torch.Tensor, convs: Sequence[ConvNd], plan: Plan, training: bo
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def tune(x: torch.Tensor, convs: Sequence[ConvNd], training: bool, repeats: int = 3,
-         max_mac_ratio: float | None = None) -> Plan:
+def tune(
+    x: torch.Tensor, convs: Sequence[ConvNd], training: bool, repeats: int = 3, max_mac_ratio: float | None = None
+) -> Plan:
     """The fastest candidate plan for these levels on inputs like ``x``: measured on the first call
     for each (layer, :func:`signature`) and cached in :data:`PLAN_CACHE` and in this machine's
     :func:`plan_cache_path` file, so a later process reuses the measurement instead of timing again
@@ -260,8 +301,10 @@ def tune(x: torch.Tensor, convs: Sequence[ConvNd], training: bool, repeats: int 
             copies = [copy.deepcopy(c).requires_grad_(training) for c in convs]
             sample = x.detach().clone().requires_grad_(training)
             with torch.enable_grad() if training else torch.no_grad():
-                PLAN_CACHE[key] = min(candidate_plans(copies, max_mac_ratio),
-                                      key=lambda p: time_plan(sample, copies, p, training, repeats))
+                PLAN_CACHE[key] = min(
+                    candidate_plans(copies, max_mac_ratio),
+                    key=lambda p: time_plan(sample, copies, p, training, repeats),
+                )
             _store_plan(repr(key), format_plan(PLAN_CACHE[key]))
     return PLAN_CACHE[key]
 
@@ -271,8 +314,9 @@ def machine_key() -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu"
     text = f"{cpu} {platform.machine()} threads={torch.get_num_threads()} torch={torch.__version__} {gpu}"
@@ -298,8 +342,9 @@ def _read_plan_file(path: Path) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
-        warnings.warn(f"PyConv plan cache {path} is unreadable ({err}); measuring plans again and rewriting it",
-                      stacklevel=2)
+        warnings.warn(
+            f"PyConv plan cache {path} is unreadable ({err}); measuring plans again and rewriting it", stacklevel=2
+        )
         return {}
 
 
@@ -326,5 +371,8 @@ def _store_plan(key: str, plan: str) -> None:
         os.replace(tmp, path)
         _STORED[path] = table
     except OSError as err:
-        warnings.warn(f"PyConv plan cache {path} cannot be written ({err}); plans stay per process "
-                      f"(set PYCONV_PLAN_CACHE to a writable file)", stacklevel=2)
+        warnings.warn(
+            f"PyConv plan cache {path} cannot be written ({err}); plans stay per process "
+            f"(set PYCONV_PLAN_CACHE to a writable file)",
+            stacklevel=2,
+        )

@@ -4,6 +4,7 @@ A PyConv with L levels applies L convolutions to the *same* input and concatenat
 outputs along channels, in order of increasing kernel size. Level i has its own kernel
 size, number of groups and share of the output channels. One class covers 2D and 3D.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,8 +20,16 @@ from pyconv_core.layers import factory
 from pyconv_core.layers.factory import IntOrTuple
 from pyconv_core.layers.plans import Plan, format_plan, naive_plan, parse_plan, run_plan, signature, tune
 
-__all__ = ["PyConv", "LevelSet", "PYCONV_PRESETS", "PLAN_MODES", "split_channels", "check_pyconv_plan",
-           "set_pyconv_plan", "pyconv_plans"]
+__all__ = [
+    "PyConv",
+    "LevelSet",
+    "PYCONV_PRESETS",
+    "PLAN_MODES",
+    "split_channels",
+    "check_pyconv_plan",
+    "set_pyconv_plan",
+    "pyconv_plans",
+]
 
 # "auto": the fastest plan per input signature, measured once (layers/plans.py); "naive": the
 # authors' per-level convolutions; or an explicit partition such as "0|123" (3D: "taps:0|123" by
@@ -54,8 +63,9 @@ def split_channels(channels: int, parts: Sequence[int]) -> list[int]:
     """Divide ``channels`` in proportion to integer ``parts`` (e.g. 64, (1, 1, 2) -> 16, 16, 32)."""
     total = sum(parts)
     if channels % total:
-        raise ValueError(f"{channels} channels cannot be split in parts {tuple(parts)}: "
-                         f"{channels} is not divisible by {total}")
+        raise ValueError(
+            f"{channels} channels cannot be split in parts {tuple(parts)}: {channels} is not divisible by {total}"
+        )
     return [channels // total * p for p in parts]
 
 
@@ -78,29 +88,42 @@ class PyConv(nn.Module):
     state), so a checkpoint, a resumed run or a reloaded model computes exactly as before.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernels: Sequence[IntOrTuple],
-                 groups: Sequence[int], split: Sequence[int] | None = None, stride: IntOrTuple = 1,
-                 dilation: IntOrTuple = 1, dim: int = 2) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernels: Sequence[IntOrTuple],
+        groups: Sequence[int],
+        split: Sequence[int] | None = None,
+        stride: IntOrTuple = 1,
+        dilation: IntOrTuple = 1,
+        dim: int = 2,
+    ) -> None:
         super().__init__()
         kernels, groups = list(kernels), list(groups)
         if split is None:
             split = split_channels(out_channels, [1] * len(kernels))
         split = list(split)
         if not (len(kernels) == len(groups) == len(split)) or not kernels:
-            raise ValueError(f"PyConv needs one kernel, group count and output split per level; got "
-                             f"kernels={kernels}, groups={groups}, split={split}")
+            raise ValueError(
+                f"PyConv needs one kernel, group count and output split per level; got "
+                f"kernels={kernels}, groups={groups}, split={split}"
+            )
         if sum(split) != out_channels:
-            raise ValueError(f"PyConv output split {split} sums to {sum(split)}, "
-                             f"not to out_channels={out_channels}")
+            raise ValueError(f"PyConv output split {split} sums to {sum(split)}, not to out_channels={out_channels}")
         levels = []
         for i, (k, g, o) in enumerate(zip(kernels, groups, split)):
             k = factory.ntuple(k, dim)
             if any(size % 2 == 0 for size in k):
-                raise ValueError(f"PyConv level {i}: kernel {k} has an even size; kernels must be odd "
-                                 f"so that padding dilation*(k//2) keeps the levels aligned")
+                raise ValueError(
+                    f"PyConv level {i}: kernel {k} has an even size; kernels must be odd "
+                    f"so that padding dilation*(k//2) keeps the levels aligned"
+                )
             if in_channels % g or o % g:
-                raise ValueError(f"PyConv level {i}: {in_channels} input and {o} output channels must "
-                                 f"both be divisible by groups={g}")
+                raise ValueError(
+                    f"PyConv level {i}: {in_channels} input and {o} output channels must "
+                    f"both be divisible by groups={g}"
+                )
             levels.append(factory.conv(dim, in_channels, o, k, stride=stride, dilation=dilation, groups=g))
         self.levels = nn.ModuleList(levels)
         self.dim = dim
@@ -115,8 +138,7 @@ class PyConv(nn.Module):
     @classmethod
     def from_levels(cls, in_channels: int, out_channels: int, levels: LevelSet, **kwargs) -> PyConv:
         """Build from a :class:`LevelSet` (a stage preset), splitting ``out_channels`` by its parts."""
-        return cls(in_channels, out_channels, levels.kernels, levels.groups,
-                   split=levels.split(out_channels), **kwargs)
+        return cls(in_channels, out_channels, levels.kernels, levels.groups, split=levels.split(out_channels), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_plan(x, self.convs, self.current_plan(x))
@@ -180,12 +202,21 @@ class PyConv(nn.Module):
         if len(self.levels) == 1:
             del destination[prefix + EXTRA_STATE_KEY]
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         """As ``nn.Module``'s, but a state_dict without this layer's extra state (the authors' and torchvision's
         files, runs saved before plans moved into the layer) keeps its plans, also under a strict load."""
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if prefix + EXTRA_STATE_KEY in missing_keys:
             missing_keys.remove(prefix + EXTRA_STATE_KEY)
 
@@ -205,8 +236,10 @@ def check_pyconv_plan(plan: str) -> None:
         try:
             parse_plan(plan)
         except ValueError:
-            raise ValueError(f"unknown PyConv plan {plan!r}: use one of {PLAN_MODES} or a partition of the "
-                             f"level indices such as '0|123' (3D also 'taps:0|123')") from None
+            raise ValueError(
+                f"unknown PyConv plan {plan!r}: use one of {PLAN_MODES} or a partition of the "
+                f"level indices such as '0|123' (3D also 'taps:0|123')"
+            ) from None
 
 
 def set_pyconv_plan(model: nn.Module, plan: str) -> int:

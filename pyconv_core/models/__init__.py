@@ -1,4 +1,5 @@
 """Architectures; importing this package registers every builder."""
+
 # The import order is the registration order, i.e. list_models() order: keep it.
 # isort: off
 from pyconv_core.models import resnet  # noqa: F401

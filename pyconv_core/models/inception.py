@@ -34,6 +34,7 @@ which PyConv's ``k // 2`` padding implies as well. ``align_feature_maps=False`` 
 released 'VALID' stem and reductions (35 -> 17 -> 8; 13.16 GMACs, 13.23 GFLOPs); a strided
 PyConv cannot follow that, so PyConvInception needs aligned maps.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -98,10 +99,21 @@ class InceptionDesign:
     features: int = 1536
 
 
-_IRV2_STEM: Branch = (Conv(32, 3, 2, valid=True), Conv(32, 3, valid=True), Conv(64, 3), Pool(),
-                      Conv(80, 1), Conv(192, 3, valid=True), Pool())
-_IRV2_MIXED_5B: Block = ((Conv(96),), (Conv(48), Conv(64, 5)), (Conv(64), Conv(96, 3), Conv(96, 3)),
-                         (Pool(stride=1, average=True, valid=False), Conv(64)))
+_IRV2_STEM: Branch = (
+    Conv(32, 3, 2, valid=True),
+    Conv(32, 3, valid=True),
+    Conv(64, 3),
+    Pool(),
+    Conv(80, 1),
+    Conv(192, 3, valid=True),
+    Pool(),
+)
+_IRV2_MIXED_5B: Block = (
+    (Conv(96),),
+    (Conv(48), Conv(64, 5)),
+    (Conv(64), Conv(96, 3), Conv(96, 3)),
+    (Pool(stride=1, average=True, valid=False), Conv(64)),
+)
 _PYCONV2 = PYCONV_PRESETS["pyconv2"]
 _PYCONV3 = PYCONV_PRESETS["pyconv3"]
 _PYCONV1 = PYCONV_PRESETS["pyconv1"]
@@ -111,21 +123,30 @@ DESIGNS: dict[str, InceptionDesign] = {
         stem=_IRV2_STEM,
         mixed_5b=_IRV2_MIXED_5B,
         block_a=((Conv(32),), (Conv(32), Conv(32, 3)), (Conv(32), Conv(48, 3), Conv(64, 3))),
-        reduction_a=((Conv(384, 3, 2, valid=True),), (Conv(256), Conv(256, 3), Conv(384, 3, 2, valid=True)),
-                     (Pool(),)),
+        reduction_a=((Conv(384, 3, 2, valid=True),), (Conv(256), Conv(256, 3), Conv(384, 3, 2, valid=True)), (Pool(),)),
         block_b=((Conv(192),), (Conv(128), Conv(160, (1, 7)), Conv(192, (7, 1)))),
-        reduction_b=((Conv(256), Conv(384, 3, 2, valid=True)), (Conv(256), Conv(288, 3, 2, valid=True)),
-                     (Conv(256), Conv(288, 3), Conv(320, 3, 2, valid=True)), (Pool(),)),
-        block_c=((Conv(192),), (Conv(192), Conv(224, (1, 3)), Conv(256, (3, 1))))),
+        reduction_b=(
+            (Conv(256), Conv(384, 3, 2, valid=True)),
+            (Conv(256), Conv(288, 3, 2, valid=True)),
+            (Conv(256), Conv(288, 3), Conv(320, 3, 2, valid=True)),
+            (Pool(),),
+        ),
+        block_c=((Conv(192),), (Conv(192), Conv(224, (1, 3)), Conv(256, (3, 1)))),
+    ),
     "pyconvinception": InceptionDesign(
         stem=_IRV2_STEM,
         mixed_5b=_IRV2_MIXED_5B[:2] + ((Conv(64), Pyramid(96, _PYCONV2)),) + _IRV2_MIXED_5B[3:],
         block_a=((Conv(96), Pyramid(96, _PYCONV2)),),
         reduction_a=((Conv(384, 3, 2, valid=True),), (Conv(256), Pyramid(384, _PYCONV2, 2)), (Pool(),)),
         block_b=((Conv(192), Pyramid(192, _PYCONV3)),),
-        reduction_b=((Conv(256), Conv(384, 3, 2, valid=True)), (Conv(256), Conv(288, 3, 2, valid=True)),
-                     (Conv(256), Pyramid(320, _PYCONV2, 2)), (Pool(),)),
-        block_c=((Conv(280), Pyramid(280, _PYCONV1)),)),
+        reduction_b=(
+            (Conv(256), Conv(384, 3, 2, valid=True)),
+            (Conv(256), Conv(288, 3, 2, valid=True)),
+            (Conv(256), Pyramid(320, _PYCONV2, 2)),
+            (Pool(),),
+        ),
+        block_c=((Conv(280), Pyramid(280, _PYCONV1)),),
+    ),
 }
 
 
@@ -138,8 +159,10 @@ def _unit(in_channels: int, unit: Unit, aligned: bool) -> tuple[nn.Module, int]:
         return factory.max_pool(2, 3, unit.stride, pad), in_channels
     if isinstance(unit, Pyramid):
         if unit.stride != 1 and not aligned:
-            raise ValueError("a strided PyConv pads k // 2 per level and cannot match the 'VALID' reductions: "
-                             "build PyConvInception with align_feature_maps=True")
+            raise ValueError(
+                "a strided PyConv pads k // 2 per level and cannot match the 'VALID' reductions: "
+                "build PyConvInception with align_feature_maps=True"
+            )
         conv: nn.Module = PyConv.from_levels(in_channels, unit.out, unit.levels, stride=unit.stride)
     else:
         padding = 0 if unit.valid and not aligned else None
@@ -187,11 +210,16 @@ class ScaledResidual(nn.Module):
         return self.relu(x + self.scale * self.up(self.mixed(x)))
 
 
-def _residual_stack(channels: int, block: Block, repeats: int, scale: float, aligned: bool,
-                    last_relu: bool = True) -> nn.Sequential:
+def _residual_stack(
+    channels: int, block: Block, repeats: int, scale: float, aligned: bool, last_relu: bool = True
+) -> nn.Sequential:
     """``repeats`` scaled residual blocks; the network's very last one has no ReLU (TF-slim's block8)."""
-    return nn.Sequential(*(ScaledResidual(channels, block, scale, aligned, activate=last_relu or i < repeats - 1)
-                           for i in range(repeats)))
+    return nn.Sequential(
+        *(
+            ScaledResidual(channels, block, scale, aligned, activate=last_relu or i < repeats - 1)
+            for i in range(repeats)
+        )
+    )
 
 
 class Inception(nn.Module):
@@ -205,8 +233,14 @@ class Inception(nn.Module):
         in_channels: channels of the input images.
     """
 
-    def __init__(self, design: InceptionDesign | str, num_classes: int = 1000, dropout: float = 0.0,
-                 align_feature_maps: bool = True, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        design: InceptionDesign | str,
+        num_classes: int = 1000,
+        dropout: float = 0.0,
+        align_feature_maps: bool = True,
+        in_channels: int = 3,
+    ) -> None:
         super().__init__()
         design = DESIGNS[design] if isinstance(design, str) else design
         aligned = align_feature_maps

@@ -9,6 +9,7 @@ Models with further renames (e.g. segmentation's ``layer0``) list them in an
 only: a PyConv's extra state (its execution plans) has no key there, and a file without it keeps the
 model's plans.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,14 @@ from pyconv_core.engine.checkpoint import (
 )
 from pyconv_core.layers.pyconv import PyConv
 
-__all__ = ["CheckpointMismatchError", "load_official_checkpoint", "load_backbone_weights", "load_model_weights",
-           "to_official_state_dict", "official_key_map"]
+__all__ = [
+    "CheckpointMismatchError",
+    "load_official_checkpoint",
+    "load_backbone_weights",
+    "load_model_weights",
+    "to_official_state_dict",
+    "official_key_map",
+]
 
 
 def official_key_map(model: nn.Module) -> dict[str, str]:
@@ -48,7 +55,7 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
         official = key
         for ours, theirs in prefixes:
             if official.startswith(ours):
-                official = theirs + official[len(ours):]
+                official = theirs + official[len(ours) :]
         mapping[key] = official
     return mapping
 
@@ -65,33 +72,41 @@ def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
     else:
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass the path of a .pth/.pt file "
-                                    f"saved by the authors' code or by this workbook")
+            raise FileNotFoundError(
+                f"checkpoint {path!r} does not exist; pass the path of a .pth/.pt file "
+                f"saved by the authors' code or by this workbook"
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             if not refused_as_code(err):
                 reason = str(err).strip().splitlines()[0]
-                raise CheckpointMismatchError(f"cannot read checkpoint {path!r} ({reason}); re-download or re-save "
-                                              f"it with torch.save(model.state_dict(), path)") from err
+                raise CheckpointMismatchError(
+                    f"cannot read checkpoint {path!r} ({reason}); re-download or re-save "
+                    f"it with torch.save(model.state_dict(), path)"
+                ) from err
             raise CheckpointMismatchError(
                 f"checkpoint {path!r} holds Python objects other than tensors and plain values, which a "
                 f"weights-only load refuses because loading them could run code ({str(err).strip().splitlines()[0]}); "
-                f"use a plain state_dict (torch.save(model.state_dict(), path))") from None
+                f"use a plain state_dict (torch.save(model.state_dict(), path))"
+            ) from None
         except Exception as err:
-            raise CheckpointMismatchError(f"cannot read checkpoint {path!r} ({err}); re-download or re-save it "
-                                          f"with torch.save(model.state_dict(), path)") from err
+            raise CheckpointMismatchError(
+                f"cannot read checkpoint {path!r} ({err}); re-download or re-save it "
+                f"with torch.save(model.state_dict(), path)"
+            ) from err
         where = path
     for wrapper in ("state_dict", "model"):
         if wrapper in state and isinstance(state[wrapper], Mapping):
             state = dict(state[wrapper])
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state, where
 
 
-def load_official_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
-                             label: str | None = None) -> nn.Module:
+def load_official_checkpoint(
+    model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], label: str | None = None
+) -> nn.Module:
     """Load an authors'-layout state_dict (path or dict; ``module.`` prefix and a
     ``{"state_dict": ...}`` wrapper accepted) exactly into ``model``; this workbook's own layout
     (``.levels.`` keys, as ``torch.save(model.state_dict(), path)`` of one of its models writes, or a
@@ -108,8 +123,13 @@ def _load_either_layout(model: nn.Module, state: dict, where: str, label: str | 
     """Load ``state`` (read from ``where``) exactly into ``model``, in this workbook's layout if its keys
     have ``.levels.``, else in the authors'."""
     if any(".levels." in k for k in state):
-        return _load_own_layout(model, state, where, f"model {label or _name(model)}",
-                                "Use weights of the same model (architecture, depth, number of classes).")
+        return _load_own_layout(
+            model,
+            state,
+            where,
+            f"model {label or _name(model)}",
+            "Use weights of the same model (architecture, depth, number of classes).",
+        )
     return _load_official(model, state, where, label)
 
 
@@ -124,9 +144,14 @@ def _load_official(model: nn.Module, state: dict, where: str, label: str | None)
     by_official = {official: ours for ours, official in mapping.items()}
     diff = diff_state_dicts({official: own[ours] for official, ours in by_official.items()}, state)
     if diff:
-        raise CheckpointMismatchError(diff.message(
-            where, f"match model {label or _name(model)}", "Check the architecture name and depth (and "
-            "num_classes for the classifier); a checkpoint of a different model cannot be loaded."))
+        raise CheckpointMismatchError(
+            diff.message(
+                where,
+                f"match model {label or _name(model)}",
+                "Check the architecture name and depth (and "
+                "num_classes for the classifier); a checkpoint of a different model cannot be loaded.",
+            )
+        )
     ours = {by_official[k]: v for k, v in state.items()}
     for key, value in own.items():
         ours.setdefault(key, value)
@@ -134,9 +159,13 @@ def _load_official(model: nn.Module, state: dict, where: str, label: str | None)
     return model
 
 
-def load_backbone_weights(backbone: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
-                          drop: tuple[str, ...] = ("fc.",), rename: Mapping[str, str] | None = None,
-                          label: str | None = None) -> nn.Module:
+def load_backbone_weights(
+    backbone: nn.Module,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    drop: tuple[str, ...] = ("fc.",),
+    rename: Mapping[str, str] | None = None,
+    label: str | None = None,
+) -> nn.Module:
     """Load a classifier's weights into a backbone (detection and segmentation start from one, as the
     paper's recipes start from ImageNet). ``source``: the authors' or torchvision's layout, or this
     workbook's own (``.levels.`` keys, e.g. a classification run's ``runs/<name>/best.pt``), as a path
@@ -150,17 +179,17 @@ def load_backbone_weights(backbone: nn.Module, source: str | os.PathLike | Mappi
             continue
         for theirs, ours in (rename or {}).items():
             if key.startswith(theirs):
-                key = ours + key[len(theirs):]
+                key = ours + key[len(theirs) :]
                 break
         kept[key] = value
     if not any(".levels." in k for k in kept):
         return load_official_checkpoint(backbone, kept, label=label)
-    return _load_own_layout(backbone, kept, where, f"the backbone {label}",
-                            "Use a classifier checkpoint of the same family and depth.")
+    return _load_own_layout(
+        backbone, kept, where, f"the backbone {label}", "Use a classifier checkpoint of the same family and depth."
+    )
 
 
-def _load_own_layout(model: nn.Module, state: Mapping[str, torch.Tensor], where: str, what: str,
-                     fix: str) -> nn.Module:
+def _load_own_layout(model: nn.Module, state: Mapping[str, torch.Tensor], where: str, what: str, fix: str) -> nn.Module:
     """Load a state_dict in this workbook's layout exactly into ``model`` (BN counters and the layers' extra
     state may be absent: :func:`diff_state_dicts`)."""
     own = model.state_dict()
@@ -185,6 +214,7 @@ def load_model_weights(model: nn.Module, source: str | os.PathLike) -> nn.Module
         raise CheckpointMismatchError(
             f"checkpoint {where} holds a {recorded.get('name')} ({dict(recorded)}), but this run builds "
             f"{_name(model)}: pass weights of a {_name(model)}, or set the model parameters (arch, depth, head, "
-            f"...) to those of the checkpoint's run")
+            f"...) to those of the checkpoint's run"
+        )
     state, _ = _read_state_dict(checkpoint)
     return _load_either_layout(model, state, where, None)

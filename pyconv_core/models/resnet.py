@@ -6,6 +6,7 @@ The baseline ResNet is the same network with single-level 3x3 "pyramids", a max-
 and strided 1x1 shortcuts, which is exactly torchvision's ResNet (same state_dict keys).
 ``dim=3`` gives the video networks from the same blocks.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -47,13 +48,22 @@ FAMILIES: dict[str, Family] = {
     "resnet": Family(stage_levels=(PLAIN_3X3,) * 4),
     "pyconvresnet": Family(
         stage_levels=tuple(PYCONV_PRESETS[p] for p in ("pyconv4", "pyconv3", "pyconv2", "pyconv1")),
-        stem_pool=False, pool_shortcut=True, basic_second=PLAIN_1X1),
+        stem_pool=False,
+        pool_shortcut=True,
+        basic_second=PLAIN_1X1,
+    ),
     "pyconvhgresnet": Family(
-        stage_levels=(LevelSet((3, 5, 7, 9), (32, 32, 32, 32), (1, 1, 1, 1)),
-                      LevelSet((3, 5, 7), (32, 64, 64), (1, 1, 2)),
-                      LevelSet((3, 5), (32, 64), (1, 1)),
-                      LevelSet((3,), (32,), (1,))),
-        widths=(128, 256, 512, 1024), bottleneck_expansion=2, stem_pool=False, pool_shortcut=True),
+        stage_levels=(
+            LevelSet((3, 5, 7, 9), (32, 32, 32, 32), (1, 1, 1, 1)),
+            LevelSet((3, 5, 7), (32, 64, 64), (1, 1, 2)),
+            LevelSet((3, 5), (32, 64), (1, 1)),
+            LevelSet((3,), (32,), (1,)),
+        ),
+        widths=(128, 256, 512, 1024),
+        bottleneck_expansion=2,
+        stem_pool=False,
+        pool_shortcut=True,
+    ),
 }
 
 # The stages' module names, as in torchvision and the authors' checkpoints.
@@ -72,9 +82,18 @@ DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
 class Bottleneck(nn.Module):
     """1x1 (in->w), PyConv (w->w, stride), 1x1 (w->e*w), each with BN; residual add; ReLU."""
 
-    def __init__(self, in_channels: int, width: int, out_channels: int, levels: LevelSet,
-                 stride: IntOrTuple, dilation: IntOrTuple, shortcut: nn.Module | None, dim: int,
-                 second: LevelSet | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        out_channels: int,
+        levels: LevelSet,
+        stride: IntOrTuple,
+        dilation: IntOrTuple,
+        shortcut: nn.Module | None,
+        dim: int,
+        second: LevelSet | None = None,
+    ) -> None:
         super().__init__()
         self.conv1 = factory.conv(dim, in_channels, width)
         self.bn1 = factory.norm(dim, width)
@@ -98,9 +117,18 @@ class Bottleneck(nn.Module):
 class BasicBlock(nn.Module):
     """PyConv (in->w, stride), then ``second`` (3x3 for ResNet, 1x1 for PyConvResNet), residual."""
 
-    def __init__(self, in_channels: int, width: int, out_channels: int, levels: LevelSet,
-                 stride: IntOrTuple, dilation: IntOrTuple, shortcut: nn.Module | None, dim: int,
-                 second: LevelSet | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        out_channels: int,
+        levels: LevelSet,
+        stride: IntOrTuple,
+        dilation: IntOrTuple,
+        shortcut: nn.Module | None,
+        dim: int,
+        second: LevelSet | None = None,
+    ) -> None:
         super().__init__()
         self.conv1 = PyConv.from_levels(in_channels, width, levels, stride=stride, dilation=dilation, dim=dim)
         self.bn1 = factory.norm(dim, width)
@@ -166,13 +194,23 @@ class ResNet(nn.Module):
     layer3: nn.Sequential
     layer4: nn.Sequential
 
-    def __init__(self, family: Family | str, depth: int, num_classes: int = 1000,
-                 zero_init_residual: bool = False, dropout: float = 0.0, dim: int = 2,
-                 in_channels: int = 3, stem_kernel: IntOrTuple = 7, stem_stride: IntOrTuple = 2,
-                 stem_pool: tuple[IntOrTuple, IntOrTuple, IntOrTuple] | None | str = "family",
-                 stage_strides: Sequence[IntOrTuple] | None = None,
-                 stage_levels: Sequence[LevelSet] | None = None, output_stride: int = 32,
-                 stage_blocks: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        family: Family | str,
+        depth: int,
+        num_classes: int = 1000,
+        zero_init_residual: bool = False,
+        dropout: float = 0.0,
+        dim: int = 2,
+        in_channels: int = 3,
+        stem_kernel: IntOrTuple = 7,
+        stem_stride: IntOrTuple = 2,
+        stem_pool: tuple[IntOrTuple, IntOrTuple, IntOrTuple] | None | str = "family",
+        stage_strides: Sequence[IntOrTuple] | None = None,
+        stage_levels: Sequence[LevelSet] | None = None,
+        output_stride: int = 32,
+        stage_blocks: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         family = FAMILIES[family] if isinstance(family, str) else family
         if depth not in DEPTHS:
@@ -198,27 +236,43 @@ class ResNet(nn.Module):
         dilations = [1] * len(strides)
         if output_stride != 32:
             if output_stride not in (8, 16) or dim != 2:
-                raise ValueError(f"output_stride must be 32, or 8 or 16 for 2D networks; got {output_stride} "
-                                 f"with dim={dim}")
+                raise ValueError(
+                    f"output_stride must be 32, or 8 or 16 for 2D networks; got {output_stride} with dim={dim}"
+                )
 
             def side(size: IntOrTuple) -> int:  # the width axis of a 2D size
                 return factory.ntuple(size, dim)[-1]
+
             stem_reduction = side(stem_stride) * (side(stem_pool[1]) if stem_pool else 1)
             strides, dilations = dilate_stages([side(s) for s in strides], stem_reduction, output_stride)
         channels = 64
-        reduction = [a * b for a, b in zip(factory.ntuple(stem_stride, dim),
-                                           factory.ntuple(stem_pool[1] if stem_pool else 1, dim))]
+        reduction = [
+            a * b
+            for a, b in zip(factory.ntuple(stem_stride, dim), factory.ntuple(stem_pool[1] if stem_pool else 1, dim))
+        ]
         self.feature_info: list[dict[str, Any]] = []
         for name, n, width, stride, dilation, level_set in zip(
-                STAGES, blocks, family.widths, strides, dilations, levels):
+            STAGES, blocks, family.widths, strides, dilations, levels
+        ):
             out = width * expansion
             reduction = [r * s for r, s in zip(reduction, factory.ntuple(stride, dim))]
             stage = []
             for b in range(n):
                 block_stride = stride if b == 0 else 1
                 shortcut = self._shortcut(channels, out, block_stride, dilated=b == 0 and dilation > 1)
-                stage.append(block(channels, width, out, level_set, block_stride, dilation, shortcut, dim,
-                                   second=family.basic_second))
+                stage.append(
+                    block(
+                        channels,
+                        width,
+                        out,
+                        level_set,
+                        block_stride,
+                        dilation,
+                        shortcut,
+                        dim,
+                        second=family.basic_second,
+                    )
+                )
                 channels = out
             self.add_module(name, nn.Sequential(*stage))
             self.feature_info.append({"module": name, "num_chs": out, "reduction": tuple(reduction)})
@@ -229,15 +283,18 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
         self._init_weights(zero_init_residual)
 
-    def _shortcut(self, in_channels: int, out_channels: int, stride: IntOrTuple,
-                  dilated: bool = False) -> nn.Module | None:
+    def _shortcut(
+        self, in_channels: int, out_channels: int, stride: IntOrTuple, dilated: bool = False
+    ) -> nn.Module | None:
         """The first block's shortcut; in a dilated stage the MaxPool stays, with stride 1 (authors' code)."""
         strided = factory.ntuple(stride, self.dim) != (1,) * self.dim
         if not strided and not dilated and in_channels == out_channels:
             return None
         if not self.pool_shortcut:
-            return nn.Sequential(factory.conv(self.dim, in_channels, out_channels, 1, stride=stride),
-                                 factory.norm(self.dim, out_channels))
+            return nn.Sequential(
+                factory.conv(self.dim, in_channels, out_channels, 1, stride=stride),
+                factory.norm(self.dim, out_channels),
+            )
         pool = factory.max_pool(self.dim, 3, stride, 1)
         if in_channels == out_channels:
             return pool
@@ -273,7 +330,7 @@ class ResNet(nn.Module):
             raise ValueError(f"features() takes stage names among {self.stage_names}, got {list(wanted)}")
         last = max(self.stage_names.index(name) for name in wanted)
         x, maps = self.stem(x), {}
-        for name, stage in self.stages()[:last + 1]:
+        for name, stage in self.stages()[: last + 1]:
             x = stage(x)
             if name in wanted:
                 maps[name] = x

@@ -18,6 +18,7 @@ pass in evaluation mode that runs the auxiliary head too), at output strides 8 a
 ``load_official_checkpoint`` reads the authors' layout (iduta/pyconvsegnet, on hszhao/semseg):
 ``layer0`` (stem) ``layer1..4``, ``pyconvhead.*`` / ``ppm.*``, ``cls.*``, ``aux.*``.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,17 @@ from pyconv_core.models.official import load_backbone_weights
 from pyconv_core.models.resnet import FAMILIES, ResNet
 from pyconv_core.registry import register_model
 
-__all__ = ["SegmentationNet", "PyConvPH", "PPM", "ASPP", "PlainHead", "aux_head", "HEADS", "MODEL_HEADS",
-           "segmentation_net"]
+__all__ = [
+    "SegmentationNet",
+    "PyConvPH",
+    "PPM",
+    "ASPP",
+    "PlainHead",
+    "aux_head",
+    "HEADS",
+    "MODEL_HEADS",
+    "segmentation_net",
+]
 
 PAPER_INPUT = 473
 
@@ -53,9 +63,11 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def _pyconv_block(in_channels: int, channels: int) -> list[nn.Module]:
     """1x1 (in -> c), PyConv4 (kernels 3,5,7,9, groups 1,4,8,16), 1x1 (c -> c); each with BN, ReLU."""
     pyconv4 = PyConv.from_levels(channels, channels, PYCONV_PRESETS["pyconv4"])
-    return [*_conv_bn_relu(factory.conv(2, in_channels, channels), channels),
-            *_conv_bn_relu(pyconv4, channels),
-            *_conv_bn_relu(factory.conv(2, channels, channels), channels)]
+    return [
+        *_conv_bn_relu(factory.conv(2, in_channels, channels), channels),
+        *_conv_bn_relu(pyconv4, channels),
+        *_conv_bn_relu(factory.conv(2, channels, channels), channels),
+    ]
 
 
 class PyConvPH(nn.Module):
@@ -67,18 +79,19 @@ class PyConvPH(nn.Module):
     """
 
     # (our key prefix in SegmentationNet, the authors' prefix)
-    OFFICIAL_KEYS = (("head.local_context.", "pyconvhead.local_context.layers."),
-                     ("head.global_context.", "pyconvhead.global_context.features."),
-                     ("head.merge.", "pyconvhead.merge_context.features."),
-                     ("classifier.", "cls."))
+    OFFICIAL_KEYS = (
+        ("head.local_context.", "pyconvhead.local_context.layers."),
+        ("head.global_context.", "pyconvhead.global_context.features."),
+        ("head.merge.", "pyconvhead.merge_context.features."),
+        ("classifier.", "cls."),
+    )
 
     def __init__(self, in_channels: int = 2048, bins: int = 9, output_stride: int = 8) -> None:
         super().__init__()
         width, self.out_channels = in_channels // 4, in_channels // 8
         self.local_context = nn.Sequential(*_pyconv_block(in_channels, width))
         self.global_context = nn.Sequential(nn.AdaptiveAvgPool2d(bins), *_pyconv_block(in_channels, width))
-        self.merge = nn.Sequential(*_conv_bn_relu(factory.conv(2, 2 * width, self.out_channels, 3),
-                                                  self.out_channels))
+        self.merge = nn.Sequential(*_conv_bn_relu(factory.conv(2, 2 * width, self.out_channels, 3), self.out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         global_context = _resize(self.global_context(x), x.shape[-2:])
@@ -96,9 +109,11 @@ class PPM(nn.Module):
         reduced, self.out_channels = in_channels // len(bins), in_channels // 4
         self.stages = nn.ModuleList(
             nn.Sequential(nn.AdaptiveAvgPool2d(b), *_conv_bn_relu(factory.conv(2, in_channels, reduced), reduced))
-            for b in bins)
-        self.bottleneck = nn.Sequential(*_conv_bn_relu(
-            factory.conv(2, in_channels + reduced * len(bins), self.out_channels, 3), self.out_channels))
+            for b in bins
+        )
+        self.bottleneck = nn.Sequential(
+            *_conv_bn_relu(factory.conv(2, in_channels + reduced * len(bins), self.out_channels, 3), self.out_channels)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = [_resize(stage(x), x.shape[-2:]) for stage in self.stages]
@@ -117,9 +132,11 @@ class ASPP(nn.Module):
         width = self.out_channels = in_channels // 8
         self.branches = nn.ModuleList(
             [nn.Sequential(*_conv_bn_relu(factory.conv(2, in_channels, width), width))]
-            + [nn.Sequential(*_conv_bn_relu(factory.conv(2, in_channels, width, 3, dilation=r), width)) for r in rates])
-        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1),
-                                        *_conv_bn_relu(factory.conv(2, in_channels, width), width))
+            + [nn.Sequential(*_conv_bn_relu(factory.conv(2, in_channels, width, 3, dilation=r), width)) for r in rates]
+        )
+        self.image_pool = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(factory.conv(2, in_channels, width), width)
+        )
         self.project = nn.Sequential(*_conv_bn_relu(factory.conv(2, width * (len(rates) + 2), width), width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,8 +157,11 @@ class PlainHead(nn.Sequential):
 def aux_head(in_channels: int, num_classes: int, dropout: float = 0.1) -> nn.Sequential:
     """PSPNet's auxiliary head on stage 3: 3x3 conv to ``in/4`` (256), BN, ReLU, Dropout2d, 1x1."""
     width = in_channels // 4
-    return nn.Sequential(*_conv_bn_relu(factory.conv(2, in_channels, width, 3), width), nn.Dropout2d(dropout),
-                         nn.Conv2d(width, num_classes, 1))
+    return nn.Sequential(
+        *_conv_bn_relu(factory.conv(2, in_channels, width, 3), width),
+        nn.Dropout2d(dropout),
+        nn.Conv2d(width, num_classes, 1),
+    )
 
 
 # Every head takes (in_channels, output_stride=...); only ASPP's rates depend on the stride.
@@ -159,8 +179,15 @@ class SegmentationNet(nn.Module):
     evaluation mode return the dict too (to count the auxiliary head's FLOPs as the paper did).
     """
 
-    def __init__(self, backbone: ResNet, head: Head, num_classes: int, dropout: float = 0.1,
-                 aux: bool = True, with_aux: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: ResNet,
+        head: Head,
+        num_classes: int,
+        dropout: float = 0.1,
+        aux: bool = True,
+        with_aux: bool = False,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -168,8 +195,12 @@ class SegmentationNet(nn.Module):
         channels = {info["module"]: info["num_chs"] for info in backbone.feature_info}
         self.aux = aux_head(channels["layer3"], num_classes, dropout) if aux else None
         self.num_classes, self.with_aux = num_classes, with_aux
-        self.official_prefixes = [("backbone.conv1.", "layer0.0."), ("backbone.bn1.", "layer0.1."),
-                                  ("backbone.", ""), *type(head).OFFICIAL_KEYS]
+        self.official_prefixes = [
+            ("backbone.conv1.", "layer0.0."),
+            ("backbone.bn1.", "layer0.1."),
+            ("backbone.", ""),
+            *type(head).OFFICIAL_KEYS,
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         size = x.shape[-2:]
@@ -180,9 +211,17 @@ class SegmentationNet(nn.Module):
         return {"out": logits, "aux": _resize(self.aux(maps["layer3"]), size)}
 
 
-def segmentation_net(head: str, depth: int, num_classes: int = 150, output_stride: int = 8,
-                     backbone: str = "resnet", dropout: float = 0.1, aux: bool = True, with_aux: bool = False,
-                     backbone_weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None) -> SegmentationNet:
+def segmentation_net(
+    head: str,
+    depth: int,
+    num_classes: int = 150,
+    output_stride: int = 8,
+    backbone: str = "resnet",
+    dropout: float = 0.1,
+    aux: bool = True,
+    with_aux: bool = False,
+    backbone_weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+) -> SegmentationNet:
     """A segmentation network: ``head`` (a key of ``HEADS``) on a ``backbone`` family ("resnet",
     "pyconvresnet", ...) of ``depth`` layers, dilated to ``output_stride`` 8 or 16.
 

@@ -10,6 +10,7 @@ PyConvSSD's are PyConv4, PyConv3, PyConv2 with stride 2, then two unpadded 3x3.
 The box machinery of SSD (Liu et al. 2016) lives here too: default boxes, encoding with
 variances, matching, the MultiBox loss with hard negative mining, and NMS post-processing.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -31,9 +32,25 @@ from pyconv_core.models.official import load_backbone_weights
 from pyconv_core.models.resnet import FAMILIES, STAGES, ResNet
 from pyconv_core.registry import register_model
 
-__all__ = ["SSD", "ExtraBlock", "HEADS", "HEAD_PRESETS", "HEAD_WIDTHS", "head_blocks", "BoxGeometry",
-           "SSD300", "geometry_for", "map_sizes", "default_boxes", "encode", "decode", "match", "multibox_loss",
-           "postprocess", "load_backbone_checkpoint"]
+__all__ = [
+    "SSD",
+    "ExtraBlock",
+    "HEADS",
+    "HEAD_PRESETS",
+    "HEAD_WIDTHS",
+    "head_blocks",
+    "BoxGeometry",
+    "SSD300",
+    "geometry_for",
+    "map_sizes",
+    "default_boxes",
+    "encode",
+    "decode",
+    "match",
+    "multibox_loss",
+    "postprocess",
+    "load_backbone_checkpoint",
+]
 
 
 @dataclass(frozen=True)
@@ -63,7 +80,7 @@ HEAD_WIDTHS = ((256, 512), (256, 512), (128, 256), (128, 256), (128, 256))
 def head_blocks(presets: Sequence[str], widths: Sequence[tuple[int, int]] = HEAD_WIDTHS) -> tuple[ExtraBlock, ...]:
     """Stride-2 blocks with the given spatial pyramids, then unpadded 3x3 blocks for the remaining widths."""
     strided = [ExtraBlock(m, o, PYCONV_PRESETS[p]) for (m, o), p in zip(widths, presets)]
-    valid = [ExtraBlock(m, o, _3X3, stride=1, padded=False) for m, o in widths[len(presets):]]
+    valid = [ExtraBlock(m, o, _3X3, stride=1, padded=False) for m, o in widths[len(presets) :]]
     return tuple(strided + valid)
 
 
@@ -100,8 +117,13 @@ class BoxGeometry:
         return sum(f * f * b for f, b in zip(self.feature_sizes, self.boxes_per_location))
 
 
-SSD300 = BoxGeometry(image_size=300, feature_sizes=(38, 19, 10, 5, 3, 1), steps=(8, 16, 32, 64, 100, 300),
-                     scales=(21, 45, 99, 153, 207, 261, 315), aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)))
+SSD300 = BoxGeometry(
+    image_size=300,
+    feature_sizes=(38, 19, 10, 5, 3, 1),
+    steps=(8, 16, 32, 64, 100, 300),
+    scales=(21, 45, 99, 153, 207, 261, 315),
+    aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)),
+)
 
 
 def geometry_for(image_size: int, feature_sizes: Sequence[int]) -> BoxGeometry:
@@ -117,9 +139,14 @@ def geometry_for(image_size: int, feature_sizes: Sequence[int]) -> BoxGeometry:
     sides = np.log([0.5, *SSD300.feature_sizes[::-1]])  # 0.5: the next, never built, map after 1x1
     scales = [s / SSD300.image_size for s in SSD300.scales[::-1]]
     relative = np.interp(np.log([*feature_sizes, feature_sizes[-1] / 2]), sides, scales)
-    return BoxGeometry(image_size, feature_sizes, steps=tuple(image_size / f for f in feature_sizes),
-                       scales=tuple(float(r) * image_size for r in relative),
-                       aspect_ratios=SSD300.aspect_ratios[:len(feature_sizes)], variances=SSD300.variances)
+    return BoxGeometry(
+        image_size,
+        feature_sizes,
+        steps=tuple(image_size / f for f in feature_sizes),
+        scales=tuple(float(r) * image_size for r in relative),
+        aspect_ratios=SSD300.aspect_ratios[: len(feature_sizes)],
+        variances=SSD300.variances,
+    )
 
 
 def default_boxes(geometry: BoxGeometry = SSD300) -> torch.Tensor:
@@ -136,8 +163,9 @@ def default_boxes(geometry: BoxGeometry = SSD300) -> torch.Tensor:
     return torch.tensor(boxes, dtype=torch.float32).clamp_(0, 1)
 
 
-def encode(boxes: torch.Tensor, priors: torch.Tensor,
-           variances: tuple[float, float] = SSD300.variances) -> torch.Tensor:
+def encode(
+    boxes: torch.Tensor, priors: torch.Tensor, variances: tuple[float, float] = SSD300.variances
+) -> torch.Tensor:
     """Offsets of xyxy ``boxes`` from cxcywh ``priors`` (both ``[..., 4]``): the regression targets."""
     b = box_convert(boxes, "xyxy", "cxcywh")
     xy = (b[..., :2] - priors[..., :2]) / (variances[0] * priors[..., 2:])
@@ -145,16 +173,18 @@ def encode(boxes: torch.Tensor, priors: torch.Tensor,
     return torch.cat([xy, wh], dim=-1)
 
 
-def decode(offsets: torch.Tensor, priors: torch.Tensor,
-           variances: tuple[float, float] = SSD300.variances) -> torch.Tensor:
+def decode(
+    offsets: torch.Tensor, priors: torch.Tensor, variances: tuple[float, float] = SSD300.variances
+) -> torch.Tensor:
     """Inverse of :func:`encode`: xyxy boxes from predicted offsets."""
     xy = priors[..., :2] + offsets[..., :2] * variances[0] * priors[..., 2:]
     wh = priors[..., 2:] * torch.exp(offsets[..., 2:] * variances[1])
     return box_convert(torch.cat([xy, wh], dim=-1), "cxcywh", "xyxy")
 
 
-def match(gt_boxes: torch.Tensor, gt_labels: torch.Tensor, priors: torch.Tensor,
-          iou_threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def match(
+    gt_boxes: torch.Tensor, gt_labels: torch.Tensor, priors: torch.Tensor, iou_threshold: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Assign ground truth to default boxes: each prior takes its best box if IoU > ``iou_threshold``,
     and every ground-truth box takes its best prior whatever the IoU (so none goes unmatched).
 
@@ -178,8 +208,14 @@ def match(gt_boxes: torch.Tensor, gt_labels: torch.Tensor, priors: torch.Tensor,
     return boxes, labels
 
 
-def multibox_loss(loc: torch.Tensor, logits: torch.Tensor, target_boxes: torch.Tensor, target_labels: torch.Tensor,
-                  priors: torch.Tensor, neg_ratio: int = 3) -> dict[str, torch.Tensor]:
+def multibox_loss(
+    loc: torch.Tensor,
+    logits: torch.Tensor,
+    target_boxes: torch.Tensor,
+    target_labels: torch.Tensor,
+    priors: torch.Tensor,
+    neg_ratio: int = 3,
+) -> dict[str, torch.Tensor]:
     """SSD's MultiBox loss: smooth L1 on positives plus cross entropy on positives and the
     ``neg_ratio`` x as many hardest negatives, per image divided by its positives, averaged over
     the batch (images without positives add 0).
@@ -203,8 +239,15 @@ def multibox_loss(loc: torch.Tensor, logits: torch.Tensor, target_boxes: torch.T
 
 
 @torch.no_grad()
-def postprocess(loc: torch.Tensor, logits: torch.Tensor, priors: torch.Tensor, score_threshold: float = 0.05,
-                nms_iou: float = 0.5, top_k: int = 200, pre_nms_top_k: int = 5000) -> list[dict[str, torch.Tensor]]:
+def postprocess(
+    loc: torch.Tensor,
+    logits: torch.Tensor,
+    priors: torch.Tensor,
+    score_threshold: float = 0.05,
+    nms_iou: float = 0.5,
+    top_k: int = 200,
+    pre_nms_top_k: int = 5000,
+) -> list[dict[str, torch.Tensor]]:
     """Detections per image: softmax scores, boxes decoded and clipped to [0, 1], class scores above
     ``score_threshold`` (at most ``pre_nms_top_k``), per-class NMS at ``nms_iou``, the ``top_k`` best.
 
@@ -239,8 +282,14 @@ def _extra(in_channels: int, spec: ExtraBlock) -> nn.Sequential:
         spatial = factory.conv(2, spec.mid, spec.out, spec.levels.kernels[0], stride=spec.stride, padding=0)
     else:
         raise ValueError(f"an unpadded extra block must have one level, got {spec.levels}")
-    return nn.Sequential(factory.conv(2, in_channels, spec.mid), factory.norm(2, spec.mid), nn.ReLU(inplace=True),
-                         spatial, factory.norm(2, spec.out), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        factory.conv(2, in_channels, spec.mid),
+        factory.norm(2, spec.mid),
+        nn.ReLU(inplace=True),
+        spatial,
+        factory.norm(2, spec.out),
+        nn.ReLU(inplace=True),
+    )
 
 
 def map_sizes(image_size: int, head: Sequence[ExtraBlock]) -> tuple[int, ...]:
@@ -271,8 +320,9 @@ class SSD(nn.Module):
 
     priors: torch.Tensor  # the default boxes, a buffer registered in __init__
 
-    def __init__(self, family: str, depth: int, head: Sequence[ExtraBlock], num_classes: int = 81,
-                 image_size: int = 300) -> None:
+    def __init__(
+        self, family: str, depth: int, head: Sequence[ExtraBlock], num_classes: int = 81, image_size: int = 300
+    ) -> None:
         super().__init__()
         sizes = map_sizes(image_size, head)
         if len(sizes) < 2:
@@ -281,7 +331,7 @@ class SSD(nn.Module):
         self.geometry = geometry_for(image_size, sizes)
         self.backbone = _backbone(family, depth)
         extras, map_channels = [], [self.backbone.num_features]
-        for spec in head[:len(sizes) - 1]:
+        for spec in head[: len(sizes) - 1]:
             extras.append(_extra(map_channels[-1], spec))
             map_channels.append(spec.out)
         self.extras = nn.ModuleList(extras)
@@ -309,13 +359,16 @@ class SSD(nn.Module):
         maps = self.feature_maps(x)
         sizes = tuple(m.shape[-1] for m in maps)
         if sizes != self.geometry.feature_sizes:
-            raise ValueError(f"input {tuple(x.shape[-2:])} gives maps {sizes}, but the default boxes are laid out "
-                             f"for {self.geometry.feature_sizes}: resize images to "
-                             f"{self.geometry.image_size}x{self.geometry.image_size}")
+            raise ValueError(
+                f"input {tuple(x.shape[-2:])} gives maps {sizes}, but the default boxes are laid out "
+                f"for {self.geometry.feature_sizes}: resize images to "
+                f"{self.geometry.image_size}x{self.geometry.image_size}"
+            )
         n = x.shape[0]
         loc = torch.cat([h(m).permute(0, 2, 3, 1).reshape(n, -1, 4) for h, m in zip(self.loc, maps)], dim=1)
-        conf = torch.cat([h(m).permute(0, 2, 3, 1).reshape(n, -1, self.num_classes)
-                          for h, m in zip(self.conf, maps)], dim=1)
+        conf = torch.cat(
+            [h(m).permute(0, 2, 3, 1).reshape(n, -1, self.num_classes) for h, m in zip(self.conf, maps)], dim=1
+        )
         return loc, conf
 
 
@@ -328,12 +381,19 @@ def load_backbone_checkpoint(model: SSD, source: str | os.PathLike | Mapping[str
     """
     rename = {}
     if FAMILIES[model.family].pool_shortcut:
-        rename = {"layer3.0.downsample.1.": "layer3.0.downsample.0.",
-                  "layer3.0.downsample.2.": "layer3.0.downsample.1."}
+        rename = {
+            "layer3.0.downsample.1.": "layer3.0.downsample.0.",
+            "layer3.0.downsample.2.": "layer3.0.downsample.1.",
+        }
     name = getattr(model, "model_args", {}).get("name", type(model).__name__)
     dropped = tuple(f"{stage}." for stage in STAGES if stage not in model.backbone.stage_names) + ("fc.",)
-    load_backbone_weights(model.backbone, source, drop=dropped, rename=rename,
-                          label=f"{name} backbone ({model.family}{model.depth} up to stage 3)")
+    load_backbone_weights(
+        model.backbone,
+        source,
+        drop=dropped,
+        rename=rename,
+        label=f"{name} backbone ({model.family}{model.depth} up to stage 3)",
+    )
     return model
 
 

@@ -12,6 +12,7 @@ classifier has 45,373,072, 1.03% above the paper's 44.91M; the paper's figure is
 network with a 174-class classifier (44,909,998 = 45,373,072 - 226 x 2049), the class count of
 Something-Something-v2, so it was likely counted on that head.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -43,12 +44,20 @@ VIDEO_ARGS: dict[str, dict] = {
     "pyconvresnet": dict(stem_pool=None, stage_strides=((1, 2, 2), (1, 2, 2), 2, 2)),
 }
 
+
 def video_resnet(family: str, depth: int = 50, **kw) -> ResNet:
     """A 3D network of S-Table 2's design: ``family`` is ``resnet`` or ``pyconvresnet``; keyword
     arguments override the defaults (400 classes, dropout 0.5) and the ResNet builder's options,
     e.g. ``stage_blocks=(1, 1, 1, 1)`` for a shallow network with the same stages."""
-    args = dict(num_classes=400, dropout=0.5, dim=3, stem_kernel=(5, 7, 7), stem_stride=(1, 2, 2),
-                stage_levels=VIDEO_LEVELS[family], **VIDEO_ARGS[family])
+    args = dict(
+        num_classes=400,
+        dropout=0.5,
+        dim=3,
+        stem_kernel=(5, 7, 7),
+        stem_stride=(1, 2, 2),
+        stage_levels=VIDEO_LEVELS[family],
+        **VIDEO_ARGS[family],
+    )
     args.update(kw)
     return ResNet(family, depth, **args)
 
@@ -87,7 +96,9 @@ def inflate_2d(model: nn.Module, source: nn.Module | Mapping[str, torch.Tensor])
             kept.append(key)
     unmatched = [k for k in kept if not k.startswith("fc.")]
     if unmatched:
-        raise ValueError(f"inflate_2d: {len(unmatched)} tensors of the 3D network have no 2D counterpart of the right "
-                         f"shape in the source (e.g. {unmatched[:4]}); pass the 2D network of the same family and "
-                         f"blocks (resnet50 for resnet3d50, pyconvresnet50 for pyconvresnet3d50)")
+        raise ValueError(
+            f"inflate_2d: {len(unmatched)} tensors of the 3D network have no 2D counterpart of the right "
+            f"shape in the source (e.g. {unmatched[:4]}); pass the 2D network of the same family and "
+            f"blocks (resnet50 for resnet3d50, pyconvresnet50 for pyconvresnet3d50)"
+        )
     return kept

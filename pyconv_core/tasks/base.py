@@ -3,6 +3,7 @@ notebook's parameters cell and the launcher's flags, checked here before any wor
 task's recipes (:class:`Recipe`), a parameter left None taking the recipe's value (:func:`merge_recipe`).
 What a task gives the Trainer (a training step and an evaluation) is ``engine.task.Task``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,15 +32,21 @@ def check_value(name: str, value: Any, kind: str) -> Any:
     converted, so papermill's ``-p epochs abc`` (the string 'abc') ends in "epochs must be an integer,
     got 'abc'". None passes where the annotation allows it (the recipe's value)."""
     kind, optional = annotation_kind(kind)
-    valid = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-             "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-             "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
-             "list": lambda v: isinstance(v, (list, tuple))}.get(kind)
+    valid = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "list": lambda v: isinstance(v, (list, tuple)),
+    }.get(kind)
     if valid is None or (optional and value is None):
         return value
     if not valid(value):
-        hint = f" (papermill reads -p {name} {value} as a number; pass text with -r {name} {value})" if (
-            kind == "str" and isinstance(value, (int, float))) else ""
+        hint = (
+            f" (papermill reads -p {name} {value} as a number; pass text with -r {name} {value})"
+            if (kind == "str" and isinstance(value, (int, float)))
+            else ""
+        )
         none = " (or None: the recipe's)" if optional else ""
         raise ValueError(f"{name} must be {_TYPES[kind]}{none}, got {value!r}{hint}")
     return float(value) if kind == "float" else value
@@ -50,7 +57,7 @@ def annotation_kind(annotation: str) -> tuple[str, bool]:
     the notebooks) -> ``("float", True)``; ``"list[str]"`` -> ``("list", False)``."""
     text = str(annotation).strip().strip("'\"")
     if text.startswith("Optional[") and text.endswith("]"):
-        text = f"{text[len('Optional['):-1]} | None"
+        text = f"{text[len('Optional[') : -1]} | None"
     parts = [part.strip() for part in text.split("|")]
     optional = "None" in parts
     kind = next((part for part in parts if part != "None"), "None")
@@ -81,8 +88,10 @@ def check_batch_size(batch_size: int, gpus: int) -> None:
     """A global batch of at least 2 per process: BatchNorm cannot train on a batch of one (its last
     maps may be 1x1, so one sample leaves one value per channel)."""
     if batch_size // max(gpus, 1) < 2:
-        raise ValueError(f"batch_size must be at least 2 per process: BatchNorm training needs 2 or more "
-                         f"samples per batch; got {batch_size} over gpus={gpus}")
+        raise ValueError(
+            f"batch_size must be at least 2 per process: BatchNorm training needs 2 or more "
+            f"samples per batch; got {batch_size} over gpus={gpus}"
+        )
 
 
 def check_epochs(epochs: int | None, weights: str) -> None:
@@ -91,18 +100,24 @@ def check_epochs(epochs: int | None, weights: str) -> None:
     if epochs is None or (epochs == 0 and weights):
         return
     if not epochs >= 1:
-        hint = "" if epochs < 0 else ("; epochs 0 evaluates without training and needs weights (a run's best.pt or "
-                                      "last.pt, or the authors' released file)")
+        hint = (
+            ""
+            if epochs < 0
+            else (
+                "; epochs 0 evaluates without training and needs weights (a run's best.pt or "
+                "last.pt, or the authors' released file)"
+            )
+        )
         raise ValueError(f"epochs must be >= 1, got {epochs!r}{hint}")
 
 
-def check_model(name: str, arch: str, families: Sequence[str], depth: int, task: str,
-                full_names: bool = True) -> None:
+def check_model(name: str, arch: str, families: Sequence[str], depth: int, task: str, full_names: bool = True) -> None:
     """``arch`` is one of ``families`` with a registered ``task`` model ``<family><depth>`` (or
     ``<family>_<depth>``), or (with ``full_names``) such a model's whole name; the error lists what
     the parameter ``name`` and ``depth`` allow."""
+
     def depth_of(model: str, family: str) -> int | None:
-        suffix = model[len(family):].lstrip("_")
+        suffix = model[len(family) :].lstrip("_")
         return int(suffix) if model.startswith(family) and suffix.isdigit() else None
 
     names = [n for n in list_models(task) if any(depth_of(n, f) is not None for f in families)]
@@ -188,8 +203,9 @@ class RunParams:
         self.check_recipe()
 
     @classmethod
-    def from_namespace(cls: type[ParamsT], namespace: Mapping[str, Any], *, own: Iterable[str] = (),
-                       **overrides: Any) -> ParamsT:
+    def from_namespace(
+        cls: type[ParamsT], namespace: Mapping[str, Any], *, own: Iterable[str] = (), **overrides: Any
+    ) -> ParamsT:
         """The experiment a notebook's parameters describe: ``namespace`` is the notebook's ``globals()``
         after its ``parameters`` cell, whose annotated names (``epochs: int = 3``) are its parameters.
         Each is taken as the field of that name, then ``overrides`` are applied; ``own`` names the
@@ -197,14 +213,18 @@ class RunParams:
         is neither a field nor ``own`` nor overridden is an error, so none is declared and then ignored."""
         declared = namespace.get("__annotations__")
         if not declared:
-            raise ValueError("from_namespace reads the notebook's parameters from the annotations of its parameters "
-                             "cell (epochs: int = 3): call it with globals() after that cell has run")
+            raise ValueError(
+                "from_namespace reads the notebook's parameters from the annotations of its parameters "
+                "cell (epochs: int = 3): call it with globals() after that cell has run"
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         own = set(own)
         unknown = [name for name in declared if name not in fields | own | set(overrides)]
         if unknown:
-            raise ValueError(f"notebook parameters {', '.join(unknown)} are not parameters of {cls.__module__}."
-                             f"{cls.__qualname__}: pass them on, or list them in own= if the notebook uses them itself")
+            raise ValueError(
+                f"notebook parameters {', '.join(unknown)} are not parameters of {cls.__module__}."
+                f"{cls.__qualname__}: pass them on, or list them in own= if the notebook uses them itself"
+            )
         values = {name: namespace[name] for name in declared if name in fields and name not in overrides}
         return cls(**values, **overrides)
 
@@ -231,8 +251,10 @@ class RunParams:
         at_least("log_every", self.log_every, 1, " optimizer step")
         check_epochs(self.epochs, self.weights)
         if self.weights and not workbook_path(self.weights).is_file():
-            raise FileNotFoundError(f"weights {self.weights!r} is not a file ({workbook_path(self.weights)}): give a "
-                                    f"run's best.pt or last.pt, or the authors' released checkpoint")
+            raise FileNotFoundError(
+                f"weights {self.weights!r} is not a file ({workbook_path(self.weights)}): give a "
+                f"run's best.pt or last.pt, or the authors' released checkpoint"
+            )
         for name in ("lr", "batch_size"):
             if (value := getattr(self, name, None)) is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 (or None: the recipe's), got {value!r}")
@@ -265,19 +287,41 @@ class RunParams:
         parameters' execution settings (``run_name`` unless one is given), every parameter recorded as
         ``extra`` (those left None as the recipe's value: what ran), and ``fields`` for what the task adds."""
         r = self.merged_recipe()
-        extra = {name: getattr(r, name) if value is None and hasattr(r, name) else value
-                 for name, value in dataclasses.asdict(self).items()}
-        return TrainConfig(**{
-            **dict(run_name=self.run_name or f"{run_name}{self.weights_tag}", epochs=r.epochs, batch_size=r.batch_size,
-                   lr=r.lr, lr_reference_batch=r.lr_reference_batch, momentum=r.momentum, weight_decay=r.weight_decay,
-                   schedule=r.schedule, milestones=tuple(f * r.epochs for f in r.milestone_fractions),
-                   poly_power=r.poly_power, warmup_epochs=min(r.warmup_epochs, r.epochs),
-                   amp=None if r.amp == "none" else r.amp, channels_last=self.channels_last, compile=self.compile,
-                   pyconv_plan=self.pyconv_plan, sync_bn=self.sync_bn, seed=self.seed, resume=self.resume,
-                   num_workers=self.num_workers, runs_dir=self.runs_dir, progress=self.progress,
-                   log_every=self.log_every, weights=str(workbook_path(self.weights)) if self.weights else "",
-                   extra=extra),
-            **fields})
+        extra = {
+            name: getattr(r, name) if value is None and hasattr(r, name) else value
+            for name, value in dataclasses.asdict(self).items()
+        }
+        return TrainConfig(
+            **{
+                **dict(
+                    run_name=self.run_name or f"{run_name}{self.weights_tag}",
+                    epochs=r.epochs,
+                    batch_size=r.batch_size,
+                    lr=r.lr,
+                    lr_reference_batch=r.lr_reference_batch,
+                    momentum=r.momentum,
+                    weight_decay=r.weight_decay,
+                    schedule=r.schedule,
+                    milestones=tuple(f * r.epochs for f in r.milestone_fractions),
+                    poly_power=r.poly_power,
+                    warmup_epochs=min(r.warmup_epochs, r.epochs),
+                    amp=None if r.amp == "none" else r.amp,
+                    channels_last=self.channels_last,
+                    compile=self.compile,
+                    pyconv_plan=self.pyconv_plan,
+                    sync_bn=self.sync_bn,
+                    seed=self.seed,
+                    resume=self.resume,
+                    num_workers=self.num_workers,
+                    runs_dir=self.runs_dir,
+                    progress=self.progress,
+                    log_every=self.log_every,
+                    weights=str(workbook_path(self.weights)) if self.weights else "",
+                    extra=extra,
+                ),
+                **fields,
+            }
+        )
 
 
 ParamsT = TypeVar("ParamsT", bound=RunParams)

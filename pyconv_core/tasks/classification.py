@@ -3,6 +3,7 @@
 ``run(Params(...))`` is what both the notebook and ``python -m pyconv_core.run classification``
 call, so a notebook run and a torchrun job with the same parameters are the same experiment.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,20 @@ from pyconv_core.engine.trainer import FitResult, TrainConfig, check_run_dir, fi
 from pyconv_core.registry import build
 from pyconv_core.tasks.base import Recipe, RunParams, at_least, between, check_model, merge_recipe, one_of
 
-__all__ = ["ClassificationTask", "Params", "RECIPES", "run", "task_for", "datasets", "predict", "demo_backbone",
-           "DEMO_BACKBONE", "resolve_backbone_weights", "ClassificationRecipe"]
+__all__ = [
+    "ClassificationTask",
+    "Params",
+    "RECIPES",
+    "run",
+    "task_for",
+    "datasets",
+    "predict",
+    "demo_backbone",
+    "DEMO_BACKBONE",
+    "resolve_backbone_weights",
+    "ClassificationRecipe",
+]
+
 
 @dataclass(frozen=True)
 class ClassificationRecipe(Recipe):
@@ -40,14 +53,30 @@ class ClassificationRecipe(Recipe):
 
 # docs/paper.md s.3. Milestones are fractions of the run's epochs (30/60/80 of 90), so a short run keeps the shape.
 RECIPES: dict[str, ClassificationRecipe] = {
-    "standard": ClassificationRecipe(lr=0.1, lr_reference_batch=256, batch_size=256, epochs=90, weight_decay=1e-4,
-                                     schedule="multistep", milestone_fractions=(30 / 90, 60 / 90, 80 / 90)),
-    "augment": ClassificationRecipe(lr=0.4, lr_reference_batch=1024, batch_size=1024, epochs=300, weight_decay=1e-4,
-                                    schedule="cosine", amp="bf16", cutmix_alpha=1.0),
+    "standard": ClassificationRecipe(
+        lr=0.1,
+        lr_reference_batch=256,
+        batch_size=256,
+        epochs=90,
+        weight_decay=1e-4,
+        schedule="multistep",
+        milestone_fractions=(30 / 90, 60 / 90, 80 / 90),
+    ),
+    "augment": ClassificationRecipe(
+        lr=0.4,
+        lr_reference_batch=1024,
+        batch_size=1024,
+        epochs=300,
+        weight_decay=1e-4,
+        schedule="cosine",
+        amp="bf16",
+        cutmix_alpha=1.0,
+    ),
     # Not the paper's: the CPU demo's few epochs on Fashion-MNIST. A multistep decay at 1/3 and 2/3 of
     # 3 epochs would cut the lr 10x after the first one, before the network has learned much.
-    "demo": ClassificationRecipe(lr=0.05, lr_reference_batch=256, batch_size=64, epochs=3, weight_decay=5e-4,
-                                 schedule="cosine"),
+    "demo": ClassificationRecipe(
+        lr=0.05, lr_reference_batch=256, batch_size=64, epochs=3, weight_decay=5e-4, schedule="cosine"
+    ),
 }
 
 
@@ -99,8 +128,15 @@ class ClassificationTask:
             totals[3] += len(labels)
         c1, c5, loss, n, skipped = dist.all_reduce_sum(totals).tolist()
         n = max(n, 1.0)
-        return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "top1_err": 100 - 100 * c1 / n,
-                "top5_err": 100 - 100 * c5 / n, "val_loss": loss / n, "num_samples": n, "num_skipped": skipped}
+        return {
+            "top1": 100 * c1 / n,
+            "top5": 100 * c5 / n,
+            "top1_err": 100 - 100 * c1 / n,
+            "top5_err": 100 - 100 * c5 / n,
+            "val_loss": loss / n,
+            "num_samples": n,
+            "num_skipped": skipped,
+        }
 
 
 def cutmix(images: torch.Tensor, labels: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -147,8 +183,10 @@ class Params(RunParams):
         one_of("recipe", self.recipe, ("", *RECIPES), " ('': standard with data_dir, else demo)")
         one_of("decode_on", self.decode_on, ("loader", "device"))
         if self.decode_on == "device" and not self.data_dir:
-            raise ValueError("decode_on 'device' decodes ImageNet JPEG files and needs data_dir; Fashion-MNIST is "
-                             "held decoded in memory: leave decode_on 'loader'")
+            raise ValueError(
+                "decode_on 'device' decodes ImageNet JPEG files and needs data_dir; Fashion-MNIST is "
+                "held decoded in memory: leave decode_on 'loader'"
+            )
         at_least("crop", self.crop, 1)
         if self.test_crop is not None:
             at_least("test_crop", self.test_crop, 1, " (or None: as crop)")
@@ -174,8 +212,11 @@ def datasets(p: Params) -> tuple[Dataset, Dataset, tuple[str, ...]]:
     if p.data_dir:
         train, val = imagenet_datasets(p.data_dir, p.crop, p.test_crop, p.decode_on == "device")
         return train, val, tuple(train.classes)
-    return (FashionMNIST("train", p.image_size, p.train_subset or None, augment=p.augment),
-            FashionMNIST("test", p.image_size, p.val_subset or None), FashionMNIST.classes)
+    return (
+        FashionMNIST("train", p.image_size, p.train_subset or None, augment=p.augment),
+        FashionMNIST("test", p.image_size, p.val_subset or None),
+        FashionMNIST.classes,
+    )
 
 
 def train_config(p: Params) -> TrainConfig:
@@ -218,11 +259,19 @@ def demo_backbone(family: str, depth: int, runs_dir: str = "runs") -> Path:
     wanted = dataclasses.asdict(train_config(p))
     name = wanted["run_name"]
     folders = [workbook_path(runs_dir) / candidate for candidate in (name, f"{name}-backbone")]
-    run_dir = next((d for d in folders if (recorded := read_config(d)) is None
-                    or not changed_parameters(recorded["train"], wanted)), None)
+    run_dir = next(
+        (
+            d
+            for d in folders
+            if (recorded := read_config(d)) is None or not changed_parameters(recorded["train"], wanted)
+        ),
+        None,
+    )
     if run_dir is None:
-        raise ValueError(f"{folders[0]} and {folders[1]} hold other experiments than the Fashion-MNIST "
-                         f"backbone of {p.model_name}: rename one, or pass backbone_weights explicitly")
+        raise ValueError(
+            f"{folders[0]} and {folders[1]} hold other experiments than the Fashion-MNIST "
+            f"backbone of {p.model_name}: rename one, or pass backbone_weights explicitly"
+        )
     evaluated = read_metrics(run_dir, "eval") if (run_dir / "metrics.jsonl").is_file() else []
     if not any(row["epoch"] == wanted["epochs"] for row in evaluated):
         print(f"training the Fashion-MNIST backbone {p.model_name} into {run_dir} (once; later runs reuse it)")

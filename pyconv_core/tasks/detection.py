@@ -4,6 +4,7 @@
 Evaluation is pycocotools' COCOeval on the validation split: the 12 numbers of S-Table 1, in
 percent (-1 where a size range has no ground truth, as COCOeval reports it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,20 @@ from pyconv_core.registry import build
 from pyconv_core.tasks.base import Recipe, RunParams, at_least, between, check_model, merge_recipe, one_of
 from pyconv_core.tasks.classification import resolve_backbone_weights
 
-__all__ = ["DetectionTask", "Params", "RECIPES", "run", "datasets",
-           "train_config", "build_model", "predict", "paper_table", "untrained_metrics", "browse", "DetectionRecipe"]
+__all__ = [
+    "DetectionTask",
+    "Params",
+    "RECIPES",
+    "run",
+    "datasets",
+    "train_config",
+    "build_model",
+    "predict",
+    "paper_table",
+    "untrained_metrics",
+    "browse",
+    "DetectionRecipe",
+]
 
 
 @dataclass(frozen=True)
@@ -44,10 +57,25 @@ class DetectionRecipe(Recipe):
 # SSD's random crop, colour jitter and flip, no zoom-out ("max_expand" 1; SSD's own is 4).
 # "demo": the CPU demo, from the Fashion-MNIST backbone on the embedded set in a few epochs: short warmup, cosine.
 RECIPES: dict[str, DetectionRecipe] = {
-    "paper": DetectionRecipe(lr=0.02, lr_reference_batch=256, batch_size=256, epochs=130, weight_decay=5e-4,
-                             schedule="multistep", milestone_fractions=(85 / 130, 107 / 130), warmup_epochs=1.0),
-    "demo": DetectionRecipe(lr=0.48, lr_reference_batch=256, batch_size=16, epochs=3, weight_decay=5e-4,
-                            schedule="cosine", warmup_epochs=0.5),
+    "paper": DetectionRecipe(
+        lr=0.02,
+        lr_reference_batch=256,
+        batch_size=256,
+        epochs=130,
+        weight_decay=5e-4,
+        schedule="multistep",
+        milestone_fractions=(85 / 130, 107 / 130),
+        warmup_epochs=1.0,
+    ),
+    "demo": DetectionRecipe(
+        lr=0.48,
+        lr_reference_batch=256,
+        batch_size=16,
+        epochs=3,
+        weight_decay=5e-4,
+        schedule="cosine",
+        warmup_epochs=0.5,
+    ),
 }
 
 
@@ -63,8 +91,9 @@ def _coco_dataset(loader: DataLoader) -> CocoDetection:
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     if not isinstance(dataset, CocoDetection):
-        raise TypeError(f"COCO evaluation needs a CocoDetection validation set (or a Subset of one), got "
-                        f"{type(dataset).__name__}")
+        raise TypeError(
+            f"COCO evaluation needs a CocoDetection validation set (or a Subset of one), got {type(dataset).__name__}"
+        )
     return dataset
 
 
@@ -75,8 +104,9 @@ class DetectionTask:
     main_metric = "AP"
     collate_fn = staticmethod(detection_collate)
 
-    def __init__(self, score_threshold: float = 0.05, nms_iou: float = 0.5, top_k: int = 200,
-                 neg_ratio: int = 3) -> None:
+    def __init__(
+        self, score_threshold: float = 0.05, nms_iou: float = 0.5, top_k: int = 200, neg_ratio: int = 3
+    ) -> None:
         self.score_threshold, self.nms_iou, self.top_k, self.neg_ratio = score_threshold, nms_iou, top_k, neg_ratio
 
     def train_step(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
@@ -115,9 +145,14 @@ class DetectionTask:
                 height, width = target["orig_size"]
                 boxes = det["boxes"].cpu().double() * torch.tensor([width, height, width, height])
                 results[target["image_id"]] = [
-                    {"image_id": target["image_id"], "category_id": dataset.label_to_cat[int(label)],
-                     "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)}
-                    for (x0, y0, x1, y1), score, label in zip(boxes.tolist(), det["scores"], det["labels"])]
+                    {
+                        "image_id": target["image_id"],
+                        "category_id": dataset.label_to_cat[int(label)],
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "score": float(score),
+                    }
+                    for (x0, y0, x1, y1), score, label in zip(boxes.tolist(), det["scores"], det["labels"])
+                ]
         if dist.is_distributed():
             gathered: list[dict] = [{} for _ in range(dist.world_size())]
             torch.distributed.all_gather_object(gathered, results)
@@ -185,8 +220,9 @@ class Params(RunParams):
         head = HEADS[self.model_name.rstrip("0123456789")]
         if len(map_sizes(self.image_size, head)) < 2:
             smallest = next(side for side in range(1, 1024) if len(map_sizes(side, head)) >= 2)
-            raise ValueError(f"image_size must be >= {smallest} (SSD needs at least two detection maps), "
-                             f"got {self.image_size}")
+            raise ValueError(
+                f"image_size must be >= {smallest} (SSD needs at least two detection maps), got {self.image_size}"
+            )
         if self.max_expand is not None:
             at_least("max_expand", self.max_expand, 1, " (or None: the recipe's)")
         for name in ("demo_train", "demo_val", "demo_image_size", "top_k", "eval_every"):
@@ -211,17 +247,21 @@ def datasets(p: Params) -> tuple[CocoDetection, CocoDetection]:
     """Train and validation sets: COCO (train2017/val2017) or the generated demo set. Both annotation
     files are checked here, before training; they must list the same categories (the model's labels
     are the training file's)."""
-    root = p.data_dir or make_demo_coco(workbook_path(p.demo_dir), DemoDetectionConfig(
-        num_train=p.demo_train, num_val=p.demo_val, image_size=p.demo_image_size))
+    root = p.data_dir or make_demo_coco(
+        workbook_path(p.demo_dir),
+        DemoDetectionConfig(num_train=p.demo_train, num_val=p.demo_val, image_size=p.demo_image_size),
+    )
     expand = p.merged_recipe().max_expand
     train = CocoDetection(root, "train2017", train=p.augment, size=p.image_size, skip_empty=True, max_expand=expand)
     val = CocoDetection(root, "val2017", train=False, size=p.image_size)
     listed = [{(c, data.coco.cats[c]["name"]) for c in data.cat_to_label} for data in (train, val)]
     if listed[0] != listed[1]:
         differ = sorted(listed[0] ^ listed[1])
-        raise ValueError(f"{val.ann_file} and {train.ann_file} list different categories (id, name), e.g. "
-                         f"{differ[:5]}: the model's labels are the training file's, so give both files the same "
-                         f"categories list")
+        raise ValueError(
+            f"{val.ann_file} and {train.ann_file} list different categories (id, name), e.g. "
+            f"{differ[:5]}: the model's labels are the training file's, so give both files the same "
+            f"categories list"
+        )
     return train, val
 
 
@@ -236,7 +276,7 @@ _BACKBONE_FAMILY = {"ssd": "resnet", "pyconvssd": "pyconvresnet"}
 def _backbone_weights(p: Params) -> str:
     """``p.backbone_weights`` as a path (the Fashion-MNIST demo backbone is trained if it is missing)."""
     family = _BACKBONE_FAMILY[p.model_name.rstrip("0123456789")]
-    depth = int(p.model_name[len(p.model_name.rstrip("0123456789")):])
+    depth = int(p.model_name[len(p.model_name.rstrip("0123456789")) :])
     return resolve_backbone_weights(p.backbone_weights, family, depth, p.runs_dir)
 
 
@@ -262,8 +302,13 @@ def run(p: Params) -> FitResult:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset: CocoDetection, indices: list[int], score_threshold: float = 0.3,
-            task: DetectionTask | None = None) -> list[dict]:
+def predict(
+    model: nn.Module,
+    dataset: CocoDetection,
+    indices: list[int],
+    score_threshold: float = 0.3,
+    task: DetectionTask | None = None,
+) -> list[dict]:
     """Detections above ``score_threshold`` and ground truth, in the original image's pixels, for
     drawing: one dict per index (in order) with ``index``, ``name`` (the file), ``image`` (uint8 HWC),
     ``pred`` and ``truth`` (boxes, labels[, scores]); for an image that cannot be decoded ``image`` is
@@ -283,10 +328,19 @@ def predict(model: nn.Module, dataset: CocoDetection, indices: list[int], score_
         det = task.detect(model, image[None])[0]
         keep = det["scores"] >= score_threshold
         raw, truth_boxes, truth_labels = dataset.read(i)
-        out.append({"index": i, "name": name, "image": raw.permute(1, 2, 0).numpy(),
-                    "pred": {"boxes": det["boxes"][keep] * scale, "labels": det["labels"][keep],
-                             "scores": det["scores"][keep]},
-                    "truth": {"boxes": truth_boxes, "labels": truth_labels}})
+        out.append(
+            {
+                "index": i,
+                "name": name,
+                "image": raw.permute(1, 2, 0).numpy(),
+                "pred": {
+                    "boxes": det["boxes"][keep] * scale,
+                    "labels": det["labels"][keep],
+                    "scores": det["scores"][keep],
+                },
+                "truth": {"boxes": truth_boxes, "labels": truth_labels},
+            }
+        )
     return out
 
 
@@ -302,5 +356,6 @@ def browse(model: nn.Module, dataset: CocoDetection, threshold: float = 0.3) -> 
     """ipywidgets browser over the images of ``dataset`` and score thresholds (predictions vs truth)."""
     from pyconv_core.plots import browse_detections
 
-    browse_detections(lambda index, t: predict(model, dataset, [index], t)[0], len(dataset), dataset.class_names,
-                      threshold)
+    browse_detections(
+        lambda index, t: predict(model, dataset, [index], t)[0], len(dataset), dataset.class_names, threshold
+    )

@@ -6,6 +6,7 @@ so a sharded evaluation equals a single-process one. mIoU averages the IoU of th
 occur in the ground truth or the prediction (on ADE20K val: all 150); pixel accuracy counts
 every non-ignored pixel.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,28 @@ from pyconv_core.registry import build
 from pyconv_core.tasks.base import Recipe, RunParams, at_least, check_model, merge_recipe, one_of
 from pyconv_core.tasks.classification import resolve_backbone_weights
 
-__all__ = ["SegmentationTask", "Params", "RECIPES", "NEW_MODULES", "MULTI_SCALES", "run", "datasets", "train_config",
-           "task_for", "build_model", "collate", "confusion_matrix", "scores", "class_iou_table", "predict",
-           "evaluate_dataset", "segmentation_sample", "head_to_head", "SegmentationRecipe"]
+__all__ = [
+    "SegmentationTask",
+    "Params",
+    "RECIPES",
+    "NEW_MODULES",
+    "MULTI_SCALES",
+    "run",
+    "datasets",
+    "train_config",
+    "task_for",
+    "build_model",
+    "collate",
+    "confusion_matrix",
+    "scores",
+    "class_iou_table",
+    "predict",
+    "evaluate_dataset",
+    "segmentation_sample",
+    "head_to_head",
+    "SegmentationRecipe",
+]
+
 
 @dataclass(frozen=True)
 class SegmentationRecipe(Recipe):
@@ -52,10 +72,27 @@ class SegmentationRecipe(Recipe):
 # aux head) at 10x the lr. "demo" is the same recipe sized for the embedded set on a CPU: small crops
 # (one test window per demo image), a higher lr for a short run, and no 10x (measured: no gain here).
 RECIPES: dict[str, SegmentationRecipe] = {
-    "ade20k": SegmentationRecipe(lr=0.01, lr_reference_batch=16, batch_size=16, epochs=100, weight_decay=1e-4,
-                                 schedule="poly", head_lr_scale=10.0),
-    "demo": SegmentationRecipe(lr=0.2, lr_reference_batch=16, batch_size=8, epochs=12, weight_decay=1e-4,
-                               schedule="poly", crop=49, test_crop=73, base_size=0, scale=(0.75, 1.5)),
+    "ade20k": SegmentationRecipe(
+        lr=0.01,
+        lr_reference_batch=16,
+        batch_size=16,
+        epochs=100,
+        weight_decay=1e-4,
+        schedule="poly",
+        head_lr_scale=10.0,
+    ),
+    "demo": SegmentationRecipe(
+        lr=0.2,
+        lr_reference_batch=16,
+        batch_size=8,
+        epochs=12,
+        weight_decay=1e-4,
+        schedule="poly",
+        crop=49,
+        test_crop=73,
+        base_size=0,
+        scale=(0.75, 1.5),
+    ),
 }
 NEW_MODULES = ("head.", "classifier.", "aux.")  # SegmentationNet's parameters outside the backbone
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -68,15 +105,18 @@ def collate(batch: list) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     return [image for image, _ in good], [mask for _, mask in good], len(batch) - len(good)
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """``[C, C]`` int64 counts of (true class, predicted class) over the non-ignored pixels."""
     keep = target != ignore_index
     target, pred = target[keep].long(), pred[keep].long()
     if len(target) and (int(target.max()) >= num_classes or int(target.min()) < 0):
-        raise ValueError(f"mask holds class {int(target.max())} outside 0..{num_classes - 1} (and not the "
-                         f"ignore index {ignore_index}): num_classes does not match the data")
-    return torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+        raise ValueError(
+            f"mask holds class {int(target.max())} outside 0..{num_classes - 1} (and not the "
+            f"ignore index {ignore_index}): num_classes does not match the data"
+        )
+    return torch.bincount(target * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
 
 
 def scores(confusion: torch.Tensor) -> dict:
@@ -87,22 +127,33 @@ def scores(confusion: torch.Tensor) -> dict:
     union = truth + predicted - hits
     iou = torch.where(union > 0, hits / union.clamp(min=1), torch.nan)
     acc = torch.where(truth > 0, hits / truth.clamp(min=1), torch.nan)
-    return {"miou": 100 * float(iou.nanmean()) if (union > 0).any() else 0.0,
-            "pixel_acc": 100 * float(hits.sum() / conf.sum().clamp(min=1)),
-            "mean_acc": 100 * float(acc.nanmean()) if (truth > 0).any() else 0.0,
-            "iou": iou, "acc": acc}
+    return {
+        "miou": 100 * float(iou.nanmean()) if (union > 0).any() else 0.0,
+        "pixel_acc": 100 * float(hits.sum() / conf.sum().clamp(min=1)),
+        "mean_acc": 100 * float(acc.nanmean()) if (truth > 0).any() else 0.0,
+        "iou": iou,
+        "acc": acc,
+    }
 
 
 def class_iou_table(confusion: torch.Tensor, class_names: Sequence[str]) -> list[dict]:
     """One row per class: name, IoU and accuracy in % (None when the class never occurs), pixels."""
     s = scores(confusion)
     pixels = confusion.sum(1).tolist()
-    return [{"class": name, "iou": None if math.isnan(i) else 100 * i, "acc": None if math.isnan(a) else 100 * a,
-             "pixels": n} for name, i, a, n in zip(class_names, s["iou"].tolist(), s["acc"].tolist(), pixels)]
+    return [
+        {
+            "class": name,
+            "iou": None if math.isnan(i) else 100 * i,
+            "acc": None if math.isnan(a) else 100 * a,
+            "pixels": n,
+        }
+        for name, i, a, n in zip(class_names, s["iou"].tolist(), s["acc"].tolist(), pixels)
+    ]
 
 
-def _sliding_window(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int, flip: bool,
-                    stride_rate: float, max_batch: int) -> torch.Tensor:
+def _sliding_window(
+    model: nn.Module, image: torch.Tensor, num_classes: int, crop: int, flip: bool, stride_rate: float, max_batch: int
+) -> torch.Tensor:
     """Softmax ``[C, H, W]`` averaged over overlapping ``crop`` windows (the image padded with the
     mean to at least ``crop``), each with its mirror image if ``flip``."""
     h, w = image.shape[-2:]
@@ -116,22 +167,30 @@ def _sliding_window(model: nn.Module, image: torch.Tensor, num_classes: int, cro
     probs = image.new_zeros(num_classes, H, W, dtype=torch.float32)
     count = image.new_zeros(1, H, W, dtype=torch.float32)
     for start in range(0, len(windows), max_batch):
-        chunk = windows[start:start + max_batch]
-        crops = torch.stack([image[:, top:top + crop, left:left + crop] for top, left in chunk])
+        chunk = windows[start : start + max_batch]
+        crops = torch.stack([image[:, top : top + crop, left : left + crop] for top, left in chunk])
         out = model(torch.cat([crops, crops.flip(-1)]) if flip else crops).float().softmax(1)
         if flip:
-            out = (out[:len(chunk)] + out[len(chunk):].flip(-1)) / 2
+            out = (out[: len(chunk)] + out[len(chunk) :].flip(-1)) / 2
         for (top, left), p in zip(chunk, out):
-            probs[:, top:top + crop, left:left + crop] += p
-            count[:, top:top + crop, left:left + crop] += 1
+            probs[:, top : top + crop, left : left + crop] += p
+            count[:, top : top + crop, left : left + crop] += 1
     probs /= count
-    return probs[:, pad_h // 2:pad_h // 2 + h, pad_w // 2:pad_w // 2 + w]
+    return probs[:, pad_h // 2 : pad_h // 2 + h, pad_w // 2 : pad_w // 2 + w]
 
 
 @torch.no_grad()
-def predict(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int = 473, base_size: int = 512,
-            scales: Sequence[float] = (1.0,), flip: bool = False, stride_rate: float = 2 / 3,
-            max_batch: int = 8) -> torch.Tensor:
+def predict(
+    model: nn.Module,
+    image: torch.Tensor,
+    num_classes: int,
+    crop: int = 473,
+    base_size: int = 512,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    stride_rate: float = 2 / 3,
+    max_batch: int = 8,
+) -> torch.Tensor:
     """Class probabilities ``[C, H, W]`` of one normalized image ``[3, H, W]`` (PSPNet's test).
 
     At each scale the long side is resized to ``scale * base_size`` (``base_size`` 0: the image's
@@ -157,8 +216,16 @@ class SegmentationTask:
     main_metric = "miou"
     collate_fn = staticmethod(collate)
 
-    def __init__(self, num_classes: int, aux_weight: float = 0.4, crop: int = 473, base_size: int = 512,
-                 scales: Sequence[float] = (1.0,), flip: bool = False, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        aux_weight: float = 0.4,
+        crop: int = 473,
+        base_size: int = 512,
+        scales: Sequence[float] = (1.0,),
+        flip: bool = False,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
         self.num_classes, self.aux_weight, self.ignore_index = num_classes, aux_weight, ignore_index
         self.crop, self.base_size, self.scales, self.flip = crop, base_size, tuple(scales), flip
 
@@ -175,8 +242,12 @@ class SegmentationTask:
         if aux is None:
             return {"loss": main_loss, "main_loss": main_loss.detach(), "num_skipped": skipped_t}
         aux_loss = F.cross_entropy(aux, masks, ignore_index=self.ignore_index)
-        return {"loss": main_loss + self.aux_weight * aux_loss, "main_loss": main_loss.detach(),
-                "aux_loss": aux_loss.detach(), "num_skipped": skipped_t}
+        return {
+            "loss": main_loss + self.aux_weight * aux_loss,
+            "main_loss": main_loss.detach(),
+            "aux_loss": aux_loss.detach(),
+            "num_skipped": skipped_t,
+        }
 
     @torch.no_grad()
     def confusion(self, model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -187,8 +258,9 @@ class SegmentationTask:
         for images, masks, num_skipped in loader:
             skipped += num_skipped
             for image, mask in zip(images, masks):
-                probs = predict(model, image.to(device), self.num_classes, self.crop, self.base_size, self.scales,
-                                self.flip)
+                probs = predict(
+                    model, image.to(device), self.num_classes, self.crop, self.base_size, self.scales, self.flip
+                )
                 total += confusion_matrix(probs.argmax(0), mask.to(device), self.num_classes, self.ignore_index)
         return dist.all_reduce_sum(total), int(dist.all_reduce_sum(skipped))
 
@@ -197,8 +269,12 @@ class SegmentationTask:
         ``num_skipped`` (unreadable images or masks)."""
         confusion, skipped = self.confusion(model, loader, device)
         s = scores(confusion)
-        return {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"],
-                "num_skipped": float(skipped)}
+        return {
+            "miou": s["miou"],
+            "pixel_acc": s["pixel_acc"],
+            "mean_acc": s["mean_acc"],
+            "num_skipped": float(skipped),
+        }
 
 
 @dataclass
@@ -268,9 +344,11 @@ def datasets(p: Params) -> tuple[ADE20K, ADE20K, tuple[str, ...]]:
 def train_config(p: Params) -> TrainConfig:
     """The TrainConfig of an experiment: its recipe, with the values its parameters set."""
     scale = p.merged_recipe().head_lr_scale
-    return p.train_config(f"{p.model_name}-os{p.output_stride}-{p.recipe}-s{p.seed}",
-                          lr_multipliers={prefix: scale for prefix in NEW_MODULES} if scale != 1 else {},
-                          sync_bn=p.sync_bn and torch.cuda.is_available())
+    return p.train_config(
+        f"{p.model_name}-os{p.output_stride}-{p.recipe}-s{p.seed}",
+        lr_multipliers={prefix: scale for prefix in NEW_MODULES} if scale != 1 else {},
+        sync_bn=p.sync_bn and torch.cuda.is_available(),
+    )
 
 
 def task_for(p: Params, num_classes: int) -> SegmentationTask:
@@ -291,16 +369,18 @@ def build_model(p: Params, num_classes: int) -> nn.Module:
 def run(p: Params) -> FitResult:
     """Build data, model and recipe from ``p`` and train (in this process, or this torchrun rank)."""
     if not p.weights:  # may train the backbone: before seeding
-        p = dataclasses.replace(p, backbone_weights=resolve_backbone_weights(p.backbone_weights, p.backbone, p.depth,
-                                                                              p.runs_dir))
+        p = dataclasses.replace(
+            p, backbone_weights=resolve_backbone_weights(p.backbone_weights, p.backbone, p.depth, p.runs_dir)
+        )
     check_run_dir(train_config(p))  # before the data is read
     train, val, classes = datasets(p)
     seed_everything(p.seed)
     return fit(p.load_weights(build_model(p, len(classes))), task_for(p, len(classes)), train, val, train_config(p))
 
 
-def evaluate_dataset(model: nn.Module, dataset: Dataset, task: SegmentationTask,
-                     device: torch.device | str = "cpu") -> tuple[dict[str, float], torch.Tensor]:
+def evaluate_dataset(
+    model: nn.Module, dataset: Dataset, task: SegmentationTask, device: torch.device | str = "cpu"
+) -> tuple[dict[str, float], torch.Tensor]:
     """Metrics (with ``num_skipped``) and confusion matrix of ``model`` on ``dataset`` (e.g. an
     untrained model, or a finished run's best checkpoint) with the task's test protocol."""
     model.to(device).eval()
@@ -324,8 +404,9 @@ def segmentation_sample(dataset: ADE20K, index: int, models: dict[str, nn.Module
     preds = {}
     for name, model in models.items():
         model.eval()
-        preds[name] = predict(model, image, task.num_classes, task.crop, task.base_size, task.scales,
-                              task.flip).argmax(0)
+        preds[name] = predict(model, image, task.num_classes, task.crop, task.base_size, task.scales, task.flip).argmax(
+            0
+        )
     return {"name": file_name, "image": denormalize(image), "truth": mask, "preds": preds}
 
 
@@ -340,8 +421,17 @@ def head_to_head(run_dirs: dict[str, str | Path], output_stride: int = 8) -> lis
         name = Params(head=head, depth=50).model_name
         paper = PAPER[name].metrics_at(output_stride)
         [cost] = [r for r in profile_rows([name]) if r["output_stride"] == output_stride]
-        rows.append({"head": head, "mIoU": best["miou"], "pixel acc": best["pixel_acc"], "paper mIoU": paper["miou"],
-                     "paper pixel acc": paper["pixel_acc"], "params-50 (M)": cost["params"] / 1e6,
-                     "paper params (M)": cost["paper_params"] / 1e6, "GFLOPs-50": cost["gflops"],
-                     "paper GFLOPs": cost["paper_gflops"]})
+        rows.append(
+            {
+                "head": head,
+                "mIoU": best["miou"],
+                "pixel acc": best["pixel_acc"],
+                "paper mIoU": paper["miou"],
+                "paper pixel acc": paper["pixel_acc"],
+                "params-50 (M)": cost["params"] / 1e6,
+                "paper params (M)": cost["paper_params"] / 1e6,
+                "GFLOPs-50": cost["gflops"],
+                "paper GFLOPs": cost["paper_gflops"],
+            }
+        )
     return rows

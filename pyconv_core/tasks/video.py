@@ -5,6 +5,7 @@ With ``data_dir`` it trains on Kinetics-400 with the paper's network and samplin
 without, on the embedded moving-Fashion-MNIST set (``data/demo_video.py``) with a shallow network
 of the same family (``stage_blocks`` 1,1,1,1) and small clips, so that a CPU run takes minutes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,22 @@ from pyconv_core.models.video import inflate_2d
 from pyconv_core.registry import build, list_models
 from pyconv_core.tasks.base import Recipe, RunParams, at_least, between, merge_recipe, one_of
 
-__all__ = ["VideoTask", "Params", "RECIPES", "run", "datasets", "sampling", "train_config",
-           "model_args", "build_model", "multiview_test", "predict_videos", "show_clips", "normalize", "VideoRecipe"]
+__all__ = [
+    "VideoTask",
+    "Params",
+    "RECIPES",
+    "run",
+    "datasets",
+    "sampling",
+    "train_config",
+    "model_args",
+    "build_model",
+    "multiview_test",
+    "predict_videos",
+    "show_clips",
+    "normalize",
+    "VideoRecipe",
+]
 
 
 @dataclass(frozen=True)
@@ -51,12 +66,20 @@ class VideoRecipe(Recipe):
 # S-Section 2: from scratch, SGD 0.9, wd 1e-4, lr 0.1 for 64 clips, x0.1 at 30/60/80 of 90 epochs.
 # Milestones are fractions of the run's epochs, so a short run keeps the shape. "demo": the embedded
 # set on a CPU: one block per stage, 4x32x32 clips, and a gentler lr for a short run on 9 classes.
-_KINETICS = VideoRecipe(lr=0.1, lr_reference_batch=64, batch_size=64, epochs=90, weight_decay=1e-4,
-                        schedule="multistep", milestone_fractions=(30 / 90, 60 / 90, 80 / 90))
+_KINETICS = VideoRecipe(
+    lr=0.1,
+    lr_reference_batch=64,
+    batch_size=64,
+    epochs=90,
+    weight_decay=1e-4,
+    schedule="multistep",
+    milestone_fractions=(30 / 90, 60 / 90, 80 / 90),
+)
 RECIPES: dict[str, VideoRecipe] = {
     "kinetics": _KINETICS,
-    "demo": dataclasses.replace(_KINETICS, lr=0.02, batch_size=16, epochs=16, frames=4, crop=32, test_clips=2,
-                                stage_blocks="1,1,1,1"),
+    "demo": dataclasses.replace(
+        _KINETICS, lr=0.02, batch_size=16, epochs=16, frames=4, crop=32, test_clips=2, stage_blocks="1,1,1,1"
+    ),
 }
 
 
@@ -93,8 +116,12 @@ class VideoTask:
 
     def scores(self, model: nn.Module, batch: VideoBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip logits ``[N, C]`` and per-video softmax averages ``[B, C]`` of a batch."""
-        logits = torch.cat([model(normalize(chunk.to(device, non_blocking=True))).float()
-                            for chunk in batch.clips.split(self.eval_chunk)])
+        logits = torch.cat(
+            [
+                model(normalize(chunk.to(device, non_blocking=True))).float()
+                for chunk in batch.clips.split(self.eval_chunk)
+            ]
+        )
         views = batch.views.to(device)
         video = torch.arange(len(views), device=device).repeat_interleave(views)
         summed = torch.zeros(len(views), logits.shape[1], device=device).index_add_(0, video, logits.softmax(1))
@@ -120,9 +147,17 @@ class VideoTask:
             totals[5] += len(clip_labels)
         c1, c5, clip1, loss, videos, clips, skipped = dist.all_reduce_sum(totals).tolist()
         videos, clips = max(videos, 1.0), max(clips, 1.0)
-        return {"top1": 100 * c1 / videos, "top5": 100 * c5 / videos, "top1_err": 100 - 100 * c1 / videos,
-                "top5_err": 100 - 100 * c5 / videos, "clip_top1_err": 100 - 100 * clip1 / clips,
-                "val_loss": loss / clips, "num_videos": videos, "num_clips": clips, "num_skipped": skipped}
+        return {
+            "top1": 100 * c1 / videos,
+            "top5": 100 * c5 / videos,
+            "top1_err": 100 - 100 * c1 / videos,
+            "top5_err": 100 - 100 * c5 / videos,
+            "clip_top1_err": 100 - 100 * clip1 / clips,
+            "val_loss": loss / clips,
+            "num_videos": videos,
+            "num_clips": clips,
+            "num_skipped": skipped,
+        }
 
 
 @dataclass
@@ -156,8 +191,10 @@ class Params(RunParams):
         one_of("arch", self.arch, list_models("video"))
         blocks = self.stage_blocks.split(",") if self.stage_blocks else ["1"] * 4
         if len(blocks) != 4 or not all(b.strip().isdigit() and int(b) >= 1 for b in blocks):
-            raise ValueError(f"stage_blocks must be 4 block counts >= 1, one per stage (e.g. '1,1,1,1'; empty: the "
-                             f"depth's own; None: the recipe's), got {self.stage_blocks!r}")
+            raise ValueError(
+                f"stage_blocks must be 4 block counts >= 1, one per stage (e.g. '1,1,1,1'; empty: the "
+                f"depth's own; None: the recipe's), got {self.stage_blocks!r}"
+            )
         for name in ("frames", "crop", "test_clips"):
             if getattr(self, name) is not None:
                 at_least(name, getattr(self, name), 1, " (or None: the recipe's)")
@@ -193,10 +230,16 @@ def sampling(p: Params) -> ClipSampling:
     """Clip sampling of the experiment; short sides keep the paper's ratios to the crop (256-320 : 224).
     The demo set is never flipped: a mirror turns moving right into moving left, clockwise into anticlockwise."""
     r = p.merged_recipe()
-    return ClipSampling(frames=r.frames, stride=p.stride,
-                        train_short_side=(round(r.crop * 256 / 224), round(r.crop * 320 / 224)),
-                        test_short_side=round(r.crop * 256 / 224), crop=r.crop, test_clips=r.test_clips,
-                        test_crops=p.test_crops, flip=not p.demo)
+    return ClipSampling(
+        frames=r.frames,
+        stride=p.stride,
+        train_short_side=(round(r.crop * 256 / 224), round(r.crop * 320 / 224)),
+        test_short_side=round(r.crop * 256 / 224),
+        crop=r.crop,
+        test_clips=r.test_clips,
+        test_crops=p.test_crops,
+        flip=not p.demo,
+    )
 
 
 def _root(p: Params) -> str:
@@ -259,8 +302,9 @@ def multiview_test(model: nn.Module, p: Params, classes: Sequence[str]) -> dict[
     softmax averaged (S-Section 2); run with the experiment's device, AMP and DDP sharding."""
     device, s = dist.init(), sampling(p)
     cfg = dataclasses.replace(train_config(p), batch_size=p.test_batch_size)
-    return evaluate(model.to(device), VideoTask(eval_chunk=s.test_clips * s.test_crops), test_set(p, classes),
-                    cfg, device)
+    return evaluate(
+        model.to(device), VideoTask(eval_chunk=s.test_clips * s.test_crops), test_set(p, classes), cfg, device
+    )
 
 
 @torch.no_grad()
@@ -278,8 +322,12 @@ def predict_videos(model: nn.Module, dataset: Dataset, indices: Sequence[int]) -
     return out
 
 
-def show_clips(dataset: Dataset, indices: Sequence[int], classes: Sequence[str],
-               predictions: Mapping[str, torch.Tensor] | None = None) -> plt.Figure:
+def show_clips(
+    dataset: Dataset,
+    indices: Sequence[int],
+    classes: Sequence[str],
+    predictions: Mapping[str, torch.Tensor] | None = None,
+) -> plt.Figure:
     """One frame strip per video (its first view), titled with the truth and each model's top guess
     (``predictions``: model name -> :func:`predict_videos` of the same ``indices``); a video that
     cannot be decoded keeps its row, marked as skipped."""
@@ -292,8 +340,11 @@ def show_clips(dataset: Dataset, indices: Sequence[int], classes: Sequence[str],
             continue
         clips, label = item
         ax.imshow(torch.cat(list(clips[0].permute(1, 2, 3, 0)), dim=1).numpy())
-        guesses = [f"{name}: {classes[int(probs[row].argmax())]} ({float(probs[row].max()):.0%})"
-                   for name, probs in (predictions or {}).items() if not probs[row].isnan().any()]
+        guesses = [
+            f"{name}: {classes[int(probs[row].argmax())]} ({float(probs[row].max()):.0%})"
+            for name, probs in (predictions or {}).items()
+            if not probs[row].isnan().any()
+        ]
         ax.set_title(" | ".join([f"true: {classes[label]}", *guesses]), fontsize=9, loc="left")
     fig.tight_layout()
     return fig

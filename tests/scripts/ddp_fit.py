@@ -12,6 +12,7 @@ far below the tolerance, while a distribution error (sharding, gradient averagin
 ``01``, the others: ``0|1``): measured timings may or may not differ between processes, this makes
 them differ, so a test can check that every replica still trains with rank 0's choice.
 """
+
 import os
 import sys
 
@@ -37,10 +38,21 @@ class Float64(nn.Module):
 
 
 torch.manual_seed(0)
-model = nn.Sequential(Float64(), PyConv(3, 16, [3, 5], [1, 1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                      nn.Linear(16, 10)).double()
-cfg = TrainConfig(run_name="ddp", epochs=2, batch_size=32, lr=0.5, lr_reference_batch=32, schedule="constant",
-                  weight_decay=1e-4, runs_dir=runs_dir, progress=False, pyconv_plan=pyconv_plan)
+model = nn.Sequential(
+    Float64(), PyConv(3, 16, [3, 5], [1, 1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)
+).double()
+cfg = TrainConfig(
+    run_name="ddp",
+    epochs=2,
+    batch_size=32,
+    lr=0.5,
+    lr_reference_batch=32,
+    schedule="constant",
+    weight_decay=1e-4,
+    runs_dir=runs_dir,
+    progress=False,
+    pyconv_plan=pyconv_plan,
+)
 result = fit(model, ClassificationTask(), FashionMNIST("train", 16, 256), FashionMNIST("test", 16, 100), cfg)
 if dist.is_main():
     # the weights: the plans, chosen per input signature (a per-process batch), are saved and compared apart
