@@ -41,6 +41,7 @@ demo: setup
 
 lint: $(DEV_INSTALLED)
 	$(PY) -m ruff check pyconv_core tests
+	$(PY) -m ruff format --check pyconv_core tests
 	$(PY) -m mypy
 
 test: setup lint
