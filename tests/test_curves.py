@@ -52,7 +52,7 @@ def _tiny_model() -> nn.Module:
 
 
 def _tiny_config(tmp_path, name: str, **overrides) -> TrainConfig:
-    return TrainConfig(
+    fields = dict(
         run_name=name,
         epochs=2,
         batch_size=16,
@@ -61,8 +61,8 @@ def _tiny_config(tmp_path, name: str, **overrides) -> TrainConfig:
         schedule="cosine",
         runs_dir=str(tmp_path),
         progress=False,
-        **overrides,
     )
+    return TrainConfig(**{**fields, **overrides})
 
 
 def test_step_rows_come_every_log_every_steps_and_average_to_the_epoch(fashion_run):
@@ -92,6 +92,25 @@ def test_the_last_short_window_of_an_epoch_gets_its_own_row(tmp_path):
     assert [r["epoch"] for r in steps] == pytest.approx([0.75, 1.0, 1.75, 2.0])
     for epoch, (first, last) in zip(read_metrics(result.run_dir, "train"), zip(steps[::2], steps[1::2])):
         assert epoch["train_loss"] == pytest.approx((3 * first["train_loss"] + last["train_loss"]) / 4, rel=1e-9)
+
+
+def test_evaluations_come_every_eval_every_epochs_and_after_the_last(tmp_path):
+    """Each task's ``eval_every`` parameter reaches the Trainer: 5 epochs evaluated every 2 -> epochs 2, 4, 5."""
+    from pyconv_core.tasks import detection, segmentation, video
+
+    for module in (detection, segmentation, video):
+        assert module.train_config(module.Params(eval_every=4)).eval_every == 4
+    p = Params(image_size=16, train_subset=16, val_subset=16, epochs=5, eval_every=2, runs_dir=str(tmp_path))
+    assert train_config(p).eval_every == 2
+    result = fit(
+        _tiny_model(),
+        ClassificationTask(),
+        FashionMNIST("train", 16, 16),
+        FashionMNIST("test", 16, 16),
+        _tiny_config(tmp_path, "sparse", epochs=5, eval_every=train_config(p).eval_every),
+    )
+    assert [r["epoch"] for r in read_metrics(result.run_dir, "eval")] == [2, 4, 5]
+    assert [r["epoch"] for r in read_metrics(result.run_dir, "train")] == [1, 2, 3, 4, 5]
 
 
 class _StopAtStep(ClassificationTask):

@@ -192,6 +192,7 @@ class RunParams:
     num_workers: int = 0  # DataLoader worker processes
     progress: bool = True  # progress bars (off under papermill / CI)
     log_every: int = 10  # optimizer steps per training-loss row of metrics.jsonl (the loss curve)
+    eval_every: int = 1  # evaluate every this many epochs (and after the last)
     resume: bool = False  # continue runs/<run_name>/last.pt
     epochs: int | None = None  # passes over the training data; None: the recipe's; 0 with weights: only evaluate them
     # the whole model's starting weights: a run's best.pt / last.pt or the authors' released file (relative to the
@@ -249,6 +250,7 @@ class RunParams:
         if self.run_name:  # empty: the task's default name
             check_run_name(self.run_name)
         at_least("log_every", self.log_every, 1, " optimizer step")
+        at_least("eval_every", self.eval_every, 1, " epoch")
         check_epochs(self.epochs, self.weights)
         if self.weights and not workbook_path(self.weights).is_file():
             raise FileNotFoundError(
@@ -316,6 +318,7 @@ class RunParams:
                     runs_dir=self.runs_dir,
                     progress=self.progress,
                     log_every=self.log_every,
+                    eval_every=self.eval_every,
                     weights=str(workbook_path(self.weights)) if self.weights else "",
                     extra=extra,
                 ),

@@ -209,7 +209,7 @@ class Params(RunParams):
     score_threshold: float = 0.05  # detections below are dropped before NMS
     nms_iou: float = 0.5
     top_k: int = 200  # detections kept per image
-    eval_every: int = 3  # evaluate every this many epochs (and after the last)
+    eval_every: int = 3  # COCO evaluations are costly: every 3 epochs (and after the last)
 
     ARCHS = tuple(HEADS)  # arch families, completed by depth
 
@@ -225,7 +225,7 @@ class Params(RunParams):
             )
         if self.max_expand is not None:
             at_least("max_expand", self.max_expand, 1, " (or None: the recipe's)")
-        for name in ("demo_train", "demo_val", "demo_image_size", "top_k", "eval_every"):
+        for name in ("demo_train", "demo_val", "demo_image_size", "top_k"):
             at_least(name, getattr(self, name), 1)
         between("score_threshold", self.score_threshold, 0, 1)
         between("nms_iou", self.nms_iou, 0, 1)
@@ -267,7 +267,7 @@ def datasets(p: Params) -> tuple[CocoDetection, CocoDetection]:
 
 def train_config(p: Params) -> TrainConfig:
     """The TrainConfig of an experiment: its recipe, with the values its parameters set."""
-    return p.train_config(f"{p.model_name}-{p.recipe}-s{p.seed}", eval_every=p.eval_every)
+    return p.train_config(f"{p.model_name}-{p.recipe}-s{p.seed}")
 
 
 _BACKBONE_FAMILY = {"ssd": "resnet", "pyconvssd": "pyconvresnet"}
