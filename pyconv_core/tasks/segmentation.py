@@ -69,8 +69,11 @@ class SegmentationRecipe(Recipe):
 # docs/paper.md s.6 (the authors' config): poly 0.9 from lr 0.01 at batch 16, 100 epochs, SyncBN, aux 0.4;
 # crop 473 after scale 0.5-2.0 and rotation +-10; test on a 512 long side with 473 sliding crops.
 # Their semseg training code also trains the modules new on the ImageNet backbone (head, classifier,
-# aux head) at 10x the lr. "demo" is the same recipe sized for the embedded set on a CPU: small crops
-# (one test window per demo image), a higher lr for a short run, and no 10x (measured: no gain here).
+# aux head) at 10x the lr. "demo" is the same recipe sized for the embedded set on a CPU
+# (docs/segmentation_demo.md has the measurements): its images (48-72 px) are far smaller than ADE20K's,
+# so it works on them at about 2x (training scale 1.75-2.5, test long side 144), where output stride 8
+# leaves 12x12 features per 97 px crop (7x7 at their own size: 4 per item, too coarse to outline one);
+# no rotation (the demo's items are upright), a higher lr for a short run, and no 10x (no gain here).
 RECIPES: dict[str, SegmentationRecipe] = {
     "ade20k": SegmentationRecipe(
         lr=0.01,
@@ -84,14 +87,15 @@ RECIPES: dict[str, SegmentationRecipe] = {
     "demo": SegmentationRecipe(
         lr=0.2,
         lr_reference_batch=16,
-        batch_size=8,
-        epochs=12,
+        batch_size=16,
+        epochs=22,
         weight_decay=1e-4,
         schedule="poly",
-        crop=49,
-        test_crop=73,
-        base_size=0,
-        scale=(0.75, 1.5),
+        crop=97,
+        test_crop=145,
+        base_size=144,
+        scale=(1.75, 2.5),
+        rotate=(0.0, 0.0),
     ),
 }
 NEW_MODULES = ("head.", "classifier.", "aux.")  # SegmentationNet's parameters outside the backbone
@@ -290,15 +294,16 @@ class Params(RunParams):
     demo_train: int = 400  # demo training images
     demo_val: int = 80  # demo validation images
     recipe: str = "demo"  # ade20k | demo (RECIPES)
-    batch_size: int | None = None  # global batch; None: the recipe's (ade20k 16, demo 8)
+    batch_size: int | None = None  # global batch; None: the recipe's (16)
     lr: float | None = None  # per a batch of 16, scaled linearly; None: the recipe's (ade20k 0.01, demo 0.2)
     # lr factor of head, classifier and aux head; None: the recipe's (ade20k 10 as the authors' code, demo 1)
     head_lr_scale: float | None = None
     sync_bn: bool = True  # SyncBatchNorm under torchrun on GPUs (PyTorch's is GPU-only)
-    crop: int | None = None  # training crop; None: the recipe's (473 / 49)
-    test_crop: int | None = None  # sliding-window crop; None: the recipe's (473 / 73: one window per demo image)
-    base_size: int | None = None  # test long side before scaling, 0: keep the size; None: the recipe's (512 / 0)
+    crop: int | None = None  # training crop; None: the recipe's (473 / 97)
+    test_crop: int | None = None  # sliding-window crop; None: the recipe's (473 / 145: one window per demo image)
+    base_size: int | None = None  # test long side before scaling, 0: keep the size; None: the recipe's (512 / 144)
     multi_scale: bool = False  # test at scales 0.5..1.75 with flip, else single scale
+    eval_every: int = 3  # evaluate every this many epochs (and after the last): time for training in a demo run
     train_subset: int = 0  # training images (0: all)
     val_subset: int = 0  # validation images (0: all)
     # classifier checkpoint of the backbone (authors', torchvision or workbook layout); "fashion-mnist": the
